@@ -1,0 +1,39 @@
+# DAS Serve: every set-up step lives here, so a fresh machine needs only `make serve` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13.0 lies on local disk; a GPU host overrides, e.g.
+#   make serve TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test serve bench bench-runtime clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install torch ($(TORCH_SPEC)) and the project
+
+test: $(STAMP)  ## run the test suite
+	$(VENV)/bin/pytest -q
+
+serve: $(STAMP)  ## serve the embedded default backbone and plans on localhost:3000
+	@if [ ! -f service/service.py ]; then \
+	  echo "make serve: the BentoML service (service/service.py) is not built yet; see the issues." >&2; exit 1; fi
+	cd $(CURDIR) && $(VENV)/bin/bentoml serve service.service:DASService --port $${PORT:-3000}
+
+bench-runtime: $(STAMP)  ## model-level latency vs FLOPs benchmark (ViLT-B/32 size, random init)
+	$(VENV)/bin/das bench --out bench-results
+
+bench: bench-runtime  ## all benchmarks
+
+clean:  ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,113 @@
+"""Analytic FLOPs accounting.
+
+Unit: FLOPs, one multiply-add = 2 FLOPs (the convention of ``torch.utils.flop_counter``; fvcore
+counts multiply-adds, i.e. half of this). Counted: every matrix multiplication (linear layers,
+attention scores and attention-weighted values, the patch-embedding convolution). Not counted:
+element-wise work (norms, softmax, activations, additions, position-embedding interpolation), which
+is what both reference counters leave out too and is well under 1% at real sizes.
+
+Costs depend on the sequence length, so every count here is a function of the actual number of
+text tokens and image patches of a request. Architecture modules (``models/vilt.py``) compose these
+building blocks into per-request reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def linear_flops(tokens: int, in_features: int, out_features: int) -> int:
+    """A dense layer applied to ``tokens`` vectors."""
+    return 2 * tokens * in_features * out_features
+
+
+def self_attention_flops(seq_len: int, hidden: int) -> int:
+    """Q, K, V and output projections plus the two (seq x seq) attention products."""
+    projections = 4 * linear_flops(seq_len, hidden, hidden)
+    scores_and_mix = 2 * (2 * seq_len * seq_len * hidden)
+    return projections + scores_and_mix
+
+
+def mlp_flops(seq_len: int, hidden: int, intermediate: int) -> int:
+    return linear_flops(seq_len, hidden, intermediate) + linear_flops(seq_len, intermediate, hidden)
+
+
+def transformer_layer_flops(seq_len: int, hidden: int, intermediate: int) -> int:
+    return self_attention_flops(seq_len, hidden) + mlp_flops(seq_len, hidden, intermediate)
+
+
+def adapter_flops(seq_len: int, hidden: int, bottleneck: int) -> int:
+    """down + up projection of one bottleneck adapter (skip or parallel)."""
+    return linear_flops(seq_len, hidden, bottleneck) + linear_flops(seq_len, bottleneck, hidden)
+
+
+def conv_patch_flops(num_patches: int, channels: int, patch_size: int, hidden: int) -> int:
+    """A patch-embedding convolution with kernel = stride = patch_size."""
+    return linear_flops(num_patches, channels * patch_size * patch_size, hidden)
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """Cost of one backbone layer: as in the full model and as executed under a plan."""
+
+    index: int
+    full: int
+    executed: int
+    skipped: bool
+
+    def __add__(self, other: LayerFlops) -> LayerFlops:
+        assert self.index == other.index and self.skipped == other.skipped
+        return LayerFlops(self.index, self.full + other.full, self.executed + other.executed, self.skipped)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "full": self.full, "executed": self.executed, "skipped": self.skipped}
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    """FLOPs of one request (all its forward passes plus the head), full model vs plan.
+
+    ``other`` is the part that runs the same under every plan (embeddings, pooler, head).
+    """
+
+    per_layer: tuple[LayerFlops, ...]
+    other: int
+    seq_lens: tuple[int, ...] = field(default=())
+
+    @property
+    def full(self) -> int:
+        return self.other + sum(layer.full for layer in self.per_layer)
+
+    @property
+    def executed(self) -> int:
+        return self.other + sum(layer.executed for layer in self.per_layer)
+
+    @property
+    def saved(self) -> int:
+        return self.full - self.executed
+
+    @property
+    def saved_ratio(self) -> float:
+        return self.saved / self.full if self.full else 0.0
+
+    def __add__(self, other: FlopsReport) -> FlopsReport:
+        if len(self.per_layer) != len(other.per_layer):
+            raise ValueError("cannot add FLOPs reports of backbones with different depths")
+        return FlopsReport(
+            per_layer=tuple(a + b for a, b in zip(self.per_layer, other.per_layer)),
+            other=self.other + other.other,
+            seq_lens=self.seq_lens + other.seq_lens,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "unit": "FLOPs (1 multiply-add = 2 FLOPs)",
+            "full_flops": self.full,
+            "executed_flops": self.executed,
+            "saved_flops": self.saved,
+            "saved_ratio": self.saved_ratio,
+            "seq_lens": list(self.seq_lens),
+            "other_flops": self.other,
+            "per_layer": [layer.to_dict() for layer in self.per_layer],
+        }

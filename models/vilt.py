@@ -1,0 +1,489 @@
+"""ViLT as a frozen DAS backbone.
+
+One file for the architecture, in the spirit of transformers' ``modeling_vilt.py``: the frozen
+weights live in transformers' own ``ViltModel`` modules (loaded once, shared by every plan); this
+file adds what DAS needs on top of them:
+
+* ``ViltBackbone.encode``: the forward pass under a plan. A skipped layer is not executed; its skip
+  adapter runs instead. Kept layers run with PyTorch's fused attention
+  (``scaled_dot_product_attention``) and may carry parallel adapters.
+* the task heads as transformers defines them (so checkpoint heads load as-is),
+* patch embedding that keeps every valid patch in raster order (transformers samples the order
+  at random; the result is the same up to float rounding, ours is deterministic),
+* the per-request FLOPs count for this architecture.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import ViltConfig, ViltModel, ViltProcessor
+from transformers.models.vilt.modeling_vilt import ViltLayer, ViltPooler
+
+from models.backbone import BackboneError, fingerprint, read_checkpoint_state, read_config
+from models.das import ParallelAdapters, PlanModules, SkipAdapter
+from models.flops import (
+    FlopsReport,
+    LayerFlops,
+    adapter_flops,
+    conv_patch_flops,
+    linear_flops,
+    transformer_layer_flops,
+)
+from models.plan import PlanError, PlanSpec
+
+# Config fields that change what the frozen network computes (the fingerprint covers these).
+FINGERPRINT_CONFIG_KEYS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+    "hidden_act", "layer_norm_eps", "image_size", "patch_size", "num_channels", "qkv_bias",
+    "max_image_length", "vocab_size", "type_vocab_size", "modality_type_vocab_size",
+    "max_position_embeddings", "num_images", "id2label",
+)
+NLVR2_TOKEN_TYPES = 3  # 0 text, 1 left image, 2 right image
+
+
+# ---------------------------------------------------------------------------------------------
+# Task heads (same module structure and parameter names as transformers' ViltFor* classes)
+# ---------------------------------------------------------------------------------------------
+def vqa_head(hidden_size: int, num_labels: int) -> nn.Sequential:
+    """ViltForQuestionAnswering.classifier: pooled -> answer logits (sigmoid, multi-label)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, hidden_size * 2), nn.LayerNorm(hidden_size * 2), nn.GELU(),
+        nn.Linear(hidden_size * 2, num_labels),
+    )
+
+
+def nlvr2_head(hidden_size: int, num_images: int = 2, num_labels: int = 2) -> nn.Sequential:
+    """ViltForImagesAndTextClassification.classifier: concatenated pooled vectors -> true/false."""
+    width = hidden_size * num_images
+    return nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, num_labels))
+
+
+def retrieval_head(hidden_size: int) -> nn.Linear:
+    """ViltForImageAndTextRetrieval.rank_output: pooled -> image-text matching score."""
+    return nn.Linear(hidden_size, 1)
+
+
+def _heads_in_checkpoint(state: dict[str, torch.Tensor], config: ViltConfig) -> dict[str, nn.Module]:
+    """Recognise task heads by their parameter names and shapes; load their weights."""
+    hidden = config.hidden_size
+    heads: dict[str, nn.Module] = {}
+    if "rank_output.weight" in state:
+        heads["retrieval"] = retrieval_head(hidden)
+        prefix = "rank_output."
+        heads["retrieval"].load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    if "classifier.0.weight" in state:
+        out_features, in_features = state["classifier.0.weight"].shape
+        num_labels = state["classifier.3.weight"].shape[0]
+        if in_features == hidden and out_features == 2 * hidden:
+            heads["vqa"] = vqa_head(hidden, num_labels)
+        elif in_features == out_features and in_features % hidden == 0 and in_features // hidden >= 2:
+            heads["nlvr2"] = nlvr2_head(hidden, in_features // hidden, num_labels)
+        else:
+            raise BackboneError(f"unrecognised classifier head of shape {[out_features, in_features]}")
+        task = "vqa" if "vqa" in heads else "nlvr2"
+        heads[task].load_state_dict({k[len("classifier."):]: v for k, v in state.items() if k.startswith("classifier.")})
+    return heads
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ViltBatch:
+    """Processed image-text pairs, padded to the longest text and the largest image."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+    pixel_values: torch.Tensor
+    pixel_mask: torch.Tensor
+    text_lengths: list[int]  # tokens per pair, [CLS] and [SEP] included, after truncation
+    truncated: list[bool]  # whether the text was cut to the model's maximum length
+    patch_grids: list[tuple[int, int]]  # valid patch rows x columns per image
+
+    def __len__(self) -> int:
+        return len(self.text_lengths)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> ViltBatch:
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device, non_blocking=True),
+            attention_mask=self.attention_mask.to(device, non_blocking=True),
+            token_type_ids=self.token_type_ids.to(device, non_blocking=True),
+            pixel_values=self.pixel_values.to(device, dtype, non_blocking=True),
+            pixel_mask=self.pixel_mask.to(device, non_blocking=True),
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grayscale, palette, CMYK and alpha images become RGB (alpha composited on white)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# One encoder layer under a plan
+# ---------------------------------------------------------------------------------------------
+def vilt_layer_forward(
+    layer: ViltLayer, x: torch.Tensor, attention_mask: torch.Tensor, adapters: ParallelAdapters | None
+) -> torch.Tensor:
+    """ViltLayer's computation (pre-norm attention, then pre-norm MLP) with fused attention.
+
+    ``attention_mask``: bool, (batch, 1, 1, seq), True where a key may be attended to.
+    Parallel adapters read the sub-block's input and add their output beside the sub-block's.
+    """
+    self_attention = layer.attention.attention
+    batch, seq, hidden = x.shape
+    heads = self_attention.num_attention_heads
+
+    normed = layer.layernorm_before(x)
+    q, k, v = (
+        proj(normed).view(batch, seq, heads, -1).transpose(1, 2)
+        for proj in (self_attention.query, self_attention.key, self_attention.value)
+    )
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+    attention_out = layer.attention.output.dense(context.transpose(1, 2).reshape(batch, seq, hidden))
+    if adapters is not None:
+        attention_out = attention_out + adapters.attention(x)
+    x = x + attention_out
+
+    mlp_out = layer.output.dense(layer.intermediate(layer.layernorm_after(x)))
+    if adapters is not None:
+        mlp_out = mlp_out + adapters.mlp(x)
+    return x + mlp_out
+
+
+# ---------------------------------------------------------------------------------------------
+# The backbone
+# ---------------------------------------------------------------------------------------------
+class ViltBackbone(nn.Module):
+    """A frozen ViLT checkpoint (encoder + whatever task heads it carries) and its processor."""
+
+    architecture = "vilt"
+
+    def __init__(
+        self,
+        config: ViltConfig,
+        processor: ViltProcessor,
+        heads: dict[str, nn.Module] | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.processor = processor
+        self.vilt = ViltModel(config, add_pooling_layer=True)
+        self.heads = nn.ModuleDict(heads or {})
+        self.fingerprint = fingerprint
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32
+    ) -> ViltBackbone:
+        """Load ViltModel / ViltForQuestionAnswering / ViltForImagesAndTextClassification /
+        ViltForImageAndTextRetrieval checkpoints (any of their layouts) from a local directory."""
+        directory = Path(directory)
+        raw_config = read_config(directory)
+        config = ViltConfig.from_dict(raw_config)
+        state = read_checkpoint_state(directory)
+        # Task checkpoints prefix the encoder with "vilt."; a bare ViltModel does not.
+        encoder_state = {k[len("vilt."):]: v for k, v in state.items() if k.startswith("vilt.")}
+        if not encoder_state:
+            encoder_state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "rank_output.", "mlm_score."))}
+        try:
+            processor = ViltProcessor.from_pretrained(str(directory), local_files_only=True)
+        except (OSError, ValueError, TypeError) as exc:
+            raise BackboneError(
+                f"{directory}: processor files missing or unreadable (tokenizer files and "
+                f"preprocessor_config.json are needed beside config.json): {exc}"
+            ) from None
+        heads = _heads_in_checkpoint(state, config)
+        if "vqa" in heads and len(config.id2label) != heads["vqa"][3].out_features:
+            raise BackboneError(
+                f"{directory}: VQA head has {heads['vqa'][3].out_features} outputs but config.id2label has "
+                f"{len(config.id2label)} labels"
+            )
+        backbone = cls(config, processor, heads)
+        missing, unexpected = backbone.vilt.load_state_dict(encoder_state, strict=False)
+        if missing:
+            raise BackboneError(f"{directory}: checkpoint lacks backbone weights: {sorted(missing)[:8]}")
+        backbone.ignored_keys = sorted(unexpected)
+        config_items = {k: raw_config.get(k) for k in FINGERPRINT_CONFIG_KEYS}
+        backbone.fingerprint = fingerprint(config_items, backbone.state_dict())
+        backbone.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return backbone
+
+    # -- facts about the backbone ------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.vilt.embeddings.cls_token.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vilt.embeddings.cls_token.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def max_text_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    def task_heads(self) -> dict[str, int | None]:
+        """Tasks whose head this checkpoint carries -> number of labels (None for retrieval)."""
+        sizes: dict[str, int | None] = {}
+        for task, head in self.heads.items():
+            sizes[task] = None if task == "retrieval" else head[3].out_features
+        return sizes
+
+    def labels(self, task: str) -> list[str]:
+        """The checkpoint head's label vocabulary (index -> label) from config.id2label."""
+        id2label = self.config.id2label
+        return [str(id2label[i]) for i in range(len(id2label))]
+
+    # -- plans -------------------------------------------------------------------------------
+    def _token_type_vocab(self, task: str) -> int:
+        size = self.config.modality_type_vocab_size
+        return max(size, NLVR2_TOKEN_TYPES) if task == "nlvr2" else size
+
+    def check_plan_spec(self, spec: PlanSpec) -> None:
+        if (
+            spec.task == "nlvr2"
+            and "token_type_embeddings" not in spec.own_parts
+            and self.config.modality_type_vocab_size < NLVR2_TOKEN_TYPES
+        ):
+            raise PlanError(
+                f"plan nlvr2/{spec.name}: NLVR2 needs {NLVR2_TOKEN_TYPES} modality token types, the backbone has "
+                f"{self.config.modality_type_vocab_size}; the plan must carry its own token_type_embeddings"
+            )
+
+    def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:
+        """Modules with the shapes ``spec`` implies. ``init_from_backbone`` starts the plan's own
+        copies (pooler, token types, head) from the backbone's, as training does."""
+        hidden, eps = self.config.hidden_size, self.config.layer_norm_eps
+        skipped = set(spec.skipped_layers)
+        skip = {i: SkipAdapter(hidden, spec.adapters.skip_bottleneck, eps) for i in skipped}
+        parallel = {}
+        if spec.adapters.parallel_bottleneck:
+            parallel = {
+                i: ParallelAdapters(hidden, spec.adapters.parallel_bottleneck, eps)
+                for i in range(self.num_layers)
+                if i not in skipped
+            }
+        pooler = ViltPooler(self.config) if "pooler" in spec.own_parts else None
+        token_types = (
+            nn.Embedding(self._token_type_vocab(spec.task), hidden) if "token_type_embeddings" in spec.own_parts else None
+        )
+        head = None
+        if spec.own_head:
+            head = {
+                "vqa": lambda: vqa_head(hidden, len(spec.labels or ())),
+                "nlvr2": lambda: nlvr2_head(hidden, 2, len(spec.labels or ())),
+                "retrieval": lambda: retrieval_head(hidden),
+            }[spec.task]()
+        modules = PlanModules(skip, parallel, pooler, token_types, head)
+        if init_from_backbone:
+            self._copy_trainable_parts_into(modules, spec.task)
+        return modules
+
+    @torch.no_grad()
+    def _copy_trainable_parts_into(self, modules: PlanModules, task: str) -> None:
+        if modules.pooler is not None:
+            modules.pooler.load_state_dict(self.vilt.pooler.state_dict())
+        if modules.token_type_embeddings is not None:
+            source = self.vilt.embeddings.token_type_embeddings.weight
+            target = modules.token_type_embeddings.weight
+            target[: source.shape[0]] = source.to(target)
+            target[source.shape[0]:] = source[-1].to(target)  # extra image slots start as "image" (as ViLT does)
+        if modules.head is not None and task in self.heads:
+            own, theirs = modules.head.state_dict(), self.heads[task].state_dict()
+            if all(own[k].shape == theirs[k].shape for k in own):
+                modules.head.load_state_dict(theirs)
+
+    def head_for(self, task: str, plan: PlanModules) -> nn.Module:
+        if plan.head is not None:
+            return plan.head
+        if task not in self.heads:
+            raise PlanError(f"no {task} head: neither the plan nor the backbone checkpoint has one")
+        return self.heads[task]
+
+    # -- preprocessing -------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[Image.Image], texts: Sequence[str]) -> ViltBatch:
+        """Same resize, normalisation, pixel mask and tokenisation as the checkpoint's ViltProcessor;
+        texts are truncated to the model's maximum length and the truncation is reported."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        tokenizer = self.processor.tokenizer
+        max_len = self.max_text_len
+        untruncated = tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+        encoding = tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        pixels = self.processor.image_processor([to_rgb(image) for image in images], return_tensors="pt")
+        text_lengths = encoding["attention_mask"].sum(dim=1).tolist()
+        return ViltBatch(
+            input_ids=encoding["input_ids"],
+            attention_mask=encoding["attention_mask"],
+            token_type_ids=encoding.get("token_type_ids", torch.zeros_like(encoding["input_ids"])),
+            pixel_values=pixels["pixel_values"],
+            pixel_mask=pixels["pixel_mask"],
+            text_lengths=[int(n) for n in text_lengths],
+            truncated=[len(ids) > max_len for ids in untruncated],
+            patch_grids=self._patch_grids(pixels["pixel_mask"]),
+        )
+
+    def _patch_grids(self, pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
+        """Valid patch rows/columns per image, computed as ViltEmbeddings.visual_embed does."""
+        p = self.config.patch_size
+        grid = F.interpolate(pixel_mask[:, None].float(), size=(pixel_mask.shape[1] // p, pixel_mask.shape[2] // p))
+        grid = grid[:, 0].long()
+        rows = grid[:, :, 0].sum(dim=1).tolist()
+        cols = grid[:, 0, :].sum(dim=1).tolist()
+        return [(int(r), int(c)) for r, c in zip(rows, cols)]
+
+    def num_image_tokens(self, grid: tuple[int, int]) -> int:
+        """Patches a grid contributes after ViLT's max_image_length cap (the image [CLS] not included)."""
+        patches = grid[0] * grid[1]
+        cap = self.config.max_image_length
+        return min(patches, cap) if cap and cap > 0 else patches
+
+    # -- forward -------------------------------------------------------------------------------
+    def _image_embeddings(self, batch: ViltBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch embeddings + interpolated position embeddings, valid patches only, then padding."""
+        emb = self.vilt.embeddings
+        x = emb.patch_embeddings(batch.pixel_values)  # (B, hidden, rows, cols)
+        hidden = x.shape[1]
+        side = self.config.image_size // self.config.patch_size
+        spatial_pos = emb.position_embeddings[:, 1:, :].transpose(1, 2).reshape(1, hidden, side, side)
+        pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        sequences = []
+        for i, (rows, cols) in enumerate(batch.patch_grids):
+            if (rows, cols) not in pos_cache:
+                pos = spatial_pos
+                if (rows, cols) != (side, side):
+                    pos = F.interpolate(spatial_pos.float(), size=(rows, cols), mode="bilinear", align_corners=True)
+                pos_cache[(rows, cols)] = pos.to(x.dtype)[0]
+            tokens = (x[i, :, :rows, :cols] + pos_cache[(rows, cols)]).flatten(1).transpose(0, 1)
+            keep = self.num_image_tokens((rows, cols))
+            if keep < tokens.shape[0]:  # deterministic, evenly spread subset under max_image_length
+                tokens = tokens[torch.linspace(0, tokens.shape[0] - 1, keep, device=tokens.device).round().long()]
+            sequences.append(tokens)
+        longest = max(t.shape[0] for t in sequences)
+        patches = x.new_zeros(len(sequences), longest, hidden)
+        mask = torch.zeros(len(sequences), longest + 1, dtype=torch.bool, device=x.device)
+        mask[:, 0] = True
+        for i, tokens in enumerate(sequences):
+            patches[i, : tokens.shape[0]] = tokens
+            mask[i, 1 : tokens.shape[0] + 1] = True
+        cls = (emb.cls_token + emb.position_embeddings[:, :1, :]).expand(len(sequences), -1, -1)
+        return torch.cat([cls, patches], dim=1), mask
+
+    def embed(
+        self, batch: ViltBatch, plan: PlanModules, image_token_type_idx: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text and image tokens with modality embeddings, concatenated: (B, seq, hidden), mask."""
+        emb = self.vilt.embeddings
+        text = emb.text_embeddings(input_ids=batch.input_ids, token_type_ids=batch.token_type_ids)
+        image, image_mask = self._image_embeddings(batch)
+        token_types = plan.token_type_embeddings if plan.token_type_embeddings is not None else emb.token_type_embeddings
+        text = text + token_types.weight[0]
+        image = image + token_types.weight[image_token_type_idx]
+        mask = torch.cat([batch.attention_mask.bool(), image_mask], dim=1)
+        return torch.cat([text, image], dim=1), mask
+
+    def encode(self, batch: ViltBatch, plan: PlanModules, image_token_type_idx: int = 1) -> torch.Tensor:
+        """Pooled vectors (B, hidden) of the reduced network ``plan`` describes."""
+        x, mask = self.embed(batch, plan, image_token_type_idx)
+        attention_mask = mask[:, None, None, :]
+        for index, layer in enumerate(self.vilt.encoder.layer):
+            skip = plan.skip_adapter(index)
+            if skip is not None:
+                x = skip(x)  # the layer itself is not executed
+            else:
+                x = vilt_layer_forward(layer, x, attention_mask, plan.parallel_adapter(index))
+        x = self.vilt.layernorm(x)
+        pooler = plan.pooler if plan.pooler is not None else self.vilt.pooler
+        return pooler(x)
+
+    # -- FLOPs -----------------------------------------------------------------------------------
+    def flops(
+        self, task: str, spec: PlanSpec | None, text_len: int, patch_grids: Sequence[tuple[int, int]]
+    ) -> FlopsReport:
+        """FLOPs of one request: one pass per image (NLVR2 has two) plus the task head."""
+        num_labels = (len(spec.labels) if spec is not None and spec.labels else None) or self.task_heads().get(task)
+        return vilt_request_flops(self.config, task, spec, text_len, patch_grids, num_labels)
+
+
+def vilt_request_flops(
+    config: ViltConfig,
+    task: str,
+    spec: PlanSpec | None,
+    text_len: int,
+    patch_grids: Sequence[tuple[int, int]],
+    num_labels: int | None = None,
+) -> FlopsReport:
+    """Analytic FLOPs of one request, full model vs ``spec`` (None = the full model).
+
+    ``text_len`` counts text tokens including [CLS]/[SEP]; ``patch_grids`` gives each image's valid
+    patch rows x columns. Needs only the config, so `das flops` does not load weights.
+    """
+    hidden, inter = config.hidden_size, config.intermediate_size
+    skipped = set(spec.skipped_layers) if spec else set()
+    skip_b = spec.adapters.skip_bottleneck if spec else None
+    par_b = spec.adapters.parallel_bottleneck if spec else None
+    cap = config.max_image_length
+    report: FlopsReport | None = None
+    for rows, cols in patch_grids:
+        patches = min(rows * cols, cap) if cap and cap > 0 else rows * cols
+        seq = text_len + 1 + patches
+        layers = []
+        for i in range(config.num_hidden_layers):
+            full = transformer_layer_flops(seq, hidden, inter)
+            if i in skipped:
+                executed = adapter_flops(seq, hidden, skip_b)
+            else:
+                executed = full + (2 * adapter_flops(seq, hidden, par_b) if par_b else 0)
+            layers.append(LayerFlops(i, full, executed, i in skipped))
+        other = conv_patch_flops(rows * cols, config.num_channels, config.patch_size, hidden)
+        other += linear_flops(1, hidden, hidden)  # pooler
+        one_pass = FlopsReport(per_layer=tuple(layers), other=other, seq_lens=(seq,))
+        report = one_pass if report is None else report + one_pass
+    assert report is not None, "at least one image is needed"
+    head = {
+        "vqa": lambda: linear_flops(1, hidden, 2 * hidden) + linear_flops(1, 2 * hidden, num_labels or len(config.id2label)),
+        "nlvr2": lambda: linear_flops(1, 2 * hidden, 2 * hidden) + linear_flops(1, 2 * hidden, num_labels or 2),
+        "retrieval": lambda: linear_flops(1, hidden, 1),
+    }[task]()
+    return FlopsReport(per_layer=report.per_layer, other=report.other + head, seq_lens=report.seq_lens)
+
+
+def square_grid(config: ViltConfig, image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """Patch grid of an image already resized to ``image_size`` (an int means square)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return (h // config.patch_size, w // config.patch_size)
+
+
+def config_from_dir(directory: str | os.PathLike) -> ViltConfig:
+    return ViltConfig.from_dict(read_config(directory))
+
+
+__all__: list[Any] = [
+    "ViltBackbone", "ViltBatch", "vilt_layer_forward", "vilt_request_flops", "vqa_head", "nlvr2_head",
+    "retrieval_head", "square_grid", "config_from_dir", "to_rgb",
+]
