@@ -1,0 +1,89 @@
+"""ASGI middleware in front of the inference routes: bounds the request body and refuses
+non-file values in file fields (BentoML would otherwise treat such a string as a URL and fetch it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+MAX_BODY_BYTES = int(os.environ.get("DAS_MAX_BODY_BYTES", 64 * 1024 * 1024))
+# route -> its file fields
+FILE_FIELDS = {
+    "/vqa": ("image",),
+    "/nlvr2": ("image_left", "image_right"),
+    "/retrieval/texts": ("image",),
+    "/retrieval/images": ("images",),
+}
+
+
+async def _send_error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message, "status": status}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class InputGuardMiddleware:
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in FILE_FIELDS:
+            await self.app(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                await _send_error(send, 413, f"request body over {MAX_BODY_BYTES} bytes")
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        content_type = dict(scope.get("headers", [])).get(b"content-type", b"").decode()
+        if content_type.startswith("multipart/form-data"):
+            problem = await self._check_files(scope, body, FILE_FIELDS[scope["path"]])
+            if problem:
+                await _send_error(send, 400, problem)
+                return
+        elif not content_type.startswith("application/json"):
+            await _send_error(send, 415, f"send multipart/form-data (images as file fields), not {content_type or 'no content type'}")
+            return
+
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _check_files(scope, body: bytes, fields: tuple[str, ...]) -> str | None:
+        async def once():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(scope, once).form(max_files=1000, max_fields=1000)
+        except Exception as exc:  # malformed multipart bodies
+            return f"malformed multipart body: {exc}"
+        try:
+            for field in fields:
+                for value in form.getlist(field):
+                    if not isinstance(value, UploadFile):
+                        return f"{field!r} must be an uploaded file (curl -F {field}=@photo.jpg), not a text value"
+        finally:
+            await form.close()
+        return None

@@ -1,0 +1,80 @@
+"""Turning HTTP inputs into model inputs, with clear 4xx errors for everything a client can get wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+MAX_IMAGE_PIXELS = int(os.environ.get("DAS_MAX_IMAGE_PIXELS", 40_000_000))  # decompression-bomb guard
+MAX_IMAGE_BYTES = int(os.environ.get("DAS_MAX_IMAGE_BYTES", 20 * 1024 * 1024))
+MAX_CANDIDATES = int(os.environ.get("DAS_MAX_CANDIDATES", 100))  # retrieval candidates per request
+MAX_TEXT_CHARS = 2000
+
+
+class InputError(Exception):
+    """Bad client input; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def load_image(path: Path | None, field: str) -> Image.Image:
+    """Decode an uploaded image fully (so truncation is caught here), refusing bombs and empties."""
+    if path is None:
+        raise InputError(f"missing image field {field!r} (send it as a multipart file)")
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise InputError(f"{field}: the uploaded file is empty")
+    if size > MAX_IMAGE_BYTES:
+        raise InputError(f"{field}: file is {size} bytes; the limit is {MAX_IMAGE_BYTES}", 413)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width == 0 or height == 0:
+                raise InputError(f"{field}: image has zero size")
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InputError(
+                    f"{field}: image is {width}x{height} = {width * height} pixels; the limit is {MAX_IMAGE_PIXELS}", 413
+                )
+            image.load()
+            return image.copy()
+    except InputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{field}: not a decodable image ({exc.__class__.__name__})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{field}: the image could not be decoded ({exc})") from None
+
+
+def check_text(value: str | None, field: str) -> str:
+    if value is None or not str(value).strip():
+        raise InputError(f"{field!r} is empty; send some text")
+    if len(value) > MAX_TEXT_CHARS:
+        raise InputError(f"{field!r} has {len(value)} characters; the limit is {MAX_TEXT_CHARS}")
+    return str(value)
+
+
+def text_list(values: list[str] | str | None, form_values: list[str], field: str) -> list[str]:
+    """A list field sent as repeated form fields (-F f=a -F f=b) or as one JSON array string."""
+    if len(form_values) > 1:
+        items = form_values
+    elif isinstance(values, list):
+        items = values
+    elif isinstance(values, str):
+        try:
+            parsed = json.loads(values)
+            items = parsed if isinstance(parsed, list) else [values]
+        except json.JSONDecodeError:
+            items = [values]
+    else:
+        items = []
+    if not items:
+        raise InputError(f"{field!r} needs at least one text")
+    if len(items) > MAX_CANDIDATES:
+        raise InputError(f"{field!r} has {len(items)} candidates; the limit is {MAX_CANDIDATES}", 413)
+    return [check_text(str(item), field) for item in items]

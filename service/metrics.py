@@ -1,0 +1,60 @@
+"""Prometheus metrics of the service.
+
+prometheus_client is imported when a worker builds its metrics (not at module import): BentoML sets
+PROMETHEUS_MULTIPROC_DIR in each worker before that, so every worker writes to the shared
+multiprocess files and BentoML's /metrics serves all workers merged.
+"""
+
+from __future__ import annotations
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class ServiceMetrics:
+    def __init__(self, registry=None) -> None:
+        import prometheus_client as prom
+
+        kwargs = {"registry": registry} if registry is not None else {}
+        self.requests = prom.Counter(
+            "das_requests", "Inference requests by task, plan and outcome (ok, client_error, overloaded, error).",
+            ["task", "plan", "status"], **kwargs)
+        self.latency = prom.Histogram(
+            "das_request_latency_seconds", "Time from request arrival to response, per task and plan.",
+            ["task", "plan"], buckets=LATENCY_BUCKETS, **kwargs)
+        self.flops_full = prom.Counter(
+            "das_flops_full", "FLOPs the full backbone would have spent on the served requests (1 multiply-add = 2 FLOPs).",
+            ["task", "plan"], **kwargs)
+        self.flops_executed = prom.Counter(
+            "das_flops_executed", "FLOPs actually executed on the served requests under their plan (1 multiply-add = 2 FLOPs).",
+            ["task", "plan"], **kwargs)
+        self.batch_size = prom.Histogram(
+            "das_batch_size", "Requests per executed model batch.", ["task"], buckets=BATCH_BUCKETS, **kwargs)
+        self.active_plan = prom.Gauge(
+            "das_active_plan", "1 for the active plan of each task, 0 for other loaded plans.",
+            ["task", "plan", "version"], multiprocess_mode="livemax", **kwargs)
+        self._active_labels: set[tuple[str, str, str]] = set()
+        self.plan_swaps = prom.Counter(
+            "das_plan_swaps", "Plan administration operations by task and outcome.", ["task", "outcome"], **kwargs)
+
+    def observe_request(self, task: str, plan: str, status: str, seconds: float | None = None,
+                        flops_full: int = 0, flops_executed: int = 0) -> None:
+        self.requests.labels(task, plan, status).inc()
+        if seconds is not None:
+            self.latency.labels(task, plan).observe(seconds)
+        if flops_full:
+            self.flops_full.labels(task, plan).inc(flops_full)
+            self.flops_executed.labels(task, plan).inc(flops_executed)
+
+    def set_active_plans(self, snapshot: dict) -> None:
+        """snapshot: PlanRegistry.snapshot(). Label sets that disappeared are set to 0 (multiprocess
+        mode cannot remove a label set)."""
+        current = {}
+        for task, entry in snapshot.items():
+            for name, plan in entry["plans"].items():
+                current[(task, name, str(plan.version))] = 1 if name == entry["active"] else 0
+        for labels in self._active_labels - set(current):
+            self.active_plan.labels(*labels).set(0)
+        for labels, value in current.items():
+            self.active_plan.labels(*labels).set(value)
+        self._active_labels = set(current)

@@ -1,0 +1,274 @@
+"""The DAS Serve BentoML service: VQA, NLVR2 and image-text retrieval over per-task DAS plans.
+
+Thin by design: each endpoint turns HTTP input into a call on ``models.runtime.DASRuntime`` with a
+plan from ``service.registry.PlanRegistry``, and the result back into JSON. Configuration comes
+from environment variables (see the README): DAS_BACKBONE, DAS_PLANS, DAS_DEVICE, DAS_DTYPE,
+DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from bentoml.validators import ContentType
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from service.batching import MicroBatcher, Overloaded
+from service.guard import InputGuardMiddleware
+from service.inputs import InputError, check_text, load_image, text_list
+from service.registry import PlanRegistry, PlanStore, RegistryError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PLANS = REPO_ROOT / "plans"
+DEFAULT_BACKBONE = DEFAULT_PLANS / "backbone"
+SYNC_INTERVAL_S = 0.5  # how often a worker re-reads the plan store (swaps reach it within this)
+ImageFile = Annotated[Path, ContentType("image/*")]
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise SystemExit(f"{name} must be an integer, got {os.environ[name]!r}") from None
+
+
+def _error(ctx: bentoml.Context, message: str, status: int, **headers: str) -> JSONResponse:
+    """A JSON error body. BentoML copies ctx.response.status_code onto the response of APIs that
+    take a context, so the status is set there too."""
+    ctx.response.status_code = status
+    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers or None)
+
+
+def _plan_info(plan) -> dict[str, Any]:
+    return {"task": plan.task, "name": plan.name, "version": plan.version, "skipped_layers": list(plan.skipped_layers)}
+
+
+def _flops_info(report) -> dict[str, Any]:
+    return {"full": report.full, "executed": report.executed, "saved_ratio": round(report.saved_ratio, 6)}
+
+
+async def _list_plans(request: Request) -> JSONResponse:
+    return JSONResponse(bentoml.get_current_service().plans_overview())
+
+
+plans_app = Starlette(routes=[Route("/", _list_plans, methods=["GET"])])
+
+
+@bentoml.asgi_app(plans_app, path="/plans")
+@bentoml.service(
+    name="das-serve",
+    workers=_env_int("DAS_WORKERS", 1),
+    traffic={"timeout": 120},
+)
+class DASService:
+    """One frozen backbone, per-task DAS plans, hot-swappable."""
+
+    def __init__(self) -> None:
+        from models.backbone import load_backbone
+        from models.runtime import DASRuntime
+        from service.metrics import ServiceMetrics
+
+        backbone_dir = os.environ.get("DAS_BACKBONE", str(DEFAULT_BACKBONE))
+        self.backbone = load_backbone(backbone_dir, os.environ.get("DAS_DEVICE", "auto"), os.environ.get("DAS_DTYPE", "float32"))
+        self.runtime = DASRuntime(self.backbone)
+        self.registry = PlanRegistry(self.backbone, PlanStore(os.environ.get("DAS_PLANS", str(DEFAULT_PLANS))))
+        self.metrics = ServiceMetrics()
+        self.batcher = MicroBatcher(
+            max_batch_size=_env_int("DAS_MAX_BATCH_SIZE", 16),
+            max_latency_ms=_env_int("DAS_MAX_LATENCY_MS", 10),
+            max_queue=_env_int("DAS_MAX_QUEUE", 256),
+            on_batch=lambda key, size: self.metrics.batch_size.labels(key[0]).observe(size),
+        )
+        self.admin_token = os.environ.get("DAS_ADMIN_TOKEN", "")
+        self._sync()
+        self._stop = threading.Event()
+        threading.Thread(target=self._sync_loop, name="das-plan-sync", daemon=True).start()
+
+    # -- plan store convergence ---------------------------------------------------------------
+    def _sync(self, force: bool = False) -> None:
+        if self.registry.sync(force=force):
+            self.metrics.set_active_plans(self.registry.snapshot())
+
+    def _sync_loop(self) -> None:
+        while not self._stop.wait(SYNC_INTERVAL_S):
+            try:
+                self._sync()
+            except Exception:  # a bad store state must not kill the worker; next tick retries
+                pass
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self._stop.set()
+
+    def plans_overview(self) -> dict[str, Any]:
+        overview: dict[str, Any] = {}
+        for task, entry in self.registry.snapshot().items():
+            plans = []
+            for name, plan in sorted(entry["plans"].items()):
+                ref = plan.spec.metrics.get("reference_input", {"text_len": 16, "image_size": self.backbone.config.image_size})
+                size = ref.get("image_size", self.backbone.config.image_size)
+                from models.vilt import square_grid
+
+                grid = square_grid(self.backbone.config, size if isinstance(size, int) else tuple(size))
+                report = self.backbone.flops(task, plan.spec, int(ref.get("text_len", 16)), [grid] * (2 if task == "nlvr2" else 1))
+                plans.append({
+                    **_plan_info(plan), "active": name == entry["active"],
+                    "flops_saved_ratio": round(report.saved_ratio, 6),
+                    "reference_input": ref,
+                    "metrics": plan.spec.metrics,
+                })
+            overview[task] = {"active": entry["active"], "plans": plans}
+        return {"tasks": overview, "load_errors": self.registry.errors}
+
+    # -- request plumbing -----------------------------------------------------------------------
+    async def _serve(self, ctx: bentoml.Context, task: str, plan_name: str | None, work) -> Any:
+        """Resolve the plan, run ``work(plan)``, record metrics, turn failures into 4xx/503 JSON."""
+        started = time.perf_counter()
+        label = plan_name or "-"
+        try:
+            plan = self.registry.get(task, plan_name)
+            label = plan.name
+            body, flops = await work(plan)
+        except (InputError, RegistryError) as exc:
+            self.metrics.observe_request(task, label, "client_error")
+            return _error(ctx, str(exc), exc.status)
+        except Overloaded:
+            self.metrics.observe_request(task, label, "overloaded")
+            return _error(ctx, "the service is overloaded; retry shortly", 503, **{"Retry-After": "1"})
+        seconds = time.perf_counter() - started
+        self.metrics.observe_request(task, label, "ok", seconds, flops.full, flops.executed)
+        return {**body, "plan": _plan_info(plan), "flops": _flops_info(flops), "latency_ms": round(seconds * 1000, 3)}
+
+    def _batch_key(self, plan) -> tuple:
+        return (plan.task, plan.name, plan.version)
+
+    # -- inference API ----------------------------------------------------------------------------
+    @bentoml.api(route="/vqa")
+    async def vqa(self, ctx: bentoml.Context, image: ImageFile, question: str, plan: str | None = None, top_k: int = 5) -> dict[str, Any]:
+        """Answer a question about an image. Returns the top_k answers with sigmoid scores, the plan
+        used, this request's FLOPs (full vs executed) and latency."""
+
+        async def work(chosen):
+            if not 1 <= top_k <= 100:
+                raise InputError("top_k must be between 1 and 100")
+            picture, text = load_image(image, "image"), check_text(question, "question")
+            result = await self.batcher.submit(
+                self._batch_key(chosen), (picture, text),
+                lambda items: self.runtime.vqa(chosen, [i[0] for i in items], [i[1] for i in items], top_k),
+            )
+            body = {"answers": [{"answer": a.answer, "score": round(a.score, 6)} for a in result.answers],
+                    "question_truncated": result.truncated}
+            return body, result.flops
+
+        return await self._serve(ctx, "vqa", plan, work)
+
+    @bentoml.api(route="/nlvr2")
+    async def nlvr2(self, ctx: bentoml.Context, image_left: ImageFile, image_right: ImageFile, statement: str, plan: str | None = None) -> dict[str, Any]:
+        """Is the statement true of the pair of images? Returns label, probability, plan, FLOPs, latency."""
+
+        async def work(chosen):
+            left, right = load_image(image_left, "image_left"), load_image(image_right, "image_right")
+            text = check_text(statement, "statement")
+            result = await self.batcher.submit(
+                self._batch_key(chosen), (left, right, text),
+                lambda items: self.runtime.nlvr2(chosen, [i[0] for i in items], [i[1] for i in items], [i[2] for i in items]),
+            )
+            return {"label": result.label, "probability": round(result.probability, 6),
+                    "statement_truncated": result.truncated}, result.flops
+
+        return await self._serve(ctx, "nlvr2", plan, work)
+
+    @bentoml.api(route="/retrieval/texts")
+    async def retrieval_texts(self, ctx: bentoml.Context, image: ImageFile, texts: list[str] | str, plan: str | None = None) -> dict[str, Any]:
+        """Rank candidate captions for one image (text retrieval). ``texts`` may be repeated form
+        fields or one JSON array string."""
+
+        async def work(chosen):
+            candidates = text_list(texts, await _form_values(ctx, "texts"), "texts")
+            picture = load_image(image, "image")
+            result = await self.batcher.run_alone(lambda: self.runtime.rank_texts(chosen, picture, candidates))
+            ranking = [{"index": r.index, "text": candidates[r.index], "score": round(r.score, 6)} for r in result.ranking]
+            return {"ranking": ranking}, result.flops
+
+        return await self._serve(ctx, "retrieval", plan, work)
+
+    @bentoml.api(route="/retrieval/images")
+    async def retrieval_images(self, ctx: bentoml.Context, text: str, images: list[ImageFile], plan: str | None = None) -> dict[str, Any]:
+        """Rank candidate images for one caption (image retrieval)."""
+        from service.inputs import MAX_CANDIDATES
+
+        async def work(chosen):
+            caption = check_text(text, "text")
+            if not images:
+                raise InputError("'images' needs at least one file")
+            if len(images) > MAX_CANDIDATES:
+                raise InputError(f"'images' has {len(images)} candidates; the limit is {MAX_CANDIDATES}", 413)
+            pictures = [load_image(path, f"images[{i}]") for i, path in enumerate(images)]
+            result = await self.batcher.run_alone(lambda: self.runtime.rank_images(chosen, caption, pictures))
+            return {"ranking": [{"index": r.index, "score": round(r.score, 6)} for r in result.ranking]}, result.flops
+
+        return await self._serve(ctx, "retrieval", plan, work)
+
+    # -- admin API (bearer token) ---------------------------------------------------------------------
+    def _authorized(self, ctx: bentoml.Context) -> JSONResponse | None:
+        if not self.admin_token:
+            return _error(ctx, "admin API disabled: set DAS_ADMIN_TOKEN to enable it", 403)
+        header = ctx.request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
+            return _error(ctx, "missing or wrong admin token (Authorization: Bearer <DAS_ADMIN_TOKEN>)", 401)
+        return None
+
+    def _admin(self, ctx: bentoml.Context, task: str, operation) -> Any:
+        denied = self._authorized(ctx)
+        if denied is not None:
+            return denied
+        try:
+            plan = operation()
+        except RegistryError as exc:
+            self.metrics.plan_swaps.labels(task or "-", "refused").inc()
+            return _error(ctx, str(exc), exc.status)
+        self.metrics.plan_swaps.labels(plan.task, "ok").inc()
+        self.metrics.set_active_plans(self.registry.snapshot())
+        return {"ok": True, "plan": _plan_info(plan), "active": self.registry.active_name(plan.task)}
+
+    @bentoml.api(route="/admin/plans/load")
+    def admin_load(self, ctx: bentoml.Context, path: str) -> dict[str, Any]:
+        """Validate and load a plan directory inside the plan store (every worker follows)."""
+        return self._admin(ctx, "", lambda: self.registry.load(path))
+
+    @bentoml.api(route="/admin/plans/activate")
+    def admin_activate(self, ctx: bentoml.Context, task: str, name: str) -> dict[str, Any]:
+        """Make a loaded plan the task's default."""
+        return self._admin(ctx, task, lambda: self.registry.activate(task, name))
+
+    @bentoml.api(route="/admin/plans/rollback")
+    def admin_rollback(self, ctx: bentoml.Context, task: str) -> dict[str, Any]:
+        """Re-activate the task's previously active plan."""
+        return self._admin(ctx, task, lambda: self.registry.rollback(task))
+
+    @bentoml.api(route="/admin/plans/unload")
+    def admin_unload(self, ctx: bentoml.Context, task: str, name: str) -> dict[str, Any]:
+        """Unload a plan that is not active (frees its memory)."""
+        return self._admin(ctx, task, lambda: self.registry.unload(task, name))
+
+
+DASService.add_asgi_middleware(InputGuardMiddleware)
+
+
+async def _form_values(ctx: bentoml.Context, field: str) -> list[str]:
+    """Every value of a repeated form field (BentoML keeps only the last one)."""
+    request = ctx.request
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        return []
+    form = await request.form()  # starlette caches the parsed form on the request
+    return [v for v in form.getlist(field) if isinstance(v, str)]
