@@ -92,6 +92,9 @@ class MicroBatcher:
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, run_batch, [p.item for p in batch])
+            results = list(results)
+            if len(results) != len(batch):  # zip would leave the extra callers waiting forever
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
             for pending, result in zip(batch, results):
                 if not pending.future.done():
                     pending.future.set_result(result)

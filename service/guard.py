@@ -1,5 +1,7 @@
-"""ASGI middleware in front of the inference routes: bounds the request body and refuses
-non-file values in file fields (BentoML would otherwise treat such a string as a URL and fetch it).
+"""ASGI middleware in front of the inference routes: bounds the request body, refuses non-file
+values in file fields (BentoML would otherwise treat such a string as a URL and fetch it), and keeps
+every value of repeated list fields (`-F texts=a -F texts=b`; BentoML keeps only the last) in
+``scope[FORM_LISTS_KEY]`` for the endpoint.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+FORM_LISTS_KEY = "das.form_lists"
 MAX_BODY_BYTES = int(os.environ.get("DAS_MAX_BODY_BYTES", 64 * 1024 * 1024))
 # route -> its file fields
 FILE_FIELDS = {
@@ -18,6 +21,7 @@ FILE_FIELDS = {
     "/retrieval/texts": ("image",),
     "/retrieval/images": ("images",),
 }
+LIST_FIELDS = {"/retrieval/texts": ("texts",)}
 
 
 async def _send_error(send, status: int, message: str) -> None:
@@ -51,12 +55,15 @@ class InputGuardMiddleware:
         body = b"".join(chunks)
         content_type = dict(scope.get("headers", [])).get(b"content-type", b"").decode()
         if content_type.startswith("multipart/form-data"):
-            problem = await self._check_files(scope, body, FILE_FIELDS[scope["path"]])
+            problem = await self._inspect_form(scope, body)
             if problem:
                 await _send_error(send, 400, problem)
                 return
         elif not content_type.startswith("application/json"):
-            await _send_error(send, 415, f"send multipart/form-data (images as file fields), not {content_type or 'no content type'}")
+            fields = ", ".join(FILE_FIELDS[scope["path"]])
+            status = 400 if content_type.startswith("application/x-www-form-urlencoded") else 415
+            await _send_error(send, status, f"send multipart/form-data with the image file field(s) {fields}; "
+                                            f"got {content_type or 'no content type'}")
             return
 
         sent = False
@@ -71,7 +78,7 @@ class InputGuardMiddleware:
         await self.app(scope, replay, send)
 
     @staticmethod
-    async def _check_files(scope, body: bytes, fields: tuple[str, ...]) -> str | None:
+    async def _inspect_form(scope, body: bytes) -> str | None:
         async def once():
             return {"type": "http.request", "body": body, "more_body": False}
 
@@ -80,10 +87,14 @@ class InputGuardMiddleware:
         except Exception as exc:  # malformed multipart bodies
             return f"malformed multipart body: {exc}"
         try:
-            for field in fields:
+            for field in FILE_FIELDS[scope["path"]]:
                 for value in form.getlist(field):
                     if not isinstance(value, UploadFile):
                         return f"{field!r} must be an uploaded file (curl -F {field}=@photo.jpg), not a text value"
+            scope[FORM_LISTS_KEY] = {
+                field: [v for v in form.getlist(field) if isinstance(v, str)]
+                for field in LIST_FIELDS.get(scope["path"], ())
+            }
         finally:
             await form.close()
         return None

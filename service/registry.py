@@ -100,15 +100,23 @@ class PlanStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def change_token(self) -> tuple:
-        """Cheap summary of what is on disk; changes whenever store.json or a plan.json does."""
+        """Cheap summary of what is on disk; changes whenever store.json or a plan.json does.
+
+        Both are replaced by rename, so the inode changes even when two writes fall in the same
+        (possibly coarse) mtime tick."""
         entries = []
         state = self.root / STATE_FILE
-        entries.append(state.stat().st_mtime_ns if state.exists() else 0)
+        entries.append(_stamp(state) if state.exists() else 0)
         for task in TASKS:
             for plan_json in sorted((self.root / task).glob(f"*/{PLAN_FILE}")):
                 with contextlib.suppress(FileNotFoundError):
-                    entries.append((str(plan_json), plan_json.stat().st_mtime_ns))
+                    entries.append((str(plan_json), _stamp(plan_json)))
         return tuple(entries)
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
 
 
 class PlanRegistry:
@@ -118,6 +126,7 @@ class PlanRegistry:
         self.backbone = backbone
         self.store = store
         self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()  # one sync at a time, so an older one never lands last
         self._plans: dict[str, dict[str, Plan]] = {task: {} for task in TASKS}
         self._active: dict[str, str] = {}
         self._token: tuple | None = None
@@ -161,6 +170,10 @@ class PlanRegistry:
     # -- converging to the store -------------------------------------------------------------
     def sync(self, force: bool = False) -> bool:
         """Make this worker match the store. Returns True if anything was re-read."""
+        with self._sync_lock:
+            return self._sync(force)
+
+    def _sync(self, force: bool) -> bool:
         token = self.store.change_token()
         if token == self._token and not force:
             return False
@@ -174,7 +187,10 @@ class PlanRegistry:
                 try:
                     directory = self.store.plan_dir(task, name)
                     old = current.get(name)
-                    keep[name] = old if old is not None and self._unchanged(old, directory) else load_plan(directory, self.backbone)
+                    plan = old if old is not None and self._unchanged(old, directory) else load_plan(directory, self.backbone)
+                    if (plan.task, plan.name) != (task, name):
+                        raise RegistryError(f"{directory} holds plan {plan.task}/{plan.name}, not {task}/{name}")
+                    keep[name] = plan
                 except (PlanError, RegistryError, OSError) as exc:
                     errors[f"{task}/{name}"] = str(exc)
             wanted[task] = keep
@@ -221,8 +237,12 @@ class PlanRegistry:
         return self.get(spec.task, spec.name)
 
     def activate(self, task: str, name: str) -> Plan:
+        self.store.plan_dir(task, name)  # a valid task and name (404/400 otherwise)
+        self.sync()  # act on the store as it is now, not on this worker's last view of it
         self.get(task, name)  # must be loaded here (raises 404 otherwise)
         with self.store.locked_state() as state:
+            if name != FULL_PLAN_NAME and name not in state.loaded.get(task, []):
+                raise RegistryError(f"no plan {name!r} loaded for {task}", 404)
             previous = state.active.get(task) or self.active_name(task)
             if previous and previous != name:
                 state.history.setdefault(task, []).append(previous)
@@ -231,6 +251,8 @@ class PlanRegistry:
         return self.get(task, name)
 
     def rollback(self, task: str) -> Plan:
+        self.sync()
+        self.get(task)  # a served task (404 otherwise)
         with self.store.locked_state() as state:
             history = state.history.get(task, [])
             while history and history[-1] not in self._plans.get(task, {}):
@@ -242,12 +264,14 @@ class PlanRegistry:
         return self.get(task)
 
     def unload(self, task: str, name: str) -> Plan:
+        self.store.plan_dir(task, name)  # a valid task and name (404/400 otherwise)
+        self.sync()
         plan = self.get(task, name)
         if name == FULL_PLAN_NAME:
             raise RegistryError("the built-in 'full' plan cannot be unloaded", 409)
-        if self.active_name(task) == name:
-            raise RegistryError(f"{task}/{name} is the active plan; activate another one first", 409)
         with self.store.locked_state() as state:
+            if name in (self.active_name(task), state.active.get(task)):
+                raise RegistryError(f"{task}/{name} is the active plan; activate another one first", 409)
             if name in state.loaded.get(task, []):
                 state.loaded[task].remove(name)
         self.sync(force=True)

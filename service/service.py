@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from service.batching import MicroBatcher, Overloaded
-from service.guard import InputGuardMiddleware
+from service.guard import FORM_LISTS_KEY, InputGuardMiddleware
 from service.inputs import InputError, check_text, load_image, text_list
 from service.registry import PlanRegistry, PlanStore, RegistryError
 
@@ -193,7 +193,8 @@ class DASService:
         fields or one JSON array string."""
 
         async def work(chosen):
-            candidates = text_list(texts, await _form_values(ctx, "texts"), "texts")
+            repeated = ctx.request.scope.get(FORM_LISTS_KEY, {}).get("texts", [])
+            candidates = text_list(texts, repeated, "texts")
             picture = load_image(image, "image")
             result = await self.batcher.run_alone(lambda: self.runtime.rank_texts(chosen, picture, candidates))
             ranking = [{"index": r.index, "text": candidates[r.index], "score": round(r.score, 6)} for r in result.ranking]
@@ -263,12 +264,3 @@ class DASService:
 
 
 DASService.add_asgi_middleware(InputGuardMiddleware)
-
-
-async def _form_values(ctx: bentoml.Context, field: str) -> list[str]:
-    """Every value of a repeated form field (BentoML keeps only the last one)."""
-    request = ctx.request
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        return []
-    form = await request.form()  # starlette caches the parsed form on the request
-    return [v for v in form.getlist(field) if isinstance(v, str)]
