@@ -61,8 +61,12 @@ def build_processor(directory: str | os.PathLike, words: Iterable[str], shortest
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab_file = directory / "vocab.txt"
-    write_wordpiece_vocab(words, vocab_file)
-    tokenizer = BertTokenizer(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=max_text_len)
+    vocab = write_wordpiece_vocab(words, vocab_file)
+    # transformers 5's BertTokenizer takes the vocabulary itself (``vocab``); ``vocab_file`` alone is
+    # ignored and would leave a tokenizer that maps every word to [UNK].
+    tokenizer = BertTokenizer(
+        vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True, model_max_length=max_text_len
+    )
     image_processor = ViltImageProcessorPil(size={"shortest_edge": shortest_edge}, size_divisor=32)
     processor = ViltProcessor(image_processor=image_processor, tokenizer=tokenizer)
     processor.save_pretrained(str(directory))

@@ -189,7 +189,13 @@ def _register_bench(commands: argparse._SubParsersAction) -> None:
     register(commands)
 
 
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_bench]
+def _register_producer(commands: argparse._SubParsersAction) -> None:
+    from models.pipeline import register
+
+    register(commands)
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_bench, _register_producer]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -205,6 +205,11 @@ class ViltBackbone(nn.Module):
         encoder_state = {k[len("vilt."):]: v for k, v in state.items() if k.startswith("vilt.")}
         if not encoder_state:
             encoder_state = {k: v for k, v in state.items() if not k.startswith(("classifier.", "rank_output.", "mlm_score."))}
+        if not any((directory / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+            # without them transformers silently builds a tokenizer that knows only the special tokens
+            raise BackboneError(
+                f"{directory}: tokenizer files missing (tokenizer.json or vocab.txt is needed beside config.json)"
+            )
         try:
             processor = ViltProcessor.from_pretrained(str(directory), local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
@@ -409,6 +414,11 @@ class ViltBackbone(nn.Module):
 
     def encode(self, batch: ViltBatch, plan: PlanModules, image_token_type_idx: int = 1) -> torch.Tensor:
         """Pooled vectors (B, hidden) of the reduced network ``plan`` describes."""
+        pooler = plan.pooler if plan.pooler is not None else self.vilt.pooler
+        return pooler(self.sequence_output(batch, plan, image_token_type_idx))
+
+    def sequence_output(self, batch: ViltBatch, plan: PlanModules, image_token_type_idx: int = 1) -> torch.Tensor:
+        """Final hidden states (B, seq, hidden): text tokens first, then the image [CLS] and patches."""
         x, mask = self.embed(batch, plan, image_token_type_idx)
         attention_mask = mask[:, None, None, :]
         for index, layer in enumerate(self.vilt.encoder.layer):
@@ -417,9 +427,7 @@ class ViltBackbone(nn.Module):
                 x = skip(x)  # the layer itself is not executed
             else:
                 x = vilt_layer_forward(layer, x, attention_mask, plan.parallel_adapter(index))
-        x = self.vilt.layernorm(x)
-        pooler = plan.pooler if plan.pooler is not None else self.vilt.pooler
-        return pooler(x)
+        return self.vilt.layernorm(x)
 
     # -- FLOPs -----------------------------------------------------------------------------------
     def flops(

@@ -88,7 +88,10 @@ class MicroBatcher:
 
     async def _run(self, key: Hashable, batch: list[_Pending], run_batch) -> None:
         if self.on_batch is not None:
-            self.on_batch(key, len(batch))
+            try:
+                self.on_batch(key, len(batch))
+            except Exception:  # an observer must never stall the batch
+                pass
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, run_batch, [p.item for p in batch])

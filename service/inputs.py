@@ -77,4 +77,6 @@ def text_list(values: list[str] | str | None, form_values: list[str], field: str
         raise InputError(f"{field!r} needs at least one text")
     if len(items) > MAX_CANDIDATES:
         raise InputError(f"{field!r} has {len(items)} candidates; the limit is {MAX_CANDIDATES}", 413)
-    return [check_text(str(item), field) for item in items]
+    if any(not isinstance(item, str) for item in items):
+        raise InputError(f"{field!r} must be a list of strings")
+    return [check_text(item, field) for item in items]

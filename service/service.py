@@ -8,6 +8,7 @@ DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
 import threading
@@ -144,12 +145,16 @@ class DASService:
         except Overloaded:
             self.metrics.observe_request(task, label, "overloaded")
             return _error(ctx, "the service is overloaded; retry shortly", 503, **{"Retry-After": "1"})
+        except Exception:
+            self.metrics.observe_request(task, label, "error")
+            raise
         seconds = time.perf_counter() - started
         self.metrics.observe_request(task, label, "ok", seconds, flops.full, flops.executed)
         return {**body, "plan": _plan_info(plan), "flops": _flops_info(flops), "latency_ms": round(seconds * 1000, 3)}
 
     def _batch_key(self, plan) -> tuple:
-        return (plan.task, plan.name, plan.version)
+        """A batch never mixes plans, versions or weights."""
+        return (plan.task, plan.name, plan.version, plan.spec.weights_sha256)
 
     # -- inference API ----------------------------------------------------------------------------
     @bentoml.api(route="/vqa")
@@ -161,10 +166,11 @@ class DASService:
             if not 1 <= top_k <= 100:
                 raise InputError("top_k must be between 1 and 100")
             picture, text = load_image(image, "image"), check_text(question, "question")
-            result = await self.batcher.submit(
-                self._batch_key(chosen), (picture, text),
-                lambda items: self.runtime.vqa(chosen, [i[0] for i in items], [i[1] for i in items], top_k),
-            )
+            def run(items):  # one batch may hold different top_k values: compute the largest, cut each
+                results = self.runtime.vqa(chosen, [i[0] for i in items], [i[1] for i in items], max(i[2] for i in items))
+                return [dataclasses.replace(r, answers=r.answers[: i[2]]) for r, i in zip(results, items)]
+
+            result = await self.batcher.submit(self._batch_key(chosen), (picture, text, top_k), run)
             body = {"answers": [{"answer": a.answer, "score": round(a.score, 6)} for a in result.answers],
                     "question_truncated": result.truncated}
             return body, result.flops
@@ -236,7 +242,7 @@ class DASService:
         try:
             plan = operation()
         except RegistryError as exc:
-            self.metrics.plan_swaps.labels(task or "-", "refused").inc()
+            self.metrics.plan_swaps.labels(task or "unknown", "refused").inc()
             return _error(ctx, str(exc), exc.status)
         self.metrics.plan_swaps.labels(plan.task, "ok").inc()
         self.metrics.set_active_plans(self.registry.snapshot())

@@ -1,0 +1,161 @@
+"""Pre-training a small ViLT from scratch with ViLT's own objectives, for the embedded default.
+
+Objectives: image-text matching (ITM: a caption or a random other image's caption, binary loss on
+the pooled vector; the ITM head is saved as the retrieval head ``rank_output``) and masked language
+modelling (MLM: 15% of text tokens, BERT's 80/10/10 rule). Data: image-caption pairs from any
+retrieval dataset in the Flickr30K layout (the synthetic world writes one). The forward pass is the
+runtime's own (``ViltBackbone.sequence_output`` with an empty plan), trained end to end.
+
+The result is saved in the Hugging Face layout as a ``ViltForImageAndTextRetrieval`` checkpoint with
+its processor (a WordPiece vocabulary built from the data's words), loadable like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import ViltConfig, ViltForImageAndTextRetrieval
+from transformers.models.vilt.modeling_vilt import ViltMLMHead
+
+from models.checkpoints import build_processor
+from models.das import PlanModules
+from models.datasets import read_task
+from models.train import ImageCache
+from models.vilt import ViltBackbone
+
+
+@dataclass
+class PretrainConfig:
+    hidden_size: int = 128
+    num_layers: int = 8
+    num_heads: int = 4
+    intermediate_size: int = 512
+    image_size: int = 64
+    patch_size: int = 16
+    max_text_len: int = 24
+    epochs: float = 4.0
+    batch_size: int = 48
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    mlm_probability: float = 0.15
+    seed: int = 0
+
+
+def words_in(texts: Iterable[str]) -> list[str]:
+    """Distinct lower-case words (and punctuation) in order of first appearance."""
+    seen: dict[str, None] = {}
+    for text in texts:
+        for word in re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower()):
+            seen.setdefault(word, None)
+    return list(seen)
+
+
+def task_texts(task: str, data_dir: Path) -> list[str]:
+    texts: list[str] = []
+    for split in ("train", "val", "test"):
+        try:
+            dataset = read_task(task, data_dir, split)
+        except (FileNotFoundError, ValueError):
+            continue
+        for example in dataset.examples:
+            texts += list(getattr(example, "captions", ()))
+            texts += [t for t in (getattr(example, "question", None), getattr(example, "statement", None)) if t]
+            texts += list(getattr(example, "answer_scores", {}))
+        texts += list(getattr(dataset, "answer_vocab", []))
+    return texts
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, probability: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: returns (masked input ids, labels with -100 where nothing is predicted)."""
+    special = torch.tensor([[t in tokenizer.all_special_ids for t in row] for row in input_ids.tolist()])
+    candidates = (attention_mask.bool()) & ~special
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & candidates
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    masked = input_ids.clone()
+    roll = torch.rand(input_ids.shape, generator=generator)
+    masked[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    randomise = chosen & (roll >= 0.8) & (roll < 0.9)
+    masked[randomise] = torch.randint(len(tokenizer), input_ids.shape, generator=generator)[randomise]
+    return masked, labels
+
+
+def pretrain_backbone(
+    retrieval_data: str | Path,
+    out_dir: str | Path,
+    config: PretrainConfig,
+    extra_text_dirs: dict[str, Path] | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Pre-train on the retrieval dataset's image-caption pairs; save the checkpoint to ``out_dir``.
+    ``extra_text_dirs`` ({task: dir}) adds those datasets' words to the vocabulary."""
+    retrieval_data, out_dir = Path(retrieval_data), Path(out_dir)
+    texts = task_texts("retrieval", retrieval_data)
+    for task, directory in (extra_text_dirs or {}).items():
+        texts += task_texts(task, Path(directory))
+    processor = build_processor(out_dir, words_in(texts), shortest_edge=config.image_size, max_text_len=config.max_text_len)
+    vilt_config = ViltConfig(
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size, image_size=config.image_size, patch_size=config.patch_size,
+        max_position_embeddings=config.max_text_len, vocab_size=len(processor.tokenizer), max_image_length=-1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(config.seed)
+    backbone = ViltBackbone(vilt_config, processor)
+    backbone.requires_grad_(True).train()
+    mlm_head = ViltMLMHead(vilt_config)
+    itm_head = nn.Linear(config.hidden_size, 1)
+    parameters = list(backbone.vilt.parameters()) + list(mlm_head.parameters()) + list(itm_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    pairs = [(e.image_path, c) for e in read_task("retrieval", retrieval_data, "train").examples for c in e.captions]
+    steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
+    rng = random.Random(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    images = ImageCache()
+    empty_plan = PlanModules()
+    history = {"itm_loss": [], "mlm_loss": [], "itm_accuracy": []}
+    bar = tqdm(range(steps), desc="pretrain", disable=not progress)
+    for _ in bar:
+        batch_pairs = [pairs[rng.randrange(len(pairs))] for _ in range(config.batch_size)]
+        matched = [rng.random() < 0.5 for _ in batch_pairs]
+        captions = [c if keep else pairs[rng.randrange(len(pairs))][1] for (_, c), keep in zip(batch_pairs, matched)]
+        matched = [keep or caption == c for keep, caption, (_, c) in zip(matched, captions, batch_pairs)]
+        batch = backbone.preprocess([images(path) for path, _ in batch_pairs], captions)
+        masked_ids, mlm_labels = mask_tokens(batch.input_ids, batch.attention_mask, processor.tokenizer,
+                                             config.mlm_probability, generator)
+        # ITM sees the unmasked text, MLM the masked one (as ViLT computes them in separate passes)
+        pooled = backbone.encode(batch, empty_plan)
+        itm_logits = itm_head(pooled)[:, 0]
+        itm_target = torch.tensor(matched, dtype=torch.float32)
+        itm_loss = F.binary_cross_entropy_with_logits(itm_logits, itm_target)
+        masked_batch = dataclasses.replace(batch, input_ids=masked_ids)
+        sequence = backbone.sequence_output(masked_batch, empty_plan)[:, : masked_ids.shape[1]]
+        mlm_logits = mlm_head(sequence)
+        mlm_loss = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), mlm_labels.reshape(-1), ignore_index=-100)
+        loss = itm_loss + mlm_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        history["itm_loss"].append(itm_loss.item())
+        history["mlm_loss"].append(mlm_loss.item())
+        history["itm_accuracy"].append(((itm_logits > 0).float() == itm_target).float().mean().item())
+        bar.set_postfix(itm=f"{itm_loss.item():.3f}", mlm=f"{mlm_loss.item():.3f}")
+    model = ViltForImageAndTextRetrieval(vilt_config)
+    model.vilt.load_state_dict(backbone.vilt.state_dict())
+    model.rank_output.load_state_dict(itm_head.state_dict())
+    model.save_pretrained(str(out_dir))
+    tail = max(1, steps // 10)
+    return {key: sum(values[-tail:]) / tail for key, values in history.items()}

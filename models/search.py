@@ -1,0 +1,167 @@
+"""DAS search: layer significance as a k-armed bandit (shared/reference/das-method.md).
+
+Every backbone layer is an arm with a gate g_i (initialised to 0); p_i = sigmoid(g_i) is the
+probability of skipping it. Each training step samples ``skip_num`` distinct arms from p (no
+replacement), runs that reduced network (skipped layers -> skip adapters, kept layers -> parallel
+adapters) and takes a gradient step on the trainable parts. After the warm-up, every
+``update_every`` steps it samples ``num_samples`` skip sets, scores each on a validation batch
+without gradients (reward r = exp(-loss)), and for every arm i in a sampled set updates
+g_i += gate_lr * (r - mean(r)) * p_i * (1 - p_i). Arms whose removal keeps the loss low gain weight.
+The final skip set is the ``skip_num`` arms with the largest gates.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.das import ParallelAdapters, PlanModules, SkipAdapter
+from models.plan import Plan
+from models.runtime import DASRuntime
+from models.train import TrainConfig, make_spec, minibatches, run_training, task_data
+from models.vilt import ViltBackbone
+
+
+@dataclass
+class SearchConfig:
+    skip_num: int = 2
+    warmup_fraction: float = 0.3  # of all steps (the reference warms up for one epoch)
+    update_every: int = 10
+    num_samples: int = 3
+    gate_lr: float = 1.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class SearchResult:
+    task: str
+    skip_num: int
+    gates: list[float]
+    ranking: list[int]  # layers, most skippable first
+    skip_set: list[int]
+    gate_log: list[dict[str, Any]]  # one row per gate update: step, reward mean, g_0..g_n
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task": self.task, "skip_num": self.skip_num, "gates": self.gates, "ranking": self.ranking,
+                "skip_set": self.skip_set}
+
+
+class SearchSupernet(nn.Module):
+    """A skip adapter and a parallel-adapter pair for every layer, plus the task's own parts.
+    ``plan_modules(skip_set)`` is a view that shares these modules (no copies)."""
+
+    def __init__(self, backbone: ViltBackbone, base: PlanModules, skip_bottleneck: int, parallel_bottleneck: int | None) -> None:
+        super().__init__()
+        hidden, eps = backbone.config.hidden_size, backbone.config.layer_norm_eps
+        layers = range(backbone.num_layers)
+        self.skip = nn.ModuleList([SkipAdapter(hidden, skip_bottleneck, eps) for _ in layers])
+        self.parallel = nn.ModuleList(
+            [ParallelAdapters(hidden, parallel_bottleneck, eps) for _ in layers] if parallel_bottleneck else []
+        )
+        self.base = base
+
+    def plan_modules(self, skip_set: set[int]) -> PlanModules:
+        n = len(self.skip)
+        return PlanModules(
+            skip_adapters={i: self.skip[i] for i in skip_set},
+            parallel_adapters={i: self.parallel[i] for i in range(n) if i not in skip_set} if len(self.parallel) else {},
+            pooler=self.base.pooler, token_type_embeddings=self.base.token_type_embeddings, head=self.base.head,
+        )
+
+
+def sample_skip_set(gates: torch.Tensor, k: int, generator: torch.Generator) -> set[int]:
+    return set(torch.multinomial(torch.sigmoid(gates), k, replacement=False, generator=generator).tolist())
+
+
+def das_search(
+    backbone: ViltBackbone, task: str, data_dir: str | Path, config: SearchConfig, progress: bool = True
+) -> SearchResult:
+    runtime = DASRuntime(backbone)
+    data = task_data(task, runtime, data_dir, config.train)
+    spec = make_spec(backbone, data, "search", 1, [], config.train)
+    torch.manual_seed(config.train.seed)
+    base = backbone.build_plan_modules(spec, init_from_backbone=True)
+    supernet = SearchSupernet(backbone, base, config.train.skip_bottleneck, config.train.parallel_bottleneck).to(backbone.device)
+    n = backbone.num_layers
+    if not 1 <= config.skip_num < n:
+        raise ValueError(f"skip_num must be between 1 and {n - 1}, got {config.skip_num}")
+    gates = torch.zeros(n)
+    generator = torch.Generator().manual_seed(config.train.seed)
+    rng = random.Random(config.train.seed + 1)
+    val_examples = data.examples("val", config.train.max_eval_examples)
+    val_batches = minibatches(val_examples, min(config.train.batch_size, len(val_examples)), rng)
+    train_examples = len(data.examples("train", config.train.max_train_examples))
+    total_steps = max(1, int(config.train.epochs * max(1, train_examples // config.train.batch_size)))
+    warmup = int(config.warmup_fraction * total_steps)
+    log: list[dict[str, Any]] = [{"step": 0, "reward_mean": None, **{f"g{i}": 0.0 for i in range(n)}}]
+
+    def next_val_batch() -> list:
+        nonlocal val_batches
+        try:
+            return next(val_batches)
+        except StopIteration:
+            val_batches = minibatches(val_examples, min(config.train.batch_size, len(val_examples)), rng)
+            return next(val_batches)
+
+    def plan_for_step(step: int) -> Plan:
+        return Plan(spec, supernet.plan_modules(sample_skip_set(gates, config.skip_num, generator)))
+
+    def on_step(step: int, loss: float) -> None:
+        if step < warmup or (step + 1) % config.update_every:
+            return
+        batch = next_val_batch()
+        sets = [sample_skip_set(gates, config.skip_num, generator) for _ in range(config.num_samples)]
+        with torch.no_grad():
+            rewards = torch.tensor([
+                torch.exp(-data.loss(Plan(spec, supernet.plan_modules(s)), batch, random.Random(0))).item()
+                for s in sets
+            ])
+        baseline = rewards.mean()
+        probs = torch.sigmoid(gates)
+        for skip_set, reward in zip(sets, rewards):
+            for i in skip_set:
+                gates[i] += config.gate_lr * (reward - baseline) * probs[i] * (1 - probs[i])
+        log.append({"step": step + 1, "reward_mean": round(baseline.item(), 6),
+                    **{f"g{i}": round(gates[i].item(), 6) for i in range(n)}})
+
+    run_training(data, supernet, plan_for_step, config.train, on_step=on_step, progress=progress,
+                 desc=f"search {task} k={config.skip_num}")
+    ranking = sorted(range(n), key=lambda i: -gates[i].item())
+    return SearchResult(task, config.skip_num, [round(g, 6) for g in gates.tolist()], ranking,
+                        sorted(ranking[: config.skip_num]), log)
+
+
+def write_search_outputs(result: SearchResult, out_dir: str | Path) -> dict[str, Path]:
+    """search.json (ranking, gates, skip set), gates.csv (gate values over steps) and gates.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    with open(out / "gates.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(result.gate_log[0]))
+        writer.writeheader()
+        writer.writerows(result.gate_log)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [row["step"] for row in result.gate_log]
+    for i in range(len(result.gates)):
+        style = "-" if i in result.skip_set else ":"
+        ax.plot(steps, [row[f"g{i}"] for row in result.gate_log], style, label=f"layer {i}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("gate value g (skip probability = sigmoid(g))")
+    ax.set_title(f"DAS search, {result.task}, skip_num={result.skip_num}: chosen {result.skip_set} (solid)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "gates.png", dpi=110)
+    plt.close(fig)
+    return {"json": out / "search.json", "csv": out / "gates.csv", "png": out / "gates.png"}
