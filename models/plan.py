@@ -131,6 +131,7 @@ class PlanSpec:
             raise PlanError(f"{where}: skipped_layers has duplicates: {list(layers)}")
         if any(i < 0 for i in layers):
             raise PlanError(f"{where}: layer index out of range in skipped_layers: {list(layers)}")
+        object.__setattr__(self, "skipped_layers", tuple(sorted(layers)))  # one canonical order
         for label, value in (
             ("skip_bottleneck", self.adapters.skip_bottleneck),
             ("parallel_bottleneck", self.adapters.parallel_bottleneck),

@@ -15,6 +15,7 @@ file adds what DAS needs on top of them:
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -134,6 +135,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def limit_aspect_ratio(image: Image.Image, max_ratio: float) -> Image.Image:
+    """Pad (bottom/right, black) an image whose sides differ by more than ``max_ratio``.
+
+    ViLT's resize caps the longer side, so a very long image would shrink its shorter side below
+    one size_divisor step and the processor would fail; padding keeps the whole image and only
+    affects such images.
+    """
+    width, height = image.size
+    if max(width, height) <= max_ratio * min(width, height):
+        return image
+    new_width = max(width, math.ceil(height / max_ratio))
+    new_height = max(height, math.ceil(width / max_ratio))
+    padded = Image.new(image.mode, (new_width, new_height))
+    padded.paste(image, (0, 0))
+    return padded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +358,9 @@ class ViltBackbone(nn.Module):
         encoding = tokenizer(
             list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt"
         )
-        pixels = self.processor.image_processor([to_rgb(image) for image in images], return_tensors="pt")
+        pixels = self.processor.image_processor(
+            [limit_aspect_ratio(to_rgb(image), self._max_aspect_ratio()) for image in images], return_tensors="pt"
+        )
         text_lengths = encoding["attention_mask"].sum(dim=1).tolist()
         return ViltBatch(
             input_ids=encoding["input_ids"],
@@ -352,6 +372,14 @@ class ViltBackbone(nn.Module):
             truncated=[len(ids) > max_len for ids in untruncated],
             patch_grids=self._patch_grids(pixels["pixel_mask"]),
         )
+
+    def _max_aspect_ratio(self) -> float:
+        """The widest aspect ratio the image processor resizes without a side dropping to zero."""
+        image_processor = self.processor.image_processor
+        shorter = (image_processor.size or {}).get("shortest_edge", 384)
+        divisor = getattr(image_processor, "size_divisor", None) or 32
+        longer_cap = int(1333 / 800 * shorter)  # ViLT's resize rule (see transformers' ViltImageProcessor)
+        return longer_cap / (divisor + 1)
 
     def _patch_grids(self, pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
         """Valid patch rows/columns per image, computed as ViltEmbeddings.visual_embed does."""

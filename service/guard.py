@@ -20,6 +20,7 @@ FILE_FIELDS = {
     "/nlvr2": ("image_left", "image_right"),
     "/retrieval/texts": ("image",),
     "/retrieval/images": ("images",),
+    "/admin/plans/load": ("archive",),
 }
 LIST_FIELDS = {"/retrieval/texts": ("texts",)}
 
@@ -62,7 +63,7 @@ class InputGuardMiddleware:
         elif not content_type.startswith("application/json"):
             fields = ", ".join(FILE_FIELDS[scope["path"]])
             status = 400 if content_type.startswith("application/x-www-form-urlencoded") else 415
-            await _send_error(send, status, f"send multipart/form-data with the image file field(s) {fields}; "
+            await _send_error(send, status, f"send multipart/form-data with the file field(s) {fields}; "
                                             f"got {content_type or 'no content type'}")
             return
 

@@ -22,14 +22,23 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
+import tarfile
+import tempfile
 import threading
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.plan import FULL_PLAN_NAME, NAME_PATTERN, PLAN_FILE, TASKS, Plan, PlanError, builtin_full_plan, load_plan, validate_plan
+from models.plan import (
+    FULL_PLAN_NAME, NAME_PATTERN, PLAN_FILE, TASKS, WEIGHTS_FILE, Plan, PlanError, builtin_full_plan, load_plan,
+    read_plan_spec, validate_plan,
+)
 
 STATE_FILE = "store.json"
+MAX_ARCHIVE_BYTES = int(os.environ.get("DAS_MAX_PLAN_ARCHIVE_BYTES", 256 * 1024 * 1024))  # unpacked size
+ARCHIVE_MEMBERS = (PLAN_FILE, WEIGHTS_FILE)
 LOCK_FILE = ".store.lock"
 
 
@@ -73,6 +82,49 @@ class PlanStore:
         if not (candidate / PLAN_FILE).is_file():
             raise RegistryError(f"path {path!r} is not a plan directory (no {PLAN_FILE})", 400)
         return candidate
+
+    def unpack_archive(self, archive: Path) -> Path:
+        """Unpack an uploaded plan archive (.tar, .tar.gz or .zip holding plan.json and
+        weights.safetensors, at the top or in one folder) into a staging folder inside the store.
+
+        Only those two regular files are taken, by name, so nothing can land outside the staging
+        folder (no paths, links or devices from the archive are honoured); the unpacked size is
+        capped at MAX_ARCHIVE_BYTES. The caller moves the folder into place or deletes it.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        try:
+            if tarfile.is_tarfile(archive):
+                with tarfile.open(archive) as tar:
+                    members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile() and Path(m.name).name in ARCHIVE_MEMBERS}
+                    self._check_members({k: m.size for k, m in members.items()})
+                    for name, member in members.items():
+                        with tar.extractfile(member) as source, open(staging / name, "wb") as target:
+                            shutil.copyfileobj(source, target)
+            elif zipfile.is_zipfile(archive):
+                with zipfile.ZipFile(archive) as zipped:
+                    members = {Path(i.filename).name: i for i in zipped.infolist() if not i.is_dir() and Path(i.filename).name in ARCHIVE_MEMBERS}
+                    self._check_members({k: i.file_size for k, i in members.items()})
+                    for name, info in members.items():
+                        with zipped.open(info) as source, open(staging / name, "wb") as target:
+                            shutil.copyfileobj(source, target)
+            else:
+                raise RegistryError("the upload is not a .tar, .tar.gz or .zip archive", 400)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RegistryError(f"the plan archive could not be read: {exc}", 400) from None
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return staging
+
+    @staticmethod
+    def _check_members(sizes: dict[str, int]) -> None:
+        missing = [name for name in ARCHIVE_MEMBERS if name not in sizes]
+        if missing:
+            raise RegistryError(f"the plan archive lacks {', '.join(missing)}", 400)
+        if sum(sizes.values()) > MAX_ARCHIVE_BYTES:
+            raise RegistryError(f"the plan archive unpacks to {sum(sizes.values())} bytes; the limit is {MAX_ARCHIVE_BYTES}", 413)
 
     def read_state(self) -> StoreState:
         path = self.root / STATE_FILE
@@ -133,6 +185,7 @@ class PlanRegistry:
         self.errors: dict[str, str] = {}  # "task/name" -> why it is not loaded
         for task in backbone.task_heads():
             self._plans[task][FULL_PLAN_NAME] = builtin_full_plan(backbone, task)
+            self._active[task] = FULL_PLAN_NAME
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -235,6 +288,31 @@ class PlanRegistry:
         if f"{spec.task}/{spec.name}" in self.errors:
             raise RegistryError(self.errors[f"{spec.task}/{spec.name}"], 422)
         return self.get(spec.task, spec.name)
+
+    def load_archive(self, archive: Path) -> Plan:
+        """Unpack an uploaded plan archive into <store>/<task>/<name> and load it. A plan already in
+        the store under that name is replaced only by a higher version."""
+        staging = self.store.unpack_archive(archive)
+        try:
+            try:
+                spec = validate_plan(staging, self.backbone)
+            except PlanError as exc:
+                raise RegistryError(str(exc), 422) from None
+            target = self.store.plan_dir(spec.task, spec.name)
+            if (target / PLAN_FILE).is_file():
+                try:
+                    existing = read_plan_spec(target).version
+                except PlanError:
+                    existing = -1
+                if existing >= spec.version:
+                    raise RegistryError(
+                        f"{spec.task}/{spec.name} v{existing} is already in the store; upload a higher version", 409)
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self.load(str(target))
 
     def activate(self, task: str, name: str) -> Plan:
         self.store.plan_dir(task, name)  # a valid task and name (404/400 otherwise)

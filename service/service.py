@@ -33,6 +33,7 @@ DEFAULT_PLANS = REPO_ROOT / "plans"
 DEFAULT_BACKBONE = DEFAULT_PLANS / "backbone"
 SYNC_INTERVAL_S = 0.5  # how often a worker re-reads the plan store (swaps reach it within this)
 ImageFile = Annotated[Path, ContentType("image/*")]
+ArchiveFile = Annotated[Path, ContentType("application/*")]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -249,8 +250,16 @@ class DASService:
         return {"ok": True, "plan": _plan_info(plan), "active": self.registry.active_name(plan.task)}
 
     @bentoml.api(route="/admin/plans/load")
-    def admin_load(self, ctx: bentoml.Context, path: str) -> dict[str, Any]:
-        """Validate and load a plan directory inside the plan store (every worker follows)."""
+    def admin_load(self, ctx: bentoml.Context, path: str | None = None, archive: list[ArchiveFile] = []) -> dict[str, Any]:  # noqa: B006
+        """Validate and load a plan: either ``path``, a plan directory inside the plan store (JSON
+        body), or ``archive``, one uploaded .tar.gz/.zip of a plan directory (multipart), unpacked
+        into the store. Every worker follows within a second. (``archive`` is typed as a list only
+        because BentoML cannot make a single file field optional.)"""
+        if (path is None) == (not archive) or len(archive) > 1:
+            denied = self._authorized(ctx)
+            return denied or _error(ctx, "send exactly one of 'path' (JSON) or 'archive' (one multipart file)", 400)
+        if archive:
+            return self._admin(ctx, "", lambda: self.registry.load_archive(Path(archive[0])))
         return self._admin(ctx, "", lambda: self.registry.load(path))
 
     @bentoml.api(route="/admin/plans/activate")

@@ -305,3 +305,30 @@ def test_metrics_count_exact_flops(server):
         assert name in families
     active = [s for s in families["das_active_plan"].samples if s.labels["task"] == "vqa" and s.value == 1]
     assert len(active) == 1
+
+
+def test_plan_archive_upload(server, tmp_path):
+    import tarfile
+
+    client, store = server["client"], server["store"]
+    source = store / "vqa" / "skip1"
+    spec = json.loads((source / "plan.json").read_text())
+    spec["name"] = "from-archive"
+    archive = tmp_path / "plan.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in (("plan.json", json.dumps(spec).encode()), ("weights.safetensors", (source / "weights.safetensors").read_bytes())):
+            info = tarfile.TarInfo(f"from-archive/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    files = {"archive": ("plan.tar.gz", archive.read_bytes(), "application/gzip")}
+    _assert_client_error(client.post("/admin/plans/load", files=files), 401, "token")
+    response = client.post("/admin/plans/load", files=files, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json()["plan"]["name"] == "from-archive"
+    assert (store / "vqa" / "from-archive" / "weights.safetensors").is_file()
+    time.sleep(1.5)
+    for _ in range(3):
+        body = _vqa(client, random_image(64, 64), "what color", plan="from-archive").json()
+        assert body["plan"]["name"] == "from-archive"
+    _assert_client_error(client.post("/admin/plans/load", files=files, headers=AUTH), 409, "higher version")
+    _assert_client_error(client.post("/admin/plans/load", json={}, headers=AUTH), 400, "exactly one")
