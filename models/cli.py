@@ -4,6 +4,7 @@
     das plan validate PATH --backbone DIR    every check the service makes before loading a plan
     das flops --backbone DIR --task T ...    analytic FLOPs of one request, full model vs a plan
     das bench ...                            latency vs FLOPs benchmark (see `das bench --help`)
+    das data synth --task T --out DIR ...    write a synthetic VQA/NLVR2/retrieval data set
 
 Exit status: 0 on success, 2 when a plan or checkpoint is refused (the message says why).
 """
@@ -195,7 +196,14 @@ def _register_producer(commands: argparse._SubParsersAction) -> None:
     register(commands)
 
 
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_register_bench, _register_producer]
+def _register_world(commands: argparse._SubParsersAction) -> None:
+    from models.world import register
+
+    register(commands)
+
+
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _register_bench, _register_producer, _register_world]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

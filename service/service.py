@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import bentoml
 from bentoml.validators import ContentType
+from pydantic import Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -33,6 +34,20 @@ DEFAULT_PLANS = REPO_ROOT / "plans"
 DEFAULT_BACKBONE = DEFAULT_PLANS / "backbone"
 SYNC_INTERVAL_S = 0.5  # how often a worker re-reads the plan store (swaps reach it within this)
 ImageFile = Annotated[Path, ContentType("image/*")]
+# Field descriptions and examples for the OpenAPI page (BentoML derives the schema from these hints).
+Question = Annotated[str, Field(description="Question about the image; cut to the model's maximum text length "
+                                            "(the response says so).", examples=["what color is the circle?"])]
+Statement = Annotated[str, Field(description="Statement about the image pair.",
+                                 examples=["the left image has more circles than the right image"])]
+Caption = Annotated[str, Field(description="The caption to rank images for.", examples=["a small red circle"])]
+Candidates = Annotated[list[str] | str, Field(
+    description="Candidate captions: repeated form fields (-F texts=a -F texts=b) or one JSON array string.",
+    examples=[["a small red circle", "a large blue square"]])]
+PlanName = Annotated[str | None, Field(description="Plan to run (a loaded plan of the task, see GET /plans/); "
+                                                   "default: the task's active plan.", examples=["skip2"])]
+TopK = Annotated[int, Field(description="How many answers to return (1-100).", examples=[5])]
+TaskName = Annotated[str, Field(description="vqa, nlvr2 or retrieval.", examples=["vqa"])]
+LoadedPlanName = Annotated[str, Field(description="A plan name of that task.", examples=["skip2"])]
 ArchiveFile = Annotated[Path, ContentType("application/*")]
 
 
@@ -159,7 +174,7 @@ class DASService:
 
     # -- inference API ----------------------------------------------------------------------------
     @bentoml.api(route="/vqa")
-    async def vqa(self, ctx: bentoml.Context, image: ImageFile, question: str, plan: str | None = None, top_k: int = 5) -> dict[str, Any]:
+    async def vqa(self, ctx: bentoml.Context, image: ImageFile, question: Question, plan: PlanName = None, top_k: TopK = 5) -> dict[str, Any]:
         """Answer a question about an image. Returns the top_k answers with sigmoid scores, the plan
         used, this request's FLOPs (full vs executed) and latency."""
 
@@ -179,7 +194,7 @@ class DASService:
         return await self._serve(ctx, "vqa", plan, work)
 
     @bentoml.api(route="/nlvr2")
-    async def nlvr2(self, ctx: bentoml.Context, image_left: ImageFile, image_right: ImageFile, statement: str, plan: str | None = None) -> dict[str, Any]:
+    async def nlvr2(self, ctx: bentoml.Context, image_left: ImageFile, image_right: ImageFile, statement: Statement, plan: PlanName = None) -> dict[str, Any]:
         """Is the statement true of the pair of images? Returns label, probability, plan, FLOPs, latency."""
 
         async def work(chosen):
@@ -195,7 +210,7 @@ class DASService:
         return await self._serve(ctx, "nlvr2", plan, work)
 
     @bentoml.api(route="/retrieval/texts")
-    async def retrieval_texts(self, ctx: bentoml.Context, image: ImageFile, texts: list[str] | str, plan: str | None = None) -> dict[str, Any]:
+    async def retrieval_texts(self, ctx: bentoml.Context, image: ImageFile, texts: Candidates, plan: PlanName = None) -> dict[str, Any]:
         """Rank candidate captions for one image (text retrieval). ``texts`` may be repeated form
         fields or one JSON array string."""
 
@@ -210,7 +225,7 @@ class DASService:
         return await self._serve(ctx, "retrieval", plan, work)
 
     @bentoml.api(route="/retrieval/images")
-    async def retrieval_images(self, ctx: bentoml.Context, text: str, images: list[ImageFile], plan: str | None = None) -> dict[str, Any]:
+    async def retrieval_images(self, ctx: bentoml.Context, text: Caption, images: list[ImageFile], plan: PlanName = None) -> dict[str, Any]:
         """Rank candidate images for one caption (image retrieval)."""
         from service.inputs import MAX_CANDIDATES
 
@@ -263,17 +278,17 @@ class DASService:
         return self._admin(ctx, "", lambda: self.registry.load(path))
 
     @bentoml.api(route="/admin/plans/activate")
-    def admin_activate(self, ctx: bentoml.Context, task: str, name: str) -> dict[str, Any]:
+    def admin_activate(self, ctx: bentoml.Context, task: TaskName, name: LoadedPlanName) -> dict[str, Any]:
         """Make a loaded plan the task's default."""
         return self._admin(ctx, task, lambda: self.registry.activate(task, name))
 
     @bentoml.api(route="/admin/plans/rollback")
-    def admin_rollback(self, ctx: bentoml.Context, task: str) -> dict[str, Any]:
+    def admin_rollback(self, ctx: bentoml.Context, task: TaskName) -> dict[str, Any]:
         """Re-activate the task's previously active plan."""
         return self._admin(ctx, task, lambda: self.registry.rollback(task))
 
     @bentoml.api(route="/admin/plans/unload")
-    def admin_unload(self, ctx: bentoml.Context, task: str, name: str) -> dict[str, Any]:
+    def admin_unload(self, ctx: bentoml.Context, task: TaskName, name: LoadedPlanName) -> dict[str, Any]:
         """Unload a plan that is not active (frees its memory)."""
         return self._admin(ctx, task, lambda: self.registry.unload(task, name))
 

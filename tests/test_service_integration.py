@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -67,34 +68,43 @@ def server(tmp_path_factory):
                own_parts=("token_type_embeddings",))
     _save_plan(backbone, store, "retrieval", "own", skipped=(3,), own_head=True)
     (store / "store.json").write_text(json.dumps({"loaded": {"vqa": ["skip1", "skip2"], "nlvr2": ["own"]}}))
+    with serve(root, DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_WORKERS="2",
+               DAS_MAX_IMAGE_PIXELS=str(PIXEL_LIMIT), DAS_MAX_CANDIDATES="8") as client:
+        yield {"client": client, "store": store, "backbone_dir": backbone_dir, "model": model, "backbone": backbone}
+
+
+@contextlib.contextmanager
+def serve(root: Path, **settings: str):
+    """Run `bentoml serve` from the repository root with DAS_* settings; yield a client once ready."""
     port = _free_port()
-    env = dict(os.environ, DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_ADMIN_TOKEN=TOKEN,
-               DAS_WORKERS="2", DAS_DEVICE="cpu", DAS_MAX_IMAGE_PIXELS=str(PIXEL_LIMIT), DAS_MAX_CANDIDATES="8",
-               HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true")
-    log = open(root / "serve.log", "w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:DASService", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    deadline = time.time() + 120
-    while True:
+    env = dict(os.environ, DAS_ADMIN_TOKEN=TOKEN, DAS_DEVICE="cpu", HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true",
+               **settings)
+    log_path = root / f"serve-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:DASService", "--port", str(port)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
         try:
-            if client.get("/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.time() > deadline:
-            log.flush()
-            raise RuntimeError("bentoml serve did not start:\n" + (root / "serve.log").read_text()[-4000:])
-        time.sleep(0.5)
-    yield {"client": client, "store": store, "backbone_dir": backbone_dir, "model": model, "backbone": backbone}
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    log.close()
+            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+            deadline = time.time() + 120
+            while True:
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.time() > deadline:
+                    log.flush()
+                    raise RuntimeError("bentoml serve did not start:\n" + log_path.read_text()[-4000:])
+                time.sleep(0.5)
+            yield client
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def _vqa(client, image: Image.Image, question: str, **fields):

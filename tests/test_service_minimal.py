@@ -1,0 +1,54 @@
+"""A checkpoint with only a VQA head and an empty plan store; overload answers 503 + Retry-After."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+
+from conftest import make_checkpoint, random_image
+from test_service_integration import _png, serve
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    root = tmp_path_factory.mktemp("minimal")
+    (root / "backbone").mkdir()
+    (root / "plans").mkdir()
+    make_checkpoint(root / "backbone", "vqa")
+    # a queue of 1 and a slow batch window make overload easy to reach
+    with serve(root, DAS_BACKBONE=str(root / "backbone"), DAS_PLANS=str(root / "plans"), DAS_WORKERS="1",
+               DAS_MAX_QUEUE="1", DAS_MAX_LATENCY_MS="300") as client:
+        yield client
+
+
+def test_only_the_checkpoint_task_is_served(client):
+    image = ("i.png", _png(random_image(64, 64)), "image/png")
+    response = client.post("/vqa", files={"image": image}, data={"question": "what color"})
+    assert response.status_code == 200 and response.json()["plan"]["name"] == "full"
+    for route, files, data in [
+        ("/nlvr2", {"image_left": image, "image_right": image}, {"statement": "both are red"}),
+        ("/retrieval/texts", {"image": image}, {"texts": '["a", "b"]'}),
+        ("/retrieval/images", [("images", image)], {"text": "a red circle"}),
+    ]:
+        response = client.post(route, files=files, data=data)
+        assert response.status_code == 404, response.text
+        assert "not served" in response.json()["error"]
+    assert set(client.get("/plans/").json()["tasks"]) == {"vqa"}
+
+
+def test_overload_answers_503_with_retry_after(client):
+    image = ("i.png", _png(random_image(64, 64)), "image/png")
+
+    def call(_):
+        return client.post("/vqa", files={"image": image}, data={"question": "what color"})
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(call, range(8)))
+    statuses = [r.status_code for r in responses]
+    assert 200 in statuses and 503 in statuses, statuses
+    assert set(statuses) <= {200, 503}
+    for r in responses:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"]
+    assert call(0).status_code == 200  # and it recovers
