@@ -6,6 +6,7 @@ seeds, deterministically, and writes the results table and the accuracy-vs-FLOPs
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import shutil
@@ -124,13 +125,14 @@ class PipelineSettings:
     """Sizes for a full regeneration (~90 min on 2 CPU cores) or a --quick smoke run."""
 
     n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
-    image_size: int = 64
-    pretrain_epochs: float = 3.0
+    image_size: int = 96
+    pretrain_epochs: float = 4.0
     hidden_size: int = 128
     layers: int = 8
     heads: int = 4
-    train_epochs: float = 2.0
-    search_epochs: float = 1.0
+    train_epochs: float = 3.0
+    search_epochs: float = 1.5
+    search_update_every: int = 10
     baseline_epochs: float = 1.0
     skip_levels: tuple[int, ...] = (2, 4)
     random_baselines: int = 3
@@ -139,8 +141,9 @@ class PipelineSettings:
 
     @classmethod
     def quick(cls) -> PipelineSettings:
-        return cls(n={"vqa": 96, "nlvr2": 64, "retrieval": 48}, pretrain_epochs=1.0, hidden_size=32, layers=4,
-                   heads=2, train_epochs=1.0, search_epochs=1.0, baseline_epochs=0.5, skip_levels=(1, 2),
+        return cls(n={"vqa": 96, "nlvr2": 64, "retrieval": 48}, image_size=64, pretrain_epochs=1.0, hidden_size=32, layers=4,
+                   heads=2, train_epochs=1.0, search_epochs=3.0, search_update_every=2, baseline_epochs=0.5,
+                   skip_levels=(1, 2),
                    random_baselines=3, batch_size=8, max_eval=32)
 
 
@@ -177,7 +180,8 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
     for task in TASKS:
         log(f"[search] {task}")
         search_k = settings.skip_levels[0]
-        search_config = SearchConfig(skip_num=search_k, train=TrainConfig(**{**asdict(train_config), "epochs": settings.search_epochs}))
+        search_config = SearchConfig(skip_num=search_k, update_every=settings.search_update_every,
+                                     train=TrainConfig(**{**asdict(train_config), "epochs": settings.search_epochs}))
         result = das_search(backbone, task, data[task], search_config, progress=progress)
         write_search_outputs(result, work / "search" / task)
         plans = {"adapters": []} | {f"skip{k}": sorted(result.ranking[:k]) for k in settings.skip_levels}
@@ -195,8 +199,8 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
         rng = random.Random(seed + 17)
         searched = train_plan(backbone, task, data[task], result.skip_set, baseline_config, progress=progress).metrics
         randoms = []
-        for _ in range(settings.random_baselines):
-            skip = sorted(rng.sample(range(backbone.num_layers), search_k))
+        others = [list(c) for c in itertools.combinations(range(backbone.num_layers), search_k) if list(c) != result.skip_set]
+        for skip in rng.sample(others, min(settings.random_baselines, len(others))):
             randoms.append({"skip": skip, "metrics": train_plan(backbone, task, data[task], skip, baseline_config,
                                                                  progress=progress).metrics})
         task_report["search_vs_random"] = {

@@ -1,0 +1,106 @@
+"""The plan producer: DAS search, adapter training, evaluation, the --quick pipeline, shipped plans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.backbone import load_backbone
+from models.cli import main
+from models.plan import load_plan, read_plan_spec, validate_plan
+from models.search import SearchConfig, das_search, write_search_outputs
+from models.train import TrainConfig, train_plan
+from models.world import synthesize
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "plans"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, checkpoints):
+    """Micro synthetic data for every task, and a tiny backbone with a retrieval (ITM) head."""
+    root = tmp_path_factory.mktemp("world")
+    for seed, task in enumerate(("vqa", "nlvr2", "retrieval")):
+        synthesize(task, root / task, n=64, seed=seed, image_size=64, progress=False)
+    return root, load_backbone(checkpoints["retrieval"][0], device="cpu"), checkpoints["retrieval"][0]
+
+
+def test_search_moves_gates_and_training_lowers_the_loss(world, tmp_path):
+    root, backbone, _ = world
+    config = SearchConfig(skip_num=1, update_every=1, warmup_fraction=0.2, gate_lr=5.0,
+                          train=TrainConfig(epochs=4, batch_size=8, lr=3e-3, skip_bottleneck=8, parallel_bottleneck=4))
+    result = das_search(backbone, "vqa", root / "vqa", config, progress=False)
+    assert any(abs(g) > 1e-6 for g in result.gates), "the bandit never updated a gate"
+    assert len(result.gate_log) > 2
+    assert sorted(result.ranking) == list(range(backbone.num_layers))
+    assert result.skip_set == sorted(result.ranking[:1])
+    files = write_search_outputs(result, tmp_path / "search")
+    assert json.loads(files["json"].read_text())["skip_set"] == result.skip_set
+    assert files["png"].stat().st_size > 1000 and files["csv"].read_text().startswith("step,")
+
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    trained = train_plan(backbone, "vqa", root / "vqa", result.skip_set,
+                         TrainConfig(epochs=6, batch_size=8, lr=3e-3, skip_bottleneck=8, parallel_bottleneck=4),
+                         out_dir=tmp_path / "plan", name="micro", progress=False)
+    first, last = sum(trained.losses[:3]) / 3, sum(trained.losses[-3:]) / 3
+    assert last < first, trained.losses
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items()), "the backbone must stay frozen"
+    spec = validate_plan(tmp_path / "plan", backbone)
+    assert spec.skipped_layers == tuple(result.skip_set)
+    assert {"vqa_score", "flops_full", "flops_reduced", "trainable_params", "reference_input"} <= set(spec.metrics)
+    assert spec.metrics["flops_reduced"] < spec.metrics["flops_full"]
+    plan = load_plan(tmp_path / "plan", backbone)
+    assert any(p.abs().sum() > 0 for p in plan.modules.parameters())
+
+
+@pytest.mark.parametrize("task, keys", [
+    ("nlvr2", {"accuracy"}),
+    ("retrieval", {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10"}),
+])
+def test_train_and_eval_cli(world, tmp_path, capsys, task, keys):
+    root, backbone, backbone_dir = world
+    plan_dir = tmp_path / task
+    assert main(["train", "--backbone", str(backbone_dir), "--task", task, "--data", str(root / task),
+                 "--skip", "1", "--epochs", "1", "--batch-size", "8", "--skip-bottleneck", "8",
+                 "--parallel-bottleneck", "4", "--out", str(plan_dir), "--name", "cli"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(plan_dir), "--data", str(root / task), "--backbone", str(backbone_dir),
+                 "--split", "test", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert keys <= set(result)
+    assert all(0.0 <= result[k] <= 1.0 for k in keys)
+    assert 0 < result["flops_reduced"] < result["flops_full"]
+
+
+def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
+    out, work = tmp_path / "plans", tmp_path / "work"
+    assert main(["pipeline", "--quick", "--quiet", "--out", str(out), "--work", str(work)]) == 0
+    table = capsys.readouterr().out
+    assert "| vqa | skip1 |" in table and "Search vs random" in table
+    backbone = load_backbone(out / "backbone", device="cpu")
+    state = json.loads((out / "store.json").read_text())
+    for task in ("vqa", "nlvr2", "retrieval"):
+        for name in ("adapters", "skip1", "skip2"):
+            spec = validate_plan(out / task / name, backbone)
+            assert spec.metrics["trainable_params"] > 0
+        assert state["active"][task] in state["loaded"][task]
+    assert (out / "pareto.png").stat().st_size > 1000 and (out / "RESULTS.md").is_file()
+    report = json.loads((out / "pipeline-report.json").read_text())
+    assert len(report["tasks"]["vqa"]["search_vs_random"]["random"]) == 3
+
+
+SHIPPED_PLANS = sorted(p.parent for p in SHIPPED.glob("*/*/plan.json"))
+
+
+def test_shipped_plans_validate_against_the_shipped_backbone():
+    assert (SHIPPED / "backbone" / "config.json").is_file(), "the embedded default backbone is missing"
+    backbone = load_backbone(SHIPPED / "backbone", device="cpu")
+    tasks = {read_plan_spec(p).task for p in SHIPPED_PLANS}
+    assert tasks == {"vqa", "nlvr2", "retrieval"}
+    for plan_dir in SHIPPED_PLANS:
+        validate_plan(plan_dir, backbone)
+    size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
+    assert size <= 40 * 1024 * 1024, f"shipped plans and backbone take {size} bytes"
