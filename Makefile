@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve bench bench-runtime clean help
+.PHONY: install test serve plans bench bench-runtime clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -25,10 +25,11 @@ install: $(STAMP)  ## create .venv and install torch ($(TORCH_SPEC)) and the pro
 test: $(STAMP)  ## run the test suite
 	$(VENV)/bin/pytest -q
 
-serve: $(STAMP)  ## serve the embedded default backbone and plans on localhost:3000
-	@if [ ! -f service/service.py ]; then \
-	  echo "make serve: the BentoML service (service/service.py) is not built yet; see the issues." >&2; exit 1; fi
-	cd $(CURDIR) && $(VENV)/bin/bentoml serve service.service:DASService --port $${PORT:-3000}
+serve: $(STAMP)  ## serve the embedded default backbone and plans on localhost:3000 (PORT=... to change)
+	HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml serve service.service:DASService --port $${PORT:-3000}
+
+plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, plans; ~90 min on 2 cores)
+	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force --update-readme
 
 bench-runtime: $(STAMP)  ## model-level latency vs FLOPs benchmark (ViLT-B/32 size, random init)
 	$(VENV)/bin/das bench --out bench-results

@@ -126,14 +126,14 @@ class PipelineSettings:
 
     n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
     image_size: int = 96
-    pretrain_epochs: float = 4.0
+    pretrain_epochs: float = 3.0
     hidden_size: int = 128
     layers: int = 8
     heads: int = 4
-    train_epochs: float = 3.0
-    search_epochs: float = 1.5
+    train_epochs: float = 2.0
+    search_epochs: float = 1.0
     search_update_every: int = 10
-    baseline_epochs: float = 1.0
+    baseline_epochs: float = 0.5
     skip_levels: tuple[int, ...] = (2, 4)
     random_baselines: int = 3
     batch_size: int = 32

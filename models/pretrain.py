@@ -42,12 +42,12 @@ class PretrainConfig:
     intermediate_size: int = 512
     image_size: int = 64
     patch_size: int = 16
-    max_text_len: int = 24
+    max_text_len: int = 32
     epochs: float = 4.0
     batch_size: int = 48
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
-    mlm_probability: float = 0.15
+    mlm_probability: float = 0.3  # of the content tokens (see content_token_mask)
     seed: int = 0
 
 
@@ -75,12 +75,33 @@ def task_texts(task: str, data_dir: Path) -> list[str]:
     return texts
 
 
+def content_token_mask(tokenizer, captions: list[str], max_document_frequency: float = 0.3) -> torch.Tensor:
+    """Which vocabulary entries may be masked: not special tokens, and not the function words that
+    appear in most captions ("a", "the", "of"...). Masking only content words (colours, shapes,
+    counts) makes MLM answerable from the image alone, which is what teaches the model to look —
+    the aim of ViLT's whole-word masking."""
+    maskable = torch.ones(len(tokenizer), dtype=torch.bool)
+    maskable[tokenizer.all_special_ids] = False
+    counts = torch.zeros(len(tokenizer))
+    for ids in tokenizer(captions, add_special_tokens=False)["input_ids"]:
+        counts[sorted(set(ids))] += 1
+    maskable &= counts <= max_document_frequency * max(1, len(captions))
+    return maskable
+
+
 def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer, probability: float,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: returns (masked input ids, labels with -100 where nothing is predicted)."""
+                generator: torch.Generator, maskable: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: returns (masked input ids, labels with -100 where nothing is predicted).
+    ``maskable`` (vocabulary-sized bool) limits which tokens may be chosen."""
     special = torch.tensor([[t in tokenizer.all_special_ids for t in row] for row in input_ids.tolist()])
     candidates = (attention_mask.bool()) & ~special
+    if maskable is not None:
+        candidates &= maskable[input_ids]
     chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & candidates
+    # every occurrence of a chosen token in its text is masked, so a repeated colour or shape can't
+    # be copied from elsewhere in the caption: it has to come from the image
+    same = input_ids[:, :, None] == input_ids[:, None, :]
+    chosen = (same & chosen[:, None, :]).any(dim=-1) & candidates
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     masked = input_ids.clone()
     roll = torch.rand(input_ids.shape, generator=generator)
@@ -112,12 +133,17 @@ def pretrain_backbone(
     )
     torch.manual_seed(config.seed)
     backbone = ViltBackbone(vilt_config, processor)
+    with torch.no_grad():  # transformers leaves these at zero; ViLT initialises them like ViT
+        embeddings = backbone.vilt.embeddings
+        nn.init.trunc_normal_(embeddings.position_embeddings, std=0.02)
+        nn.init.trunc_normal_(embeddings.cls_token, std=0.02)
     backbone.requires_grad_(True).train()
     mlm_head = ViltMLMHead(vilt_config)
     itm_head = nn.Linear(config.hidden_size, 1)
     parameters = list(backbone.vilt.parameters()) + list(mlm_head.parameters()) + list(itm_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     pairs = [(e.image_path, c) for e in read_task("retrieval", retrieval_data, "train").examples for c in e.captions]
+    maskable = content_token_mask(processor.tokenizer, [c for _, c in pairs])
     steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(config.seed)
@@ -133,7 +159,7 @@ def pretrain_backbone(
         matched = [keep or caption == c for keep, caption, (_, c) in zip(matched, captions, batch_pairs)]
         batch = backbone.preprocess([images(path) for path, _ in batch_pairs], captions)
         masked_ids, mlm_labels = mask_tokens(batch.input_ids, batch.attention_mask, processor.tokenizer,
-                                             config.mlm_probability, generator)
+                                             config.mlm_probability, generator, maskable)
         # ITM sees the unmasked text, MLM the masked one (as ViLT computes them in separate passes)
         pooled = backbone.encode(batch, empty_plan)
         itm_logits = itm_head(pooled)[:, 0]

@@ -186,6 +186,24 @@ class RetrievalTaskData(TaskData):
     def plan_fields(self) -> dict[str, Any]:
         return {"own_head": True, "labels": None, "own_parts": ("pooler",)}
 
+    def _hard_negative(self, example, rng: random.Random) -> str | None:
+        """A caption false for the image by one attribute, when the data set records its scenes
+        (`das data synth` writes scenes.jsonl); None for real data sets."""
+        if not hasattr(self, "_scenes"):
+            from models.world import load_scenes
+
+            try:
+                self._scenes = {(self.data_dir / k).resolve(): v for k, v in load_scenes(self.data_dir).items()}
+            except FileNotFoundError:
+                self._scenes = {}
+        scene = self._scenes.get(Path(example.image_path).resolve())
+        if scene is None:
+            return None
+        from models.world import hard_negative_captions
+
+        captions = hard_negative_captions(scene, k=1, rng=rng)
+        return captions[0] if captions else None
+
     def loss(self, plan: Plan, examples: Sequence, rng: random.Random) -> torch.Tensor:
         pool = self.split("train").examples
         k = self.config.retrieval_negatives
@@ -193,6 +211,9 @@ class RetrievalTaskData(TaskData):
         for example in examples:
             image = self.images(example.image_path)
             candidates = [rng.choice(example.captions)]
+            hard = self._hard_negative(example, rng) if k > 1 else None
+            if hard is not None:
+                candidates.append(hard)
             while len(candidates) < k + 1:
                 other = pool[rng.randrange(len(pool))]
                 if other.image_id != example.image_id:
