@@ -19,7 +19,8 @@ from collections.abc import Callable, Sequence
 EXIT_REFUSED = 2
 
 
-def _int_list(text: str) -> list[int]:
+def layer_list(text: str) -> list[int]:
+    """argparse type for comma-separated layer indices, e.g. `--skip 0,3,5`."""
     if not text.strip():
         return []
     try:
@@ -166,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--task", choices=["vqa", "nlvr2", "retrieval"], default="vqa",
                        help="task head to count (nlvr2 counts two passes); default vqa")
     flops.add_argument("--plan", help="take task, skipped layers and adapter sizes from this plan directory")
-    flops.add_argument("--skip", type=_int_list, default=[], help="comma-separated layer indices to skip, e.g. 0,1,2,3")
+    flops.add_argument("--skip", type=layer_list, default=[], help="comma-separated layer indices to skip, e.g. 0,1,2,3")
     flops.add_argument("--skip-bottleneck", type=int, default=192, help="skip adapter bottleneck (default 192)")
     flops.add_argument("--parallel-bottleneck", type=int, default=0,
                        help="parallel adapter bottleneck in kept layers; 0 = none (default)")

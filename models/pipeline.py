@@ -16,19 +16,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from models.cli import layer_list
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PLANS = REPO_ROOT / "plans"
 SHIPPED_BACKBONE = SHIPPED_PLANS / "backbone"
 TASKS = ("vqa", "nlvr2", "retrieval")
 README_BEGIN = "<!-- plans-table:begin -->"
 README_END = "<!-- plans-table:end -->"
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 2,5; got {text!r}") from None
 
 
 def _train_config(args: argparse.Namespace):
@@ -366,7 +361,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="Train skip adapters, parallel adapters, pooler/token types and the task head with the "
                     "backbone frozen; evaluate on val; write a validated plan directory with metrics.")
     _training_options(train, epochs=2.0)
-    train.add_argument("--skip", type=_int_list, default=[], help="layers to skip, e.g. 2,5 (default none)")
+    train.add_argument("--skip", type=layer_list, default=[], help="layers to skip, e.g. 2,5 (default none)")
     train.add_argument("--out", required=True, help="plan directory to write")
     train.add_argument("--name", default="plan", help="plan name (default 'plan')")
     train.add_argument("--version", type=int, default=1, help="plan version (default 1)")

@@ -25,7 +25,7 @@ from models.das import PlanModules
 from models.datasets import NLVR2Dataset, RetrievalDataset, VQADataset, read_task
 from models.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, save_plan
 from models.runtime import DASRuntime
-from models.vilt import ViltBackbone, square_grid
+from models.vilt import ViltBackbone
 
 REFERENCE_TEXT_LEN = 16
 RETRIEVAL_EVAL_IMAGES = 100
@@ -331,8 +331,7 @@ def make_spec(backbone: ViltBackbone, data: TaskData, name: str, version: int, s
 
 def reference_flops(backbone: ViltBackbone, spec: PlanSpec) -> dict[str, Any]:
     size = backbone.config.image_size
-    grid = square_grid(backbone.config, size)
-    report = backbone.flops(spec.task, spec, REFERENCE_TEXT_LEN, [grid] * (2 if spec.task == "nlvr2" else 1))
+    report = backbone.flops_at(spec.task, spec, REFERENCE_TEXT_LEN, size)
     return {"reference_input": {"text_len": REFERENCE_TEXT_LEN, "image_size": size},
             "flops_full": report.full, "flops_reduced": report.executed}
 

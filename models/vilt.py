@@ -458,6 +458,11 @@ class ViltBackbone(nn.Module):
         return self.vilt.layernorm(x)
 
     # -- FLOPs -----------------------------------------------------------------------------------
+    def flops_at(self, task: str, spec: PlanSpec | None, text_len: int, image_size: int | tuple[int, int]) -> FlopsReport:
+        """FLOPs of a request whose images were resized to ``image_size`` (e.g. a plan's reference input)."""
+        grid = square_grid(self.config, image_size)
+        return self.flops(task, spec, text_len, [grid] * (2 if task == "nlvr2" else 1))
+
     def flops(
         self, task: str, spec: PlanSpec | None, text_len: int, patch_grids: Sequence[tuple[int, int]]
     ) -> FlopsReport:

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from models.plan import TASKS
 from service.batching import MicroBatcher, Overloaded
 from service.guard import FORM_LISTS_KEY, InputGuardMiddleware
 from service.inputs import InputError, check_text, load_image, text_list
@@ -131,12 +132,10 @@ class DASService:
         for task, entry in self.registry.snapshot().items():
             plans = []
             for name, plan in sorted(entry["plans"].items()):
-                ref = plan.spec.metrics.get("reference_input", {"text_len": 16, "image_size": self.backbone.config.image_size})
-                size = ref.get("image_size", self.backbone.config.image_size)
-                from models.vilt import square_grid
-
-                grid = square_grid(self.backbone.config, size if isinstance(size, int) else tuple(size))
-                report = self.backbone.flops(task, plan.spec, int(ref.get("text_len", 16)), [grid] * (2 if task == "nlvr2" else 1))
+                ref = {"text_len": 16, "image_size": self.backbone.config.image_size,
+                       **plan.spec.metrics.get("reference_input", {})}
+                size = ref["image_size"] if isinstance(ref["image_size"], int) else tuple(ref["image_size"])
+                report = self.backbone.flops_at(task, plan.spec, int(ref["text_len"]), size)
                 plans.append({
                     **_plan_info(plan), "active": name == entry["active"],
                     "flops_saved_ratio": round(report.saved_ratio, 6),
@@ -150,7 +149,7 @@ class DASService:
     async def _serve(self, ctx: bentoml.Context, task: str, plan_name: str | None, work) -> Any:
         """Resolve the plan, run ``work(plan)``, record metrics, turn failures into 4xx/503 JSON."""
         started = time.perf_counter()
-        label = plan_name or "-"
+        label = "unknown"  # never a client-chosen string: label values must stay a small set
         try:
             plan = self.registry.get(task, plan_name)
             label = plan.name
@@ -258,7 +257,7 @@ class DASService:
         try:
             plan = operation()
         except RegistryError as exc:
-            self.metrics.plan_swaps.labels(task or "unknown", "refused").inc()
+            self.metrics.plan_swaps.labels(task if task in TASKS else "unknown", "refused").inc()
             return _error(ctx, str(exc), exc.status)
         self.metrics.plan_swaps.labels(plan.task, "ok").inc()
         self.metrics.set_active_plans(self.registry.snapshot())

@@ -57,3 +57,11 @@ def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> I
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
     return image.convert(mode) if mode != "RGB" else image
+
+
+@pytest.fixture(scope="session")
+def backbones(checkpoints) -> dict:
+    """Each tiny checkpoint loaded as a ViltBackbone: {head: backbone}."""
+    from models.vilt import ViltBackbone
+
+    return {head: ViltBackbone.from_pretrained(directory) for head, (directory, _) in checkpoints.items()}

@@ -83,15 +83,6 @@ def assert_close_flops(analytic: int, counted: int) -> None:
 # fixtures
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and many times faster when other
-    processes share the machine's two cores (idle threads of a parallel region spin-wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 @pytest.fixture(scope="module")
 def small_checkpoints(tmp_path_factory) -> dict[str, tuple[Path, nn.Module]]:
     made = {}

@@ -42,20 +42,6 @@ METRICS = {"vqa_score": 0.5, "eval_split": "val", "reference_input": {"text_len"
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and many times faster when other
-    processes share the machine's two cores (idle threads of a parallel region spin-wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-@pytest.fixture(scope="module")
-def backbones(checkpoints) -> dict[str | None, ViltBackbone]:
-    return {head: ViltBackbone.from_pretrained(directory) for head, (directory, _) in checkpoints.items()}
-
-
 @pytest.fixture(scope="module")
 def vqa_backbone(backbones) -> ViltBackbone:
     return backbones["vqa"]

@@ -69,21 +69,6 @@ LONG_TEXT = "what color is the circle left of the square and how many blue shape
 # ---------------------------------------------------------------------------------------------
 # Fixtures and helpers
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads buy nothing, and on a busy 2-core machine OpenMP
-    hand-offs made every op ~8 ms (a 60x slowdown). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def backbones(checkpoints) -> dict[str | None, ViltBackbone]:
-    return {head: ViltBackbone.from_pretrained(directory) for head, (directory, _) in checkpoints.items()}
-
-
 @pytest.fixture(scope="module")
 def sharp(tmp_path_factory) -> dict[str, tuple[Path, nn.Module, ViltBackbone]]:
     """Checkpoints with *every* parameter drawn at random (std 0.2; LayerNorm weights around 1).
