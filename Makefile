@@ -22,7 +22,15 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)  ## create .venv and install torch ($(TORCH_SPEC)) and the project
 
-test: $(STAMP)  ## run the test suite
+# promtool (Debian's prometheus package) checks the /metrics output in the tests; best effort.
+TOOLS := $(VENV)/.tools
+$(TOOLS): | $(STAMP)
+	@command -v promtool >/dev/null || { command -v apt-get >/dev/null && \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } \
+	  >/dev/null 2>&1; } || echo "note: promtool could not be installed; its check will be skipped"
+	touch $(TOOLS)
+
+test: $(STAMP) $(TOOLS)  ## run the test suite
 	$(VENV)/bin/pytest -q
 
 serve: $(STAMP)  ## serve the embedded default backbone and plans on localhost:3000 (PORT=... to change)

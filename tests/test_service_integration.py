@@ -342,3 +342,17 @@ def test_plan_archive_upload(server, tmp_path):
         assert body["plan"]["name"] == "from-archive"
     _assert_client_error(client.post("/admin/plans/load", files=files, headers=AUTH), 409, "higher version")
     _assert_client_error(client.post("/admin/plans/load", json={}, headers=AUTH), 400, "exactly one")
+
+
+def test_metrics_pass_promtool(server):
+    """Prometheus naming and help-string conventions, checked by Prometheus' own tool."""
+    import shutil as _shutil
+
+    promtool = _shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed here (make test installs Debian's prometheus package when it can)")
+    _vqa(server["client"], random_image(64, 64), "what color")
+    text = server["client"].get("/metrics").text
+    assert "das_flops_executed_total" in text
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
