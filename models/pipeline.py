@@ -146,8 +146,7 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
                  log=print) -> dict[str, Any]:
     from models.backbone import load_backbone
     from models.pretrain import PretrainConfig, pretrain_backbone
-    from models.search import SearchConfig, das_search, write_search_outputs
-    from models.train import TrainConfig, primary_score, train_plan
+    from models.train import TrainConfig
     from models.world import synthesize
 
     started = time.time()
@@ -158,14 +157,20 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
             synthesize(task, data[task], n=settings.n[task], seed=seed + offset, image_size=settings.image_size,
                        progress=progress)
     backbone_dir = out / "backbone"
-    log("[pretrain] ITM + MLM on the synthetic image-caption pairs")
-    pretrain_summary = pretrain_backbone(
-        data["retrieval"], backbone_dir,
-        PretrainConfig(hidden_size=settings.hidden_size, num_layers=settings.layers, num_heads=settings.heads,
-                       intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
-                       epochs=settings.pretrain_epochs, seed=seed),
-        extra_text_dirs={"vqa": data["vqa"], "nlvr2": data["nlvr2"]}, progress=progress,
-    )
+    pretrain_file = work / "pretrain.json"
+    if (backbone_dir / "config.json").is_file() and pretrain_file.is_file():
+        log("[pretrain] reusing the backbone already in the output (resume)")
+        pretrain_summary = json.loads(pretrain_file.read_text())
+    else:
+        log("[pretrain] ITM + MLM on the synthetic image-caption pairs")
+        pretrain_summary = pretrain_backbone(
+            data["retrieval"], backbone_dir,
+            PretrainConfig(hidden_size=settings.hidden_size, num_layers=settings.layers, num_heads=settings.heads,
+                           intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
+                           epochs=settings.pretrain_epochs, seed=seed),
+            extra_text_dirs={"vqa": data["vqa"], "nlvr2": data["nlvr2"]}, progress=progress,
+        )
+        pretrain_file.write_text(json.dumps(pretrain_summary, indent=2) + "\n")
     backbone = load_backbone(backbone_dir, device="cpu")
     train_config = TrainConfig(epochs=settings.train_epochs, batch_size=settings.batch_size, seed=seed,
                                max_eval_examples=settings.max_eval,
@@ -173,40 +178,78 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
                                parallel_bottleneck=max(4, settings.hidden_size // 8))
     report: dict[str, Any] = {"pretrain": pretrain_summary, "tasks": {}}
     for task in TASKS:
-        log(f"[search] {task}")
-        search_k = settings.skip_levels[0]
-        search_config = SearchConfig(skip_num=search_k, update_every=settings.search_update_every,
-                                     train=TrainConfig(**{**asdict(train_config), "epochs": settings.search_epochs}))
-        result = das_search(backbone, task, data[task], search_config, progress=progress)
-        write_search_outputs(result, work / "search" / task)
-        plans = {"adapters": []} | {f"skip{k}": sorted(result.ranking[:k]) for k in settings.skip_levels}
-        task_report: dict[str, Any] = {"search": result.to_json(), "plans": {}}
-        for name, skipped in plans.items():
-            log(f"[train] {task}/{name} skipping {skipped}")
-            trained = train_plan(backbone, task, data[task], skipped, train_config, out_dir=out / task / name,
-                                 name=name, progress=progress)
-            task_report["plans"][name] = {
-                **evaluate_plan_dir(out / task / name, data[task], backbone, "test", settings.max_eval, progress=progress),
-                "trainable_params": trained.spec.metrics["trainable_params"],
-            }
-        # evidence for the search: same K, same (shorter) training, searched vs random skip sets on val
-        baseline_config = TrainConfig(**{**asdict(train_config), "epochs": settings.baseline_epochs})
-        rng = random.Random(seed + 17)
-        searched = train_plan(backbone, task, data[task], result.skip_set, baseline_config, progress=progress).metrics
-        randoms = []
-        others = [list(c) for c in itertools.combinations(range(backbone.num_layers), search_k) if list(c) != result.skip_set]
-        for skip in rng.sample(others, min(settings.random_baselines, len(others))):
-            randoms.append({"skip": skip, "metrics": train_plan(backbone, task, data[task], skip, baseline_config,
-                                                                 progress=progress).metrics})
-        task_report["search_vs_random"] = {
-            "k": search_k, "searched_skip": result.skip_set, "searched_score": primary_score(task, searched),
-            "random": [{"skip": r["skip"], "score": primary_score(task, r["metrics"])} for r in randoms],
-            "random_mean": sum(primary_score(task, r["metrics"]) for r in randoms) / max(1, len(randoms)),
-        }
-        report["tasks"][task] = task_report
-        _write_store_state(out, task, task_report)
+        report["tasks"][task] = _run_task(task, backbone, data[task], out, work, settings, train_config, seed,
+                                          progress, log)
+        _write_store_state(out, task, report["tasks"][task])
     report["minutes"] = round((time.time() - started) / 60, 1)
     return report
+
+
+def _cached(path: Path, make, log, what: str):
+    """Resume support: a step whose JSON result exists in the work directory is not run again."""
+    if path.is_file():
+        log(f"[resume] {what}: reusing {path}")
+        return json.loads(path.read_text())
+    result = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _run_task(task, backbone, data_dir: Path, out: Path, work: Path, settings: PipelineSettings, train_config,
+              seed: int, progress: bool, log) -> dict[str, Any]:
+    """Search, train a plan per skip level, evaluate on test, and compare the search with random
+    skip sets. Each step's result is cached under ``work`` so an interrupted run resumes."""
+    from models.plan import PlanError, validate_plan
+    from models.search import SearchConfig, das_search, write_search_outputs
+    from models.train import TrainConfig, primary_score, train_plan
+
+    search_k = settings.skip_levels[0]
+
+    def search() -> dict[str, Any]:
+        log(f"[search] {task}")
+        config = SearchConfig(skip_num=search_k, update_every=settings.search_update_every,
+                              train=TrainConfig(**{**asdict(train_config), "epochs": settings.search_epochs}))
+        result = das_search(backbone, task, data_dir, config, progress=progress)
+        write_search_outputs(result, work / "search" / task)
+        return result.to_json()
+
+    searched = _cached(work / "search" / task / "search.json", search, log, f"{task} search")
+    plans = {"adapters": []} | {f"skip{k}": sorted(searched["ranking"][:k]) for k in settings.skip_levels}
+    task_report: dict[str, Any] = {"search": searched, "plans": {}}
+    for name, skipped in plans.items():
+        plan_dir = out / task / name
+        try:
+            spec = validate_plan(plan_dir, backbone)
+            if list(spec.skipped_layers) != skipped:
+                raise PlanError("different skip set")
+            log(f"[resume] {task}/{name}: reusing the trained plan in {plan_dir}")
+        except PlanError:
+            log(f"[train] {task}/{name} skipping {skipped}")
+            spec = train_plan(backbone, task, data_dir, skipped, train_config, out_dir=plan_dir, name=name,
+                              progress=progress).spec
+        evaluation = _cached(work / "eval" / task / f"{name}.json",
+                             lambda: evaluate_plan_dir(plan_dir, data_dir, backbone, "test", settings.max_eval, progress),
+                             log, f"{task}/{name} test evaluation")
+        task_report["plans"][name] = {**evaluation, "trainable_params": spec.metrics["trainable_params"]}
+
+    # evidence for the search: same K, same (shorter) training, searched vs random skip sets, on val
+    baseline_config = TrainConfig(**{**asdict(train_config), "epochs": settings.baseline_epochs})
+    rng = random.Random(seed + 17)
+    others = [list(c) for c in itertools.combinations(range(backbone.num_layers), search_k) if list(c) != searched["skip_set"]]
+    candidates = [searched["skip_set"]] + rng.sample(others, min(settings.random_baselines, len(others)))
+    scores = []
+    for skip in candidates:
+        key = "-".join(map(str, skip))
+        metrics = _cached(work / "baselines" / task / f"skip-{key}.json",
+                          lambda: train_plan(backbone, task, data_dir, skip, baseline_config, progress=progress).metrics,
+                          log, f"{task} baseline {skip}")
+        scores.append({"skip": skip, "score": primary_score(task, metrics)})
+    task_report["search_vs_random"] = {
+        "k": search_k, "searched_skip": searched["skip_set"], "searched_score": scores[0]["score"],
+        "random": scores[1:], "random_mean": sum(s["score"] for s in scores[1:]) / max(1, len(scores) - 1),
+    }
+    return task_report
 
 
 def _write_store_state(out: Path, task: str, task_report: dict[str, Any]) -> None:
@@ -290,10 +333,10 @@ def update_readme(table: str, readme: Path = REPO_ROOT / "README.md") -> None:
 def cmd_pipeline(args: argparse.Namespace) -> int:
     settings = PipelineSettings.quick() if args.quick else PipelineSettings()
     out, work = Path(args.out), Path(args.work)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        print(f"error: {out} is not empty (use --force to regenerate into it)", file=sys.stderr)
+    if out.exists() and any(out.iterdir()) and not (args.force or args.resume):
+        print(f"error: {out} is not empty (use --force to regenerate into it, --resume to continue)", file=sys.stderr)
         return 2
-    if args.force and out.exists():
+    if args.force and not args.resume and out.exists():
         for child in ("backbone", *TASKS, "store.json"):
             target = out / child
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
@@ -390,6 +433,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--work", default=str(REPO_ROOT / "build" / "pipeline"), help="scratch directory for data and search logs")
     pipeline.add_argument("--quick", action="store_true", help="micro sizes, for tests and smoke runs")
     pipeline.add_argument("--force", action="store_true", help="overwrite an existing plan store")
+    pipeline.add_argument("--resume", action="store_true",
+                          help="continue an interrupted run: reuse the backbone, trained plans and results cached in --work")
     pipeline.add_argument("--update-readme", action="store_true", help="write the results table into README.md")
     pipeline.add_argument("--quiet", action="store_true", help="no progress bars")
     pipeline.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

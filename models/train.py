@@ -225,8 +225,9 @@ class RetrievalTaskData(TaskData):
 
     @torch.no_grad()
     def evaluate(self, plan, split, limit=None, progress=False):
-        """Recall@1/5/10 over the first N images of the split and their first captions (N x N pairs)."""
-        examples = self.examples(split, limit or RETRIEVAL_EVAL_IMAGES)
+        """Recall@1/5/10 over the first N images of the split (N <= RETRIEVAL_EVAL_IMAGES, since every
+        image is scored against every caption) and their first captions."""
+        examples = self.examples(split, min(limit or RETRIEVAL_EVAL_IMAGES, RETRIEVAL_EVAL_IMAGES))
         n = len(examples)
         images = [self.images(e.image_path) for e in examples]
         captions = [e.captions[0] for e in examples]
