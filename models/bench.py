@@ -1,0 +1,564 @@
+"""`das bench`: the model-level benchmark. Does skipping layers buy the latency its FLOPs promise?
+
+For a ViLT backbone of ViLT-B/32 size (transformers' default ``ViltConfig`` with a 3129-answer VQA
+head, randomly initialised: timing does not depend on the weights' values), written to a temporary
+directory with ``save_vilt_checkpoint`` and read back with ``ViltBackbone.from_pretrained`` (the
+loading path the service uses), the benchmark times ``DASRuntime.vqa_logits`` under
+``torch.inference_mode`` for the built-in full plan and for plans that skip 2, 4 and 6 layers (skip
+adapters of bottleneck 192, no parallel adapters).
+
+Inputs are made once per batch size and preprocessed once (images resized by the checkpoint's
+processor to 384x384, questions of 16 tokens including [CLS]/[SEP]); only the forward pass is
+timed. Latency is the median of ``--repeats`` timed runs after ``--warmup`` untimed rounds. The plans
+are interleaved round-robin (every round runs each plan once, and the starting plan rotates), so
+drifts in machine speed hit all plans alike.
+
+The FLOPs are ``backbone.flops(...)`` for the actual input. The speedup efficiency of a plan is the
+fraction of latency it saves divided by the fraction of FLOPs it saves: 1.0 means the saved FLOPs
+turn into saved time one for one. Targets: >= 0.9 at batch >= 32, >= 0.8 below (PASS/MISS per row).
+This is a measurement, not a test: the exit status is 0 whatever the efficiency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# A few dozen words: the questions are made of them, so every word is one WordPiece token.
+WORDS = [
+    "what", "color", "is", "the", "dog", "cat", "on", "left", "right", "of", "a", "an", "there", "how",
+    "many", "people", "are", "in", "picture", "image", "sitting", "standing", "next", "to", "table",
+    "car", "red", "blue", "green", "white", "black", "man", "woman", "holding", "wearing", "shirt",
+    "under", "tree", "street", "sky", "this", "room", "kind", "food", "plate", "small", "large",
+    "near", "window", "does", "have", "any", "which", "side", "behind", "chair", "yellow",
+]
+TEXT_TOKENS = 16  # per question, [CLS] and [SEP] included
+SOURCE_IMAGE_SIZE = 480  # pre-made square images; the processor resizes them to the model's 384
+SKIP_BOTTLENECK = 192
+DEFAULT_SKIPS = (2, 4, 6)
+DEFAULT_BATCH_SIZES = (1, 32)
+NUM_VQA_LABELS = 3129
+TARGET_LARGE_BATCH = 32
+
+
+def efficiency_target(batch_size: int) -> float:
+    """Wanted speedup efficiency: 0.9 from batch 32 on (compute bound), 0.8 below (fixed costs weigh more)."""
+    return 0.9 if batch_size >= TARGET_LARGE_BATCH else 0.8
+
+
+def auto_repeats(batch_size: int) -> int:
+    """Timed runs per plan when --repeats is not given: many where a run is cheap, 5 at batch >= 32."""
+    return 25 if batch_size <= 1 else 12 if batch_size <= 8 else 5
+
+
+def auto_warmup(batch_size: int) -> int:
+    return 3 if batch_size <= 1 else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# What is measured
+# ---------------------------------------------------------------------------------------------
+def bench_config(size: str):
+    """ViLT-B/32 (transformers' default ViltConfig: 12 layers, hidden 768, 384 px, 32 px patches)
+    with a 3129-answer VQA head, or a tiny config of the same depth for a quick smoke run."""
+    from transformers import ViltConfig
+
+    labels = {i: f"answer{i}" for i in range(NUM_VQA_LABELS)}
+    label2id = {v: k for k, v in labels.items()}
+    if size == "base":
+        return ViltConfig(id2label=labels, label2id=label2id)
+    if size == "tiny":
+        return ViltConfig(
+            hidden_size=256, num_hidden_layers=12, num_attention_heads=4, intermediate_size=1024,
+            image_size=128, patch_size=32, id2label=labels, label2id=label2id,
+        )
+    raise ValueError(f"unknown size {size!r} (use base or tiny)")
+
+
+def skipped_layers(num_layers: int, count: int, placement: str) -> tuple[int, ...]:
+    """Which layers a plan skipping ``count`` of ``num_layers`` leaves out.
+
+    ``even``: spread over the depth, ending with the last layer (12 layers: 2 -> 5,11;
+    4 -> 2,5,8,11; 6 -> 1,3,5,7,9,11). ``last``: the last ``count`` layers. Every ViLT layer costs
+    the same, so the placement changes the FLOPs not at all and the latency hardly."""
+    if not 0 < count < num_layers:
+        raise ValueError(f"cannot skip {count} of {num_layers} layers")
+    if placement == "last":
+        return tuple(range(num_layers - count, num_layers))
+    if placement == "even":
+        return tuple(sorted({round((j + 1) * num_layers / count) - 1 for j in range(count)}))
+    raise ValueError(f"unknown placement {placement!r} (use even or last)")
+
+
+def make_questions(batch_size: int) -> list[str]:
+    """``batch_size`` different questions of TEXT_TOKENS - 2 words each (one token per word)."""
+    words_per_question = TEXT_TOKENS - 2
+    return [
+        " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(words_per_question)) for i in range(batch_size)
+    ]
+
+
+def make_images(batch_size: int, seed: int = 0) -> list:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, size=(SOURCE_IMAGE_SIZE, SOURCE_IMAGE_SIZE, 3), dtype=np.uint8))
+        for _ in range(batch_size)
+    ]
+
+
+def machine_info(device) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu})",
+    }
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+@dataclass
+class Row:
+    variant: str  # "eager" or "compiled"
+    batch_size: int
+    plan: str
+    skipped_layers: list[int]
+    gflops_per_sample: float
+    flops_saved: float  # fraction of the full model's FLOPs
+    latency_ms: float  # median
+    latency_p25_ms: float
+    latency_p75_ms: float
+    latency_min_ms: float
+    throughput: float  # samples per second at the median latency
+    latency_saved: float | None  # fraction of the full plan's median latency
+    efficiency: float | None  # latency_saved / flops_saved
+    target: float | None
+    result: str  # PASS, MISS or "-" (the full plan)
+    others_cpu: float | None  # share of all CPUs other processes used during the timed runs
+    times_ms: list[float]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it
+# ---------------------------------------------------------------------------------------------
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def build_backbone(size: str, device, dtype, workdir: Path):
+    """Save a random checkpoint in the Hugging Face layout and load it as the service does."""
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from models.checkpoints import save_vilt_checkpoint
+    from models.vilt import ViltBackbone
+
+    transformers_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
+    config = bench_config(size)
+    started = time.perf_counter()
+    model = save_vilt_checkpoint(workdir, config, "vqa", WORDS, seed=0)
+    del model
+    gc.collect()
+    saved = time.perf_counter()
+    backbone = ViltBackbone.from_pretrained(workdir, device=device, dtype=dtype)
+    loaded = time.perf_counter()
+    params = sum(p.numel() for p in backbone.parameters())
+    _log(f"backbone: {size}, {params / 1e6:.1f} M parameters, written in {saved - started:.1f} s, "
+         f"loaded in {loaded - saved:.1f} s, on {device} as {str(dtype).replace('torch.', '')}")
+    torch.manual_seed(0)
+    return backbone
+
+
+def build_plans(backbone, skips: list[int], placement: str) -> list:
+    from models.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, builtin_full_plan
+
+    plans = [builtin_full_plan(backbone, "vqa")]
+    for count in skips:
+        spec = PlanSpec(
+            task="vqa", name=f"skip{count}", version=1,
+            backbone=BackboneRef(backbone.architecture, backbone.fingerprint),
+            skipped_layers=skipped_layers(backbone.num_layers, count, placement),
+            adapters=AdapterShapes(skip_bottleneck=SKIP_BOTTLENECK, parallel_bottleneck=None),
+        )
+        modules = backbone.build_plan_modules(spec).to(device=backbone.device, dtype=backbone.dtype)
+        plans.append(Plan(spec, modules.eval().requires_grad_(False)))
+    return plans
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CpuMonitor:
+    """CPU time used by *other* processes while a run is timed: all CPUs' busy time from
+    /proc/stat (steal included) minus this process's own CPU time. On a quiet machine it is ~0;
+    where it is not, the latencies are inflated and noisy. Linux only (None elsewhere)."""
+
+    def __init__(self) -> None:
+        self.available = Path("/proc/stat").is_file()
+        self.ticks = os.sysconf("SC_CLK_TCK") if self.available else 100
+
+    def sample(self) -> tuple[float, float]:
+        """(seconds all CPUs were busy since boot, seconds this process has used)."""
+        own = os.times()
+        if not self.available:
+            return 0.0, own.user + own.system
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        return (user + nice + system + irq + softirq + steal) / self.ticks, own.user + own.system
+
+
+@dataclass
+class Timing:
+    seconds: list[float]  # wall time of each timed run
+    others_cpu_seconds: float = 0.0  # CPU time other processes used during those runs
+
+
+def time_round_robin(forwards: list, device, warmup: int, repeats: int, progress, monitor: CpuMonitor) -> list[Timing]:
+    """Time each forward: ``warmup`` untimed rounds, then ``repeats`` timed rounds; every round runs
+    each forward once, starting one later each round. The garbage collector is off meanwhile (as
+    in timeit), so its pauses do not land in a timed run."""
+    timings = [Timing([]) for _ in forwards]
+    n = len(forwards)
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for round_index in range(warmup + repeats):
+            for k in range(n):
+                i = (round_index + k) % n
+                _synchronize(device)
+                busy_before, own_before = monitor.sample()
+                started = time.perf_counter()
+                forwards[i]()
+                _synchronize(device)
+                elapsed = time.perf_counter() - started
+                busy_after, own_after = monitor.sample()
+                if round_index >= warmup:
+                    timings[i].seconds.append(elapsed)
+                    timings[i].others_cpu_seconds += max(0.0, (busy_after - busy_before) - (own_after - own_before))
+                progress.update(1)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return timings
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from models.backbone import resolve_device, resolve_dtype
+    from models.runtime import DASRuntime
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_info(device)
+    machine["load_average_before"] = _load_average()
+    _log(f"machine: {machine['device_name']}, {machine['cpu_cores']} cores, torch {machine['torch']} "
+         f"({machine['torch_threads']} threads)")
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="das-bench-") as workdir:
+        backbone = build_backbone(args.size, device, dtype, Path(workdir))
+    plans = build_plans(backbone, args.skips, args.placement)
+    runtime = DASRuntime(backbone)
+
+    variants: list[tuple[str, Any]] = [("eager", runtime.vqa_logits)]
+    if args.compile:
+        import torch._dynamo
+
+        # one compiled graph per (plan, batch size); the default limit of 8 would fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)
+        variants.append(("compiled", torch.compile(runtime.vqa_logits, dynamic=False)))
+
+    settings = {
+        "size": args.size, "device": str(device), "dtype": args.dtype, "compile": args.compile,
+        "batch_sizes": args.batch_sizes, "text_tokens": TEXT_TOKENS,
+        "image_size": backbone.config.image_size, "patch_size": backbone.config.patch_size,
+        "skip_bottleneck": SKIP_BOTTLENECK, "parallel_bottleneck": None, "placement": args.placement,
+        "repeats": {b: args.repeats or auto_repeats(b) for b in args.batch_sizes},
+        "warmup_rounds": {b: args.warmup if args.warmup is not None else auto_warmup(b) for b in args.batch_sizes},
+        "num_layers": backbone.num_layers, "hidden_size": backbone.config.hidden_size,
+    }
+    total_runs = sum(
+        (settings["repeats"][b] + settings["warmup_rounds"][b]) * len(plans) * len(variants) for b in args.batch_sizes
+    )
+    monitor, cpus = CpuMonitor(), os.cpu_count() or 1
+    rows: list[Row] = []
+    with tqdm(total=total_runs, desc="das bench", unit="run", file=sys.stderr, mininterval=2.0,
+              dynamic_ncols=True) as progress, torch.inference_mode():
+        for batch_size in args.batch_sizes:
+            progress.set_postfix_str(f"batch {batch_size}")
+            batch = backbone.preprocess(make_images(batch_size), make_questions(batch_size))
+            text_len = batch.text_lengths[0]
+            if set(batch.text_lengths) != {TEXT_TOKENS}:
+                _log(f"warning: questions have {sorted(set(batch.text_lengths))} tokens, expected {TEXT_TOKENS}")
+            batch = batch.to(backbone.device, backbone.dtype)
+            reports = [backbone.flops("vqa", plan.spec, text_len, [batch.patch_grids[0]]) for plan in plans]
+            forwards = [
+                (lambda fn=fn, plan=plan: fn(plan, batch)) for _, fn in variants for plan in plans
+            ]
+            timings = time_round_robin(
+                forwards, device, settings["warmup_rounds"][batch_size], settings["repeats"][batch_size], progress,
+                monitor,
+            )
+            for v, (variant, _) in enumerate(variants):
+                block = timings[v * len(plans):(v + 1) * len(plans)]
+                full_latency = statistics.median(block[0].seconds)
+                for plan, report, timing in zip(plans, reports, block):
+                    seconds = timing.seconds
+                    others = timing.others_cpu_seconds / (sum(seconds) * cpus) if monitor.available else None
+                    latency = statistics.median(seconds)
+                    p25, p75 = _quartiles(seconds)
+                    flops_saved = report.saved_ratio
+                    latency_saved = efficiency = target = None
+                    result = "-"
+                    if plan.spec.skipped_layers:
+                        latency_saved = 1 - latency / full_latency
+                        efficiency = latency_saved / flops_saved
+                        target = efficiency_target(batch_size)
+                        result = "PASS" if efficiency >= target else "MISS"
+                    rows.append(Row(
+                        variant=variant, batch_size=batch_size, plan=plan.name,
+                        skipped_layers=list(plan.skipped_layers),
+                        gflops_per_sample=report.executed / 1e9, flops_saved=flops_saved,
+                        latency_ms=latency * 1e3, latency_p25_ms=p25 * 1e3, latency_p75_ms=p75 * 1e3,
+                        latency_min_ms=min(seconds) * 1e3, throughput=batch_size / latency,
+                        latency_saved=latency_saved, efficiency=efficiency, target=target, result=result,
+                        others_cpu=others, times_ms=[round(s * 1e3, 3) for s in seconds],
+                    ))
+            del batch, forwards
+    settings["seq_len"] = reports[0].seq_lens[0]
+    machine["load_average_after"] = _load_average()
+    return {
+        "benchmark": "das bench (model-level latency vs FLOPs)",
+        "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine,
+        "settings": settings,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "rows": [asdict(row) for row in rows],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    compiled = any(row["variant"] != "eager" for row in rows)
+    header = (["mode"] if compiled else []) + [
+        "batch", "plan", "skipped layers", "GFLOPs/sample", "FLOPs saved", "latency ms (p25-p75)",
+        "samples/s", "latency saved", "efficiency", "target", "result", "others' CPU",
+    ]
+    aligns = (["---"] if compiled else []) + ["--:", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---", "--:"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
+    for row in rows:
+        cells = ([row["variant"]] if compiled else []) + [
+            str(row["batch_size"]),
+            row["plan"],
+            ",".join(map(str, row["skipped_layers"])) or "none",
+            f"{row['gflops_per_sample']:.3g}",
+            _pct(row["flops_saved"]) if row["skipped_layers"] else "-",
+            f"{row['latency_ms']:.1f} ({row['latency_p25_ms']:.1f}-{row['latency_p75_ms']:.1f})",
+            f"{row['throughput']:.2f}",
+            _pct(row["latency_saved"]),
+            "-" if row["efficiency"] is None else f"{row['efficiency']:.2f}",
+            "-" if row["target"] is None else f">= {row['target']:.1f}",
+            row["result"],
+            _pct(row["others_cpu"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe_machine(result: dict[str, Any]) -> str:
+    m, s = result["machine"], result["settings"]
+    return (
+        f"Machine: {m['device_name']}; {m['cpu_cores']} CPU cores ({m['torch_threads']} torch threads); "
+        f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['platform']}.\n"
+        f"Setup: ViLT {s['size']} ({s['num_layers']} layers, hidden {s['hidden_size']}), {s['dtype']} on {s['device']}"
+        f"{', torch.compile' if s['compile'] else ''}; {s['text_tokens']} text tokens + "
+        f"{s['image_size']}x{s['image_size']} image ({s['patch_size']} px patches) = sequence {s['seq_len']}; "
+        f"skip adapters of bottleneck {s['skip_bottleneck']}, no parallel adapters, placement '{s['placement']}'.\n"
+        f"Timing: median of {', '.join(f'{n} runs at batch {b}' for b, n in s['repeats'].items())} after "
+        f"{', '.join(f'{n} warm-up round(s) at batch {b}' for b, n in s['warmup_rounds'].items())}; "
+        f"plans interleaved round-robin. Whole run: {result['wall_seconds']:.0f} s."
+        + (f"\nLoad average (1, 5, 15 min) before the run: {', '.join(map(str, m['load_average_before']))}."
+           if m.get("load_average_before") else "")
+    )
+
+
+def busy_warning(result: dict[str, Any], threshold: float = 0.05) -> str | None:
+    """A warning when other processes used a noticeable share of the CPUs during the timed runs."""
+    shares = [row["others_cpu"] for row in result["rows"] if row["others_cpu"] is not None]
+    if not shares or max(shares) < threshold:
+        return None
+    return (
+        f"Warning: other processes used up to {max(shares):.0%} of the CPUs during the timed runs "
+        f"(column \"others' CPU\"); those latencies are inflated and noisy. Re-run on a quiet machine."
+    )
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-runtime.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = "\n\n".join([
+        "# das bench: latency vs FLOPs of DAS plans",
+        f"Run {result['created_at']}.",
+        describe_machine(result).replace("\n", "  \n"),
+        markdown_table(result["rows"]),
+        *([busy_warning(result)] if busy_warning(result) else []),
+        "Efficiency = (fraction of the full plan's median latency saved) / (fraction of its FLOPs saved). "
+        "FLOPs per sample from `backbone.flops` (1 multiply-add = 2 FLOPs), for the actual input. "
+        "Latency: median of the timed runs of one forward pass (`DASRuntime.vqa_logits` under "
+        "`torch.inference_mode`); preprocessing is not timed. samples/s = batch / median latency. "
+        "others' CPU: share of all CPUs that other processes used while the row's runs were timed "
+        "(from /proc/stat; ~0% on a quiet machine).",
+    ])
+    (out / "bench-runtime.md").write_text(text + "\n")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.compile and args.size == "base" and args.repeats is None:
+        _log("note: --compile compiles one graph per plan and batch size; the first rounds take minutes")
+    result = run_benchmark(args)
+    print(describe_machine(result))
+    print()
+    print(markdown_table(result["rows"]))
+    warning = busy_warning(result)
+    if warning:
+        print("\n" + warning)
+    if args.out:
+        write_outputs(result, Path(args.out))
+        print(f"\nwrote {Path(args.out) / 'bench-runtime.json'} and {Path(args.out) / 'bench-runtime.md'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def _positive_int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,32; got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,32; got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add `das bench` to the `das` command line."""
+    bench = commands.add_parser(
+        "bench",
+        help="latency vs FLOPs of DAS plans on a ViLT-B/32-size backbone (a benchmark, not a test)",
+        description=__doc__.split("\n", 1)[1].strip() + (
+            "\n\nThe default run (ViLT-B/32 size, batches 1 and 32, on CPU) takes about 4 minutes on 2\n"
+            "CPU cores; `--size tiny` is a smoke run of a few seconds. `make bench-runtime` runs\n"
+            "`das bench --out bench-results`."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--size", choices=["base", "tiny"], default="base",
+                       help="base: ViLT-B/32 size (default); tiny: a small 12-layer config for a quick smoke run")
+    bench.add_argument("--batch-sizes", type=_positive_int_list, default=list(DEFAULT_BATCH_SIZES),
+                       metavar="N,N", help="comma-separated batch sizes (default 1,32)")
+    bench.add_argument("--skips", type=_positive_int_list, default=list(DEFAULT_SKIPS), metavar="K,K",
+                       help="numbers of layers the benchmarked plans skip, beside the full plan (default 2,4,6)")
+    bench.add_argument("--placement", choices=["even", "last"], default="even",
+                       help="which layers are skipped: even = spread over the depth, ending with the last "
+                            "(skip 4 of 12 -> 2,5,8,11; default); last = the last K layers")
+    bench.add_argument("--repeats", type=_positive_int, default=None,
+                       help="timed runs per plan and batch size; latency is their median "
+                            "(default: 25 at batch 1, 12 at batch <= 8, 5 above)")
+    bench.add_argument("--warmup", type=_non_negative_int, default=None,
+                       help="untimed warm-up rounds (each runs every plan once) per batch size "
+                            "(default: 3 at batch 1, 1 above)")
+    bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto = CUDA if available, else CPU (default auto)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="backbone and adapter dtype (default float32)")
+    bench.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch intra-op threads (default: torch's default, one per core)")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time the forward under torch.compile (an extra set of rows; compiling "
+                            "takes minutes at base size)")
+    bench.add_argument("--out", metavar="DIR",
+                       help="also write DIR/bench-runtime.json (every timing) and DIR/bench-runtime.md")
+    bench.set_defaults(func=cmd_bench)
