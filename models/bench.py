@@ -503,16 +503,6 @@ def _positive_int_list(text: str) -> list[int]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -525,6 +515,8 @@ def _non_negative_int(text: str) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `das bench` to the `das` command line."""
+    from models.cli import positive_int
+
     bench = commands.add_parser(
         "bench",
         help="latency vs FLOPs of DAS plans on a ViLT-B/32-size backbone (a benchmark, not a test)",
@@ -544,7 +536,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--placement", choices=["even", "last"], default="even",
                        help="which layers are skipped: even = spread over the depth, ending with the last "
                             "(skip 4 of 12 -> 2,5,8,11; default); last = the last K layers")
-    bench.add_argument("--repeats", type=_positive_int, default=None,
+    bench.add_argument("--repeats", type=positive_int, default=None,
                        help="timed runs per plan and batch size; latency is their median "
                             "(default: 25 at batch 1, 12 at batch <= 8, 5 above)")
     bench.add_argument("--warmup", type=_non_negative_int, default=None,
@@ -554,7 +546,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="auto = CUDA if available, else CPU (default auto)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                        help="backbone and adapter dtype (default float32)")
-    bench.add_argument("--threads", type=_positive_int, default=None,
+    bench.add_argument("--threads", type=positive_int, default=None,
                        help="torch intra-op threads (default: torch's default, one per core)")
     bench.add_argument("--compile", action="store_true",
                        help="also time the forward under torch.compile (an extra set of rows; compiling "

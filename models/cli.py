@@ -19,6 +19,17 @@ from collections.abc import Callable, Sequence
 EXIT_REFUSED = 2
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def layer_list(text: str) -> list[int]:
     """argparse type for comma-separated layer indices, e.g. `--skip 0,3,5`."""
     if not text.strip():

@@ -858,16 +858,6 @@ def load_scenes(root: str | Path) -> dict[str, Scene]:
 # ---------------------------------------------------------------------------------------------
 # das data synth
 # ---------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -898,6 +888,8 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `das data synth` to the `das` command line."""
+    from models.cli import positive_int
+
     data = commands.add_parser("data", help="synthetic data sets",
                                description="Data sets for pre-training and for training DAS plans offline.")
     data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -906,18 +898,18 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n", 1)[1].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     synth.add_argument("--task", required=True, choices=TASKS, help="which task's data set to write")
     synth.add_argument("--out", required=True, metavar="DIR", help="output directory (must be empty or absent)")
-    synth.add_argument("--n", type=_positive_int, default=20000,
+    synth.add_argument("--n", type=positive_int, default=20000,
                        help="questions (vqa), statements (nlvr2) or images (retrieval); default 20000")
     synth.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
-    synth.add_argument("--image-size", type=_positive_int, default=96, help="image side in pixels (default 96)")
+    synth.add_argument("--image-size", type=positive_int, default=96, help="image side in pixels (default 96)")
     synth.add_argument("--val-fraction", type=_fraction, default=0.1, help="fraction of units in val (default 0.1)")
     synth.add_argument("--test-fraction", type=_fraction, default=0.1, help="fraction of units in test (default 0.1)")
-    synth.add_argument("--questions-per-image", type=_positive_int, default=3, help="vqa only (default 3, at most 10)")
-    synth.add_argument("--statements-per-pair", type=_positive_int, default=2,
+    synth.add_argument("--questions-per-image", type=positive_int, default=3, help="vqa only (default 3, at most 10)")
+    synth.add_argument("--statements-per-pair", type=positive_int, default=2,
                        help="nlvr2 only: statements sharing one image pair, alternately true and false "
                             "(default 2, at most 10)")
-    synth.add_argument("--min-objects", type=_positive_int, default=1, help="objects per scene, at least (default 1)")
-    synth.add_argument("--max-objects", type=_positive_int, default=4, help="objects per scene, at most (default 4)")
+    synth.add_argument("--min-objects", type=positive_int, default=1, help="objects per scene, at least (default 1)")
+    synth.add_argument("--max-objects", type=positive_int, default=4, help="objects per scene, at most (default 4)")
     synth.add_argument("--noise", type=int, default=8, help="pixel noise amplitude, 0-255 units (default 8)")
     synth.add_argument("--force", action="store_true", help="write into a non-empty directory")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
