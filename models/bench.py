@@ -11,7 +11,10 @@ Inputs are made once per batch size and preprocessed once (images resized by the
 processor to 384x384, questions of 16 tokens including [CLS]/[SEP]); only the forward pass is
 timed. Latency is the median of ``--repeats`` timed runs after ``--warmup`` untimed rounds. The plans
 are interleaved round-robin (every round runs each plan once, and the starting plan rotates), so
-drifts in machine speed hit all plans alike.
+drifts in machine speed hit all plans alike. On a shared machine, a round during which other
+processes used more than ``--max-others-cpu`` of the CPUs (read from /proc/stat) is replaced by an
+extra one (at most ``--extra-rounds``), and the quietest rounds are kept; the table reports the
+share other processes still took ("others' CPU").
 
 The FLOPs are ``backbone.flops(...)`` for the actual input. The speedup efficiency of a plan is the
 fraction of latency it saves divided by the fraction of FLOPs it saves: 1.0 means the saved FLOPs
@@ -259,21 +262,66 @@ class CpuMonitor:
 
 @dataclass
 class Timing:
-    seconds: list[float]  # wall time of each timed run
+    seconds: list[float]  # wall time of each kept timed run
     others_cpu_seconds: float = 0.0  # CPU time other processes used during those runs
 
 
-def time_round_robin(forwards: list, device, warmup: int, repeats: int, progress, monitor: CpuMonitor) -> list[Timing]:
-    """Time each forward: ``warmup`` untimed rounds, then ``repeats`` timed rounds; every round runs
-    each forward once, starting one later each round. The garbage collector is off meanwhile (as
-    in timeit), so its pauses do not land in a timed run."""
-    timings = [Timing([]) for _ in forwards]
+@dataclass
+class RoundLog:
+    """What happened at one batch size: timed rounds run, and which were kept."""
+
+    rounds_run: int
+    kept: list[int]  # indices of the kept rounds, in the order they ran
+    others_cpu: list[float]  # per timed round: share of all CPUs other processes used
+    busy: list[bool]  # per timed round: above --max-others-cpu (beyond clock-tick rounding)
+
+    @property
+    def kept_busy(self) -> int:
+        return sum(self.busy[r] for r in self.kept)
+
+
+def time_round_robin(
+    forwards: list, device, warmup: int, repeats: int, progress, monitor: CpuMonitor,
+    max_others_cpu: float = 1.0, extra_rounds: int = 0,
+) -> tuple[list[Timing], RoundLog]:
+    """Time each forward: ``warmup`` untimed rounds, then timed rounds; every round runs each
+    forward once, starting one later each round.
+
+    A timed round in which other processes used more than ``max_others_cpu`` of all CPUs is busy:
+    while fewer than ``repeats`` rounds are clean, another round is run, at most ``extra_rounds``
+    more. The ``repeats`` rounds with the least such load are kept (whole rounds, so every plan is
+    measured under the same conditions). The garbage collector is off meanwhile (as in timeit)."""
     n = len(forwards)
+    cpus = os.cpu_count() or 1
+    seconds: list[list[float]] = []  # per timed round, per forward: wall seconds
+    others: list[list[float]] = []  # per timed round, per forward: CPU seconds other processes used
+    rounds: list[tuple[float, float]] = []  # per timed round: (others' CPU seconds, wall seconds)
+    # /proc/stat and os.times() count in clock ticks: forgive two ticks of rounding per round
+    slack = 2.0 / monitor.ticks
+
+    def share(r: int) -> float:
+        return rounds[r][0] / (rounds[r][1] * cpus)
+
+    def busy(r: int) -> bool:
+        return rounds[r][0] - slack > max_others_cpu * rounds[r][1] * cpus
+
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for round_index in range(warmup + repeats):
+        round_index = 0
+        while True:
+            timed = round_index >= warmup
+            if timed:
+                clean = sum(not busy(r) for r in range(len(rounds)))
+                if clean >= repeats or len(rounds) >= repeats + extra_rounds:
+                    break
+                if len(rounds) >= repeats:  # an extra round, to replace a busy one
+                    progress.total += n
+                    progress.refresh()
+            round_seconds, round_others = [0.0] * n, [0.0] * n
+            round_cpu_before, round_own_before = monitor.sample()
+            round_started = time.perf_counter()
             for k in range(n):
                 i = (round_index + k) % n
                 _synchronize(device)
@@ -281,16 +329,25 @@ def time_round_robin(forwards: list, device, warmup: int, repeats: int, progress
                 started = time.perf_counter()
                 forwards[i]()
                 _synchronize(device)
-                elapsed = time.perf_counter() - started
+                round_seconds[i] = time.perf_counter() - started
                 busy_after, own_after = monitor.sample()
-                if round_index >= warmup:
-                    timings[i].seconds.append(elapsed)
-                    timings[i].others_cpu_seconds += max(0.0, (busy_after - busy_before) - (own_after - own_before))
+                round_others[i] = max(0.0, (busy_after - busy_before) - (own_after - own_before))
                 progress.update(1)
+            round_wall = time.perf_counter() - round_started
+            busy_after, own_after = monitor.sample()
+            if timed:
+                seconds.append(round_seconds)
+                others.append(round_others)
+                rounds.append((max(0.0, (busy_after - round_cpu_before) - (own_after - round_own_before)), round_wall))
+            round_index += 1
     finally:
         if gc_was_enabled:
             gc.enable()
-    return timings
+    kept = sorted(sorted(range(len(rounds)), key=lambda r: (busy(r), share(r)))[:repeats])
+    timings = [Timing([seconds[r][i] for r in kept], sum(others[r][i] for r in kept)) for i in range(n)]
+    return timings, RoundLog(
+        len(rounds), kept, [round(share(r), 4) for r in range(len(rounds))], [busy(r) for r in range(len(rounds))]
+    )
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -331,11 +388,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "repeats": {b: args.repeats or auto_repeats(b) for b in args.batch_sizes},
         "warmup_rounds": {b: args.warmup if args.warmup is not None else auto_warmup(b) for b in args.batch_sizes},
         "num_layers": backbone.num_layers, "hidden_size": backbone.config.hidden_size,
+        "max_others_cpu": args.max_others_cpu, "rounds": {},
     }
     total_runs = sum(
         (settings["repeats"][b] + settings["warmup_rounds"][b]) * len(plans) * len(variants) for b in args.batch_sizes
     )
     monitor, cpus = CpuMonitor(), os.cpu_count() or 1
+    if not monitor.available:
+        _log("note: /proc/stat is not readable here; other processes' CPU use is not measured")
     rows: list[Row] = []
     with tqdm(total=total_runs, desc="das bench", unit="run", file=sys.stderr, mininterval=2.0,
               dynamic_ncols=True) as progress, torch.inference_mode():
@@ -350,10 +410,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             forwards = [
                 (lambda fn=fn, plan=plan: fn(plan, batch)) for _, fn in variants for plan in plans
             ]
-            timings = time_round_robin(
-                forwards, device, settings["warmup_rounds"][batch_size], settings["repeats"][batch_size], progress,
-                monitor,
+            repeats = settings["repeats"][batch_size]
+            timings, log = time_round_robin(
+                forwards, device, settings["warmup_rounds"][batch_size], repeats, progress, monitor,
+                max_others_cpu=args.max_others_cpu,
+                extra_rounds=args.extra_rounds if args.extra_rounds is not None else repeats,
             )
+            settings["rounds"][batch_size] = asdict(log) | {"kept_busy": log.kept_busy}
+            if log.rounds_run > repeats:
+                _log(f"batch {batch_size}: other processes were busy; ran {log.rounds_run} timed rounds, kept the "
+                     f"{repeats} quietest (others' CPU per round: {', '.join(f'{x:.0%}' for x in log.others_cpu)})")
             for v, (variant, _) in enumerate(variants):
                 block = timings[v * len(plans):(v + 1) * len(plans)]
                 full_latency = statistics.median(block[0].seconds)
@@ -437,20 +503,31 @@ def describe_machine(result: dict[str, Any]) -> str:
         f"skip adapters of bottleneck {s['skip_bottleneck']}, no parallel adapters, placement '{s['placement']}'.\n"
         f"Timing: median of {', '.join(f'{n} runs at batch {b}' for b, n in s['repeats'].items())} after "
         f"{', '.join(f'{n} warm-up round(s) at batch {b}' for b, n in s['warmup_rounds'].items())}; "
-        f"plans interleaved round-robin. Whole run: {result['wall_seconds']:.0f} s."
+        f"plans interleaved round-robin{_rounds_note(s)}. Whole run: {result['wall_seconds']:.0f} s."
         + (f"\nLoad average (1, 5, 15 min) before the run: {', '.join(map(str, m['load_average_before']))}."
            if m.get("load_average_before") else "")
     )
 
 
-def busy_warning(result: dict[str, Any], threshold: float = 0.05) -> str | None:
-    """A warning when other processes used a noticeable share of the CPUs during the timed runs."""
-    shares = [row["others_cpu"] for row in result["rows"] if row["others_cpu"] is not None]
-    if not shares or max(shares) < threshold:
+def _rounds_note(settings: dict[str, Any]) -> str:
+    extra = {b: log for b, log in settings.get("rounds", {}).items() if log["rounds_run"] > len(log["kept"])}
+    if not extra:
+        return ""
+    return "; busy rounds (others' CPU > {:.0%}) replaced: ".format(settings["max_others_cpu"]) + ", ".join(
+        f"kept the {len(log['kept'])} quietest of {log['rounds_run']} at batch {b}" for b, log in extra.items()
+    )
+
+
+def busy_warning(result: dict[str, Any]) -> str | None:
+    """A warning when some kept rounds were still busy (other processes took CPU during them)."""
+    settings = result["settings"]
+    busy = {b: log for b, log in settings.get("rounds", {}).items() if log["kept_busy"]}
+    if not busy:
         return None
     return (
-        f"Warning: other processes used up to {max(shares):.0%} of the CPUs during the timed runs "
-        f"(column \"others' CPU\"); those latencies are inflated and noisy. Re-run on a quiet machine."
+        "Warning: other processes used more than {:.0%} of the CPUs during ".format(settings["max_others_cpu"])
+        + ", ".join(f"{log['kept_busy']} of the {len(log['kept'])} kept rounds at batch {b}" for b, log in busy.items())
+        + " (column \"others' CPU\"); those latencies are inflated and noisy. Re-run on a quiet machine."
     )
 
 
@@ -503,6 +580,16 @@ def _positive_int_list(text: str) -> list[int]:
     return values
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -542,6 +629,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     bench.add_argument("--warmup", type=_non_negative_int, default=None,
                        help="untimed warm-up rounds (each runs every plan once) per batch size "
                             "(default: 3 at batch 1, 1 above)")
+    bench.add_argument("--max-others-cpu", type=_fraction, default=0.05, metavar="F",
+                       help="a timed round in which other processes used more than this share of all CPUs "
+                            "(read from /proc/stat) counts as busy and is replaced by an extra round; the "
+                            "quietest --repeats rounds are kept (default 0.05; 1 turns this off)")
+    bench.add_argument("--extra-rounds", type=_non_negative_int, default=None, metavar="N",
+                       help="at most this many extra rounds per batch size to replace busy ones "
+                            "(default: as many as --repeats)")
     bench.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto = CUDA if available, else CPU (default auto)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
