@@ -394,7 +394,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _training_options(search, epochs=1.0)
     search.add_argument("--skip-num", type=int, default=2, help="layers skipped per sampled set, and chosen (default 2)")
     search.add_argument("--update-every", type=int, default=10, help="gate update period in steps (default 10)")
-    search.add_argument("--gate-lr", type=float, default=1.0, help="gate learning rate (default 1.0)")
+    search.add_argument("--gate-lr", type=float, default=50.0, help="gate learning rate (default 50)")
     search.add_argument("--warmup", type=float, default=0.3, help="warm-up fraction of the steps (default 0.3)")
     search.add_argument("--out", required=True, help="directory for search.json, gates.csv, gates.png")
     search.set_defaults(func=cmd_search)
