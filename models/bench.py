@@ -166,6 +166,7 @@ class Row:
     throughput: float  # samples per second at the median latency
     latency_saved: float | None  # fraction of the full plan's median latency
     efficiency: float | None  # latency_saved / flops_saved
+    efficiency_ci90: list[float] | None  # bootstrap over the kept rounds: 5th and 95th percentiles
     target: float | None
     result: str  # PASS, MISS or "-" (the full plan)
     others_cpu: float | None  # share of all CPUs other processes used during the timed runs
@@ -184,6 +185,27 @@ def _load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except (AttributeError, OSError):
         return None
+
+
+def efficiency_interval(
+    full: list[float], plan: list[float], flops_saved: float, resamples: int = 2000, seed: int = 0
+) -> list[float] | None:
+    """90% bootstrap interval of the efficiency: resample the timed rounds (each round timed the
+    full plan and this plan alike, so they are resampled in pairs) and take the 5th and 95th
+    percentiles of (1 - median(plan) / median(full)) / flops_saved."""
+    import random
+
+    n = len(full)
+    if n < 3 or len(plan) != n or flops_saved <= 0:
+        return None
+    rng = random.Random(seed)
+    values = []
+    for _ in range(resamples):
+        picks = [rng.randrange(n) for _ in range(n)]
+        ratio = statistics.median(plan[i] for i in picks) / statistics.median(full[i] for i in picks)
+        values.append((1 - ratio) / flops_saved)
+    values.sort()
+    return [round(values[int(0.05 * (resamples - 1))], 3), round(values[int(0.95 * (resamples - 1))], 3)]
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -429,11 +451,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     latency = statistics.median(seconds)
                     p25, p75 = _quartiles(seconds)
                     flops_saved = report.saved_ratio
-                    latency_saved = efficiency = target = None
+                    latency_saved = efficiency = target = ci = None
                     result = "-"
                     if plan.spec.skipped_layers:
                         latency_saved = 1 - latency / full_latency
                         efficiency = latency_saved / flops_saved
+                        ci = efficiency_interval(block[0].seconds, seconds, flops_saved)
                         target = efficiency_target(batch_size)
                         result = "PASS" if efficiency >= target else "MISS"
                     rows.append(Row(
@@ -442,7 +465,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         gflops_per_sample=report.executed / 1e9, flops_saved=flops_saved,
                         latency_ms=latency * 1e3, latency_p25_ms=p25 * 1e3, latency_p75_ms=p75 * 1e3,
                         latency_min_ms=min(seconds) * 1e3, throughput=batch_size / latency,
-                        latency_saved=latency_saved, efficiency=efficiency, target=target, result=result,
+                        latency_saved=latency_saved, efficiency=efficiency, efficiency_ci90=ci, target=target,
+                        result=result,
                         others_cpu=others, times_ms=[round(s * 1e3, 3) for s in seconds],
                     ))
             del batch, forwards
@@ -465,11 +489,18 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _efficiency_cell(row: dict[str, Any]) -> str:
+    if row["efficiency"] is None:
+        return "-"
+    ci = row.get("efficiency_ci90")
+    return f"{row['efficiency']:.2f}" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     compiled = any(row["variant"] != "eager" for row in rows)
     header = (["mode"] if compiled else []) + [
         "batch", "plan", "skipped layers", "GFLOPs/sample", "FLOPs saved", "latency ms (p25-p75)",
-        "samples/s", "latency saved", "efficiency", "target", "result", "others' CPU",
+        "samples/s", "latency saved", "efficiency (90% CI)", "target", "result", "others' CPU",
     ]
     aligns = (["---"] if compiled else []) + ["--:", "---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---", "--:"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(aligns) + "|"]
@@ -483,7 +514,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"{row['latency_ms']:.1f} ({row['latency_p25_ms']:.1f}-{row['latency_p75_ms']:.1f})",
             f"{row['throughput']:.2f}",
             _pct(row["latency_saved"]),
-            "-" if row["efficiency"] is None else f"{row['efficiency']:.2f}",
+            _efficiency_cell(row),
             "-" if row["target"] is None else f">= {row['target']:.1f}",
             row["result"],
             _pct(row["others_cpu"]),
@@ -544,6 +575,8 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
         "FLOPs per sample from `backbone.flops` (1 multiply-add = 2 FLOPs), for the actual input. "
         "Latency: median of the timed runs of one forward pass (`DASRuntime.vqa_logits` under "
         "`torch.inference_mode`); preprocessing is not timed. samples/s = batch / median latency. "
+        "90% CI: bootstrap over the timed rounds (resampled in pairs with the full plan's); a wide "
+        "interval means the machine was too noisy for the number of repeats. "
         "others' CPU: share of all CPUs that other processes used while the row's runs were timed "
         "(from /proc/stat; ~0% on a quiet machine).",
     ])
