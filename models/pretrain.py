@@ -2,9 +2,13 @@
 
 Objectives: image-text matching (ITM: a caption or a random other image's caption, binary loss on
 the pooled vector; the ITM head is saved as the retrieval head ``rank_output``) and masked language
-modelling (MLM: 15% of text tokens, BERT's 80/10/10 rule). Data: image-caption pairs from any
-retrieval dataset in the Flickr30K layout (the synthetic world writes one). The forward pass is the
-runtime's own (``ViltBackbone.sequence_output`` with an empty plan), trained end to end.
+modelling (MLM: content words, BERT's 80/10/10 rule). Data: image-caption pairs from any retrieval
+dataset in the Flickr30K layout, plus, for synthetic data sets (``das data synth`` writes
+``scenes.jsonl``), captions of every other task's *train* images, written from their scenes. Where the
+scene is known, half of the ITM negatives are hard: the true caption with one attribute changed, which
+is what teaches fine-grained grounding (colour, shape, relation) rather than "some caption of some
+other picture". The forward pass is the runtime's own (``ViltBackbone.sequence_output`` with an empty
+plan), trained end to end.
 
 The result is saved in the Hugging Face layout as a ``ViltForImageAndTextRetrieval`` checkpoint with
 its processor (a WordPiece vocabulary built from the data's words), loadable like any checkpoint.
@@ -13,12 +17,14 @@ its processor (a WordPiece vocabulary built from the data's words), loadable lik
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +54,8 @@ class PretrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     mlm_probability: float = 0.3  # of the content tokens (see content_token_mask)
+    hard_negative_fraction: float = 0.5  # of the ITM negatives, where the image's scene is known
+    captions_per_scene: int = 5  # for images of other tasks' data sets, captioned from their scenes
     seed: int = 0
 
 
@@ -73,6 +81,42 @@ def task_texts(task: str, data_dir: Path) -> list[str]:
             texts += list(getattr(example, "answer_scores", {}))
         texts += list(getattr(dataset, "answer_vocab", []))
     return texts
+
+
+@dataclass(frozen=True)
+class CaptionPair:
+    image_path: Path
+    caption: str
+    scene: Any = None  # models.world.Scene when the data set records it (hard negatives)
+
+
+def pretraining_pairs(retrieval_data: Path, scene_dirs: Iterable[Path] = (), captions_per_scene: int = 5,
+                      seed: int = 0) -> list[CaptionPair]:
+    """Train-split image-caption pairs: the retrieval data set's own captions, then captions written
+    from the scenes of the other synthetic data sets' train images (never their val/test images)."""
+    from models.world import Scene, load_scenes, scene_captions
+
+    retrieval_data = Path(retrieval_data)
+    try:
+        known = {(retrieval_data / k).resolve(): v for k, v in load_scenes(retrieval_data).items()}
+    except FileNotFoundError:
+        known = {}
+    pairs = [CaptionPair(Path(e.image_path), c, known.get(Path(e.image_path).resolve()))
+             for e in read_task("retrieval", retrieval_data, "train").examples for c in e.captions]
+    for directory in scene_dirs:
+        directory = Path(directory)
+        if directory.resolve() == retrieval_data.resolve():
+            continue
+        with (directory / "scenes.jsonl").open() as fh:  # the split is needed here, so read it directly
+            records = [json.loads(line) for line in fh if line.strip()]
+        for record in records:
+            if record["split"] != "train":
+                continue
+            scene = Scene.from_dict(record["scene"])
+            rng = random.Random(f"{seed}:{record['image']}")
+            pairs += [CaptionPair(directory / record["image"], c, scene)
+                      for c in dict.fromkeys(scene_captions(scene, rng, captions_per_scene))]
+    return pairs
 
 
 def content_token_mask(tokenizer, captions: list[str], max_document_frequency: float = 0.3) -> torch.Tensor:
@@ -117,8 +161,10 @@ def pretrain_backbone(
     config: PretrainConfig,
     extra_text_dirs: dict[str, Path] | None = None,
     progress: bool = True,
+    scene_dirs: Iterable[Path] = (),
 ) -> dict[str, float]:
-    """Pre-train on the retrieval dataset's image-caption pairs; save the checkpoint to ``out_dir``.
+    """Pre-train on the retrieval dataset's image-caption pairs (plus captioned train scenes of
+    ``scene_dirs``, see :func:`pretraining_pairs`); save the checkpoint to ``out_dir``.
     ``extra_text_dirs`` ({task: dir}) adds those datasets' words to the vocabulary."""
     retrieval_data, out_dir = Path(retrieval_data), Path(out_dir)
     texts = task_texts("retrieval", retrieval_data)
@@ -142,8 +188,8 @@ def pretrain_backbone(
     itm_head = nn.Linear(config.hidden_size, 1)
     parameters = list(backbone.vilt.parameters()) + list(mlm_head.parameters()) + list(itm_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    pairs = [(e.image_path, c) for e in read_task("retrieval", retrieval_data, "train").examples for c in e.captions]
-    maskable = content_token_mask(processor.tokenizer, [c for _, c in pairs])
+    pairs = pretraining_pairs(retrieval_data, scene_dirs, config.captions_per_scene, config.seed)
+    maskable = content_token_mask(processor.tokenizer, [p.caption for p in pairs])
     steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(config.seed)
@@ -151,13 +197,23 @@ def pretrain_backbone(
     images = ImageCache()
     empty_plan = PlanModules()
     history = {"itm_loss": [], "mlm_loss": [], "itm_accuracy": []}
+
+    def negative(pair: CaptionPair) -> str:
+        if pair.scene is not None and rng.random() < config.hard_negative_fraction:
+            from models.world import hard_negative_captions
+
+            hard = hard_negative_captions(pair.scene, k=1, rng=rng)
+            if hard:
+                return hard[0]
+        return pairs[rng.randrange(len(pairs))].caption
+
     bar = tqdm(range(steps), desc="pretrain", disable=not progress)
     for _ in bar:
         batch_pairs = [pairs[rng.randrange(len(pairs))] for _ in range(config.batch_size)]
         matched = [rng.random() < 0.5 for _ in batch_pairs]
-        captions = [c if keep else pairs[rng.randrange(len(pairs))][1] for (_, c), keep in zip(batch_pairs, matched)]
-        matched = [keep or caption == c for keep, caption, (_, c) in zip(matched, captions, batch_pairs)]
-        batch = backbone.preprocess([images(path) for path, _ in batch_pairs], captions)
+        captions = [p.caption if keep else negative(p) for p, keep in zip(batch_pairs, matched)]
+        matched = [keep or caption == p.caption for keep, caption, p in zip(matched, captions, batch_pairs)]
+        batch = backbone.preprocess([images(p.image_path) for p in batch_pairs], captions)
         masked_ids, mlm_labels = mask_tokens(batch.input_ids, batch.attention_mask, processor.tokenizer,
                                              config.mlm_probability, generator, maskable)
         # ITM sees the unmasked text, MLM the masked one (as ViLT computes them in separate passes)

@@ -11,9 +11,10 @@ import torch
 from models.backbone import load_backbone
 from models.cli import main
 from models.plan import load_plan, read_plan_spec, validate_plan
+from models.pretrain import pretraining_pairs
 from models.search import SearchConfig, das_search, write_search_outputs
 from models.train import TrainConfig, train_plan
-from models.world import synthesize
+from models.world import hard_negative_captions, synthesize
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "plans"
@@ -54,6 +55,23 @@ def test_search_moves_gates_and_training_lowers_the_loss(world, tmp_path):
     assert spec.metrics["flops_reduced"] < spec.metrics["flops_full"]
     plan = load_plan(tmp_path / "plan", backbone)
     assert any(p.abs().sum() > 0 for p in plan.modules.parameters())
+
+
+def test_pretraining_pairs_take_only_train_images_of_every_task(world):
+    root, _, _ = world
+    pairs = pretraining_pairs(root / "retrieval", [root / "vqa", root / "nlvr2"], captions_per_scene=3)
+    splits = {}
+    for task in ("vqa", "nlvr2", "retrieval"):
+        for line in (root / task / "scenes.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            splits[(root / task / record["image"]).resolve()] = record["split"]
+    by_task = {task: [p for p in pairs if root / task in p.image_path.parents] for task in ("vqa", "nlvr2", "retrieval")}
+    assert all(by_task.values()), {t: len(v) for t, v in by_task.items()}
+    assert {splits[p.image_path.resolve()] for p in pairs} == {"train"}, "val/test images must not be pre-trained on"
+    for pair in pairs:  # every pair knows its scene, so half of the ITM negatives can be hard ones
+        assert pair.scene is not None and pair.caption not in hard_negative_captions(pair.scene)
+    again = pretraining_pairs(root / "retrieval", [root / "vqa", root / "nlvr2"], captions_per_scene=3)
+    assert [(p.image_path, p.caption) for p in again] == [(p.image_path, p.caption) for p in pairs]
 
 
 @pytest.mark.parametrize("task, keys", [
