@@ -1,8 +1,19 @@
 """Architecture-independent backbone plumbing: reading HF checkpoint directories, fingerprints,
 device/dtype choice, and the registry that maps a checkpoint's ``model_type`` to its module.
 
-Adding an architecture = one module (``models/<arch>.py``) with a class exposing
-``from_pretrained(directory, device, dtype)`` + one entry in ``ARCHITECTURES``.
+Adding an architecture = one module (``models/<arch>.py``) with a backbone class + one entry in
+``ARCHITECTURES``. What the runtime, plans, service, FLOPs and training use of that class
+(``models/vilt.py`` and ``models/meter.py`` are the two implementations):
+
+* ``from_pretrained(directory, device, dtype)``; ``architecture``, ``fingerprint``, ``config``
+  (with ``image_size``, and ``hidden_size`` / ``layer_norm_eps`` of the arms), ``device``, ``dtype``;
+* ``num_layers``: the number of DAS *arms* (skippable layers) that plans' ``skipped_layers`` index;
+* ``preprocess(images, texts)`` -> a batch with ``text_lengths``, ``truncated``, ``patch_grids``, ``to()``;
+  ``encode(batch, plan_modules, image_token_type_idx)`` -> pooled vectors; ``head_for``, ``task_heads``,
+  ``labels``; ``check_plan_spec``, ``build_plan_modules``; ``flops(...)`` / ``flops_at(...)``;
+* without weights (``das flops``): ``load_config(directory)``, ``arm_count(config)``,
+  ``arm_names(config)``, ``config_flops_at(config, task, spec, text_len, image_size, num_labels)``,
+  ``default_skip_bottleneck``.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from typing import Any
 import torch
 
 # model_type in config.json -> "module:Class"
-ARCHITECTURES = {"vilt": "models.vilt:ViltBackbone"}
+ARCHITECTURES = {"vilt": "models.vilt:ViltBackbone", "meter": "models.meter:MeterBackbone"}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -96,14 +107,19 @@ def fingerprint(config_items: dict[str, Any], state: dict[str, torch.Tensor]) ->
     return "sha256:" + digest.hexdigest()
 
 
-def load_backbone(directory: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32"):
-    """Load any supported backbone from a local checkpoint directory (dispatch on config.json model_type)."""
+def backbone_class(directory: str | os.PathLike) -> type:
+    """The backbone class for a checkpoint directory (dispatch on config.json model_type)."""
     model_type = read_config(directory).get("model_type")
     if model_type not in ARCHITECTURES:
         raise BackboneError(
             f"{directory}: model_type {model_type!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
         )
     module_name, class_name = ARCHITECTURES[model_type].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def load_backbone(directory: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32"):
+    """Load any supported backbone from a local checkpoint directory (dispatch on config.json model_type)."""
+    cls = backbone_class(directory)
     device = resolve_device(device) if isinstance(device, str) else device
     return cls.from_pretrained(directory, device=device, dtype=resolve_dtype(dtype))

@@ -5,6 +5,7 @@
     das flops --backbone DIR --task T ...    analytic FLOPs of one request, full model vs a plan
     das bench ...                            latency vs FLOPs benchmark (see `das bench --help`)
     das data synth --task T --out DIR ...    write a synthetic VQA/NLVR2/retrieval data set
+    das meter convert CKPT --out DIR         METER Lightning checkpoint -> backbone directory
 
 Exit status: 0 on success, 2 when a plan or checkpoint is refused (the message says why).
 """
@@ -100,30 +101,30 @@ def cmd_plan_validate(args: argparse.Namespace) -> int:
 # das flops
 # ---------------------------------------------------------------------------------------------
 def cmd_flops(args: argparse.Namespace) -> int:
+    from models.backbone import backbone_class
     from models.plan import AdapterShapes, BackboneRef, PlanSpec, read_plan_spec
-    from models.vilt import config_from_dir, square_grid, vilt_request_flops
 
-    config = config_from_dir(args.backbone)
+    cls = backbone_class(args.backbone)  # any registered architecture; only its config.json is read
+    config = cls.load_config(args.backbone)
     if args.plan:
         spec = read_plan_spec(args.plan)
         task = spec.task
     else:
         task = args.task
-        skip_bottleneck = args.skip_bottleneck if args.skip else None
+        skip_bottleneck = (args.skip_bottleneck or cls.default_skip_bottleneck) if args.skip else None
         spec = PlanSpec(
-            task=task, name="cli", version=1, backbone=BackboneRef("vilt", ""),
+            task=task, name="cli", version=1, backbone=BackboneRef(cls.architecture, ""),
             skipped_layers=tuple(args.skip),
             adapters=AdapterShapes(skip_bottleneck, args.parallel_bottleneck or None),
         )
-    out_of_range = [i for i in spec.skipped_layers if not 0 <= i < config.num_hidden_layers]
+    arms = cls.arm_count(config)
+    out_of_range = [i for i in spec.skipped_layers if not 0 <= i < arms]
     if out_of_range:
         print(f"error: layer index out of range: {out_of_range} (the backbone has layers "
-              f"0..{config.num_hidden_layers - 1})", file=sys.stderr)
+              f"0..{arms - 1})", file=sys.stderr)
         return EXIT_REFUSED
-    grid = square_grid(config, args.image_size)
-    grids = [grid, grid] if task == "nlvr2" else [grid]
     labels = len(spec.labels) if spec.labels else None
-    report = vilt_request_flops(config, task, spec, args.text_len, grids, labels)
+    report = cls.config_flops_at(config, task, spec, args.text_len, args.image_size, labels)
     result = report.to_dict()
     result.update(task=task, text_len=args.text_len, image_size=list(args.image_size),
                   skipped_layers=sorted(spec.skipped_layers))
@@ -133,9 +134,11 @@ def cmd_flops(args: argparse.Namespace) -> int:
     print(f"task {task}, {args.text_len} text tokens, image {args.image_size[0]}x{args.image_size[1]} "
           f"(sequence {', '.join(map(str, report.seq_lens))})")
     print(f"{'layer':>5}  {'full GFLOPs':>12}  {'executed':>12}")
+    names = cls.arm_names(config)
     for layer in report.per_layer:
         mark = "  skipped -> adapter" if layer.skipped else ""
-        print(f"{layer.index:>5}  {layer.full / 1e9:>12.4f}  {layer.executed / 1e9:>12.4f}{mark}")
+        name = f"  {names[layer.index]}" if names[layer.index] else ""
+        print(f"{layer.index:>5}  {layer.full / 1e9:>12.4f}  {layer.executed / 1e9:>12.4f}{name}{mark}")
     print(f"total: full {report.full / 1e9:.4f} G, executed {report.executed / 1e9:.4f} G, "
           f"saved {report.saved_ratio:.2%}  (1 multiply-add = 2 FLOPs)")
     return 0
@@ -173,13 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
         "flops", help="analytic FLOPs of one request, full vs reduced",
         description="FLOPs of one forward pass at a given text length and image size, per layer, for the full "
                     "model and for a plan (skipped layers replaced by their adapters). 1 multiply-add = 2 FLOPs. "
-                    "Reads only the backbone's config.json.")
+                    "Reads only the backbone's config.json. Layers are the backbone's DAS arms: ViLT's encoder "
+                    "layers; METER's fusion layers, text side first (0-5 text, 6-11 image for METER-B); METER's "
+                    "sequence shows text and image tokens per pass.")
     flops.add_argument("--backbone", required=True, help="backbone checkpoint directory (only config.json is read)")
     flops.add_argument("--task", choices=["vqa", "nlvr2", "retrieval"], default="vqa",
                        help="task head to count (nlvr2 counts two passes); default vqa")
     flops.add_argument("--plan", help="take task, skipped layers and adapter sizes from this plan directory")
     flops.add_argument("--skip", type=layer_list, default=[], help="comma-separated layer indices to skip, e.g. 0,1,2,3")
-    flops.add_argument("--skip-bottleneck", type=int, default=192, help="skip adapter bottleneck (default 192)")
+    flops.add_argument("--skip-bottleneck", type=int, default=None,
+                       help="skip adapter bottleneck (default: the DAS reference's for the architecture, "
+                            "192 for ViLT, 288 for METER)")
     flops.add_argument("--parallel-bottleneck", type=int, default=0,
                        help="parallel adapter bottleneck in kept layers; 0 = none (default)")
     flops.add_argument("--text-len", type=int, default=16, help="text tokens incl. [CLS]/[SEP] (default 16)")
@@ -214,8 +221,14 @@ def _register_world(commands: argparse._SubParsersAction) -> None:
     register(commands)
 
 
+def _register_meter(commands: argparse._SubParsersAction) -> None:
+    from models.meter_checkpoint import register
+
+    register(commands)
+
+
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _register_bench, _register_producer, _register_world]
+    _register_bench, _register_producer, _register_world, _register_meter]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,8 +7,8 @@ element-wise work (norms, softmax, activations, additions, position-embedding in
 is what both reference counters leave out too and is well under 1% at real sizes.
 
 Costs depend on the sequence length, so every count here is a function of the actual number of
-text tokens and image patches of a request. Architecture modules (``models/vilt.py``) compose these
-building blocks into per-request reports.
+text tokens and image patches of a request. Architecture modules (``models/vilt.py``,
+``models/meter.py``) compose these building blocks into per-request reports.
 """
 
 from __future__ import annotations
@@ -26,6 +26,14 @@ def self_attention_flops(seq_len: int, hidden: int) -> int:
     """Q, K, V and output projections plus the two (seq x seq) attention products."""
     projections = 4 * linear_flops(seq_len, hidden, hidden)
     scores_and_mix = 2 * (2 * seq_len * seq_len * hidden)
+    return projections + scores_and_mix
+
+
+def cross_attention_flops(query_len: int, context_len: int, hidden: int) -> int:
+    """Q and output projections over the queries, K and V over the other stream's tokens, plus the
+    two (query_len x context_len) attention products (a co-attention layer, e.g. METER's)."""
+    projections = 2 * linear_flops(query_len, hidden, hidden) + 2 * linear_flops(context_len, hidden, hidden)
+    scores_and_mix = 2 * (2 * query_len * context_len * hidden)
     return projections + scores_and_mix
 
 

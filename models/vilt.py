@@ -208,6 +208,29 @@ class ViltBackbone(nn.Module):
         self.heads = nn.ModuleDict(heads or {})
         self.fingerprint = fingerprint
 
+    # -- what `das flops` and the CLI need without weights (the same for every architecture) ---
+    default_skip_bottleneck = 192  # the DAS reference's ViLT skip adapter
+
+    @classmethod
+    def load_config(cls, directory: str | os.PathLike) -> ViltConfig:
+        return config_from_dir(directory)
+
+    @staticmethod
+    def arm_count(config: ViltConfig) -> int:
+        return config.num_hidden_layers
+
+    @staticmethod
+    def arm_names(config: ViltConfig) -> list[str]:
+        return [""] * config.num_hidden_layers  # the encoder layer index says it all
+
+    @staticmethod
+    def config_flops_at(
+        config: ViltConfig, task: str, spec: PlanSpec | None, text_len: int, image_size: int | tuple[int, int],
+        num_labels: int | None = None,
+    ) -> FlopsReport:
+        grid = square_grid(config, image_size)
+        return vilt_request_flops(config, task, spec, text_len, [grid] * (2 if task == "nlvr2" else 1), num_labels)
+
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
