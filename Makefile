@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve plans bench bench-runtime clean help
+.PHONY: install test serve plans bench bench-runtime loadtest loadtest-hotswap clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -43,6 +43,19 @@ bench-runtime: $(STAMP)  ## model-level latency vs FLOPs benchmark (ViLT-B/32 si
 	$(VENV)/bin/das bench --out bench-results
 
 bench: bench-runtime  ## all benchmarks
+
+# Load tests (loadtests/README.md): bounded and localhost only; reports go to loadtests/results/.
+#   make loadtest USERS=8 SPAWN_RATE=4 DURATION=1m      make loadtest-hotswap SWAPS=20
+USERS ?= 6
+SPAWN_RATE ?= 2
+DURATION ?= 30s
+SWAPS ?= 50
+HOTSWAP_USERS ?= 4
+loadtest: $(STAMP)  ## Locust load on every endpoint of the embedded default (USERS, SPAWN_RATE, DURATION) -> loadtests/results/
+	$(PY) -m loadtests.run --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION)
+
+loadtest-hotswap: $(STAMP)  ## plans loaded/activated/rolled back/unloaded under load (SWAPS); fails on errors, stale versions, memory growth
+	$(PY) -m loadtests.hotswap --swaps $(SWAPS) --users $(HOTSWAP_USERS)
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache build *.egg-info

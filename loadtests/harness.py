@@ -64,6 +64,16 @@ def user_count(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -80,6 +90,12 @@ def local_url(text: str) -> str:
     if parsed.scheme not in ("http", "https") or parsed.hostname not in LOCAL_HOSTS:
         raise argparse.ArgumentTypeError(f"expected http://localhost:PORT or http://127.0.0.1:PORT, got {text!r}")
     return text.rstrip("/")
+
+
+def stop_on_sigterm() -> None:
+    """Let SIGTERM (from `timeout`, CI, a supervisor) unwind like an exception, so that the service
+    and Locust, which run in their own process groups, are still stopped."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
 # -- the service -------------------------------------------------------------------------------------

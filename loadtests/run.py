@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from loadtests.harness import (
     DEFAULT_RESULTS, LoadTestError, LocustRun, Summary, add_locust_checks, duration_seconds, endpoints_in_mix,
-    local_url, positive_float, running_service, summarize_locust, user_count, weights_argument, weights_text,
+    local_url, positive_float, positive_int, running_service, stop_on_sigterm, summarize_locust, user_count, weights_argument, weights_text,
 )
 from loadtests.payloads import DEFAULT_WEIGHTS
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=weights_argument, default=weights_argument(DEFAULT_WEIGHTS),
                         help=f"endpoint weights, 0 leaves one out (default {DEFAULT_WEIGHTS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image pool and of each user's requests")
-    parser.add_argument("--workers", type=int, default=1, help="BentoML worker processes of the service started (default 1)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="BentoML worker processes of the service started (default 1)")
     parser.add_argument("--host", type=local_url, default=None,
                         help="load a service already running on this machine (e.g. http://localhost:3000) "
                              "instead of starting one")
@@ -66,7 +66,9 @@ def run_load(host: str, args: argparse.Namespace) -> None:
         locust.wait(timeout_s=120)  # after the run time, Locust lets requests in flight finish
     except KeyboardInterrupt:
         print("interrupted: stopping Locust, the reports cover the run so far", file=sys.stderr)
-        locust.stop()
+    finally:
+        if locust.process.poll() is None:
+            locust.stop()
     problem = locust.failed_to_start()
     if problem:
         raise LoadTestError(problem)
@@ -74,6 +76,7 @@ def run_load(host: str, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    stop_on_sigterm()
     settings = {"users": args.users, "spawn_rate": args.spawn_rate, "duration_s": args.duration,
                 "weights": weights_text(args.weights), "seed": args.seed}
     summary = Summary("loadtest", settings)

@@ -1,0 +1,84 @@
+"""The load-test scripts, scaled down, against real `bentoml serve` processes of the embedded default:
+`python -m loadtests.run` (Locust for a few seconds) and `python -m loadtests.hotswap` (a handful of
+swaps), run as `make loadtest` / `make loadtest-hotswap` run them; plus the hot-swap checker's logic."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the load-test scripts are run from the repository root, not installed
+
+from loadtests.hotswap import ActivePlanTimeline  # noqa: E402
+
+ENDPOINTS = {"/vqa", "/nlvr2", "/retrieval/texts", "/retrieval/images"}
+
+
+def _run(module: str, out: Path, *args: str, timeout: float = 300) -> dict:
+    """Run a load-test script as `make` does; return the summary it wrote."""
+    result = subprocess.run([sys.executable, "-m", module, "--out", str(out), "--name", "run", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((out / "run-summary.json").read_text())
+
+
+def test_loadtest_reports_every_endpoint(tmp_path):
+    summary = _run("loadtests.run", tmp_path, "--users", "3", "--spawn-rate", "3", "--duration", "6s")
+    assert summary["passed"] and all(c["passed"] for c in summary["checks"])
+    assert set(summary["endpoints"]) == ENDPOINTS
+    for name, entry in summary["endpoints"].items():
+        assert entry["requests"] > 0 and entry["failures"] == 0, (name, entry)
+        assert 0 < entry["p50_ms"] <= entry["p95_ms"] <= entry["p99_ms"], (name, entry)
+    assert summary["aggregated"]["requests"] == sum(e["requests"] for e in summary["endpoints"].values())
+    assert summary["service"]["stopped_cleanly"] is True
+    for report in ("run.html", "run_stats.csv", "run-summary.md"):
+        assert (tmp_path / report).stat().st_size > 0, report
+    assert "| /retrieval/images |" in (tmp_path / "run-summary.md").read_text()
+
+
+def test_hotswap_under_load_keeps_plan_versions_in_their_window(tmp_path):
+    store_before = (REPO / "plans" / "store.json").read_bytes()
+    swaps, warmup_swaps = 3, 1
+    summary = _run("loadtests.hotswap", tmp_path, "--swaps", str(swaps), "--warmup-swaps", str(warmup_swaps),
+                   "--warmup", "2", "--dwell", "2", "--users", "3", "--spawn-rate", "3")
+    assert summary["passed"], summary["checks"]
+    assert {c["name"].split(" after")[0] for c in summary["checks"] if c["passed"]} >= {
+        "zero failed requests", "every endpoint in the mix was hit", "every admin call succeeded",
+        "every response reports a plan version inside the expected window", "worker memory back within 5%"}
+    assert set(summary["endpoints"]) == ENDPOINTS
+    calls = summary["admin_calls"]
+    assert [c["operation"] for c in calls] == ["load", "activate", "rollback", "unload"] * (swaps + warmup_swaps)
+    assert all(c["status"] == 200 for c in calls)
+    # each task got its own versions of the swapped plan, in order
+    loaded = [(c["body"]["plan"]["task"], c["body"]["plan"]["version"]) for c in calls if c["operation"] == "load"]
+    assert loaded == [("vqa", 1), ("nlvr2", 1), ("retrieval", 1), ("vqa", 2)]
+    responses = summary["responses"]
+    assert responses["checked"] == summary["aggregated"]["requests"] and responses["outside_window"] == []
+    assert responses["served_by_swapped_versions"] > 0  # the swaps reached live traffic
+    assert summary["rss"]["start_bytes"] > 0 and abs(summary["rss"]["change"]) <= 0.05
+    assert (REPO / "plans" / "store.json").read_bytes() == store_before  # it ran on a copy
+
+
+def _plan(name: str, version: int, skipped=(1, 2)) -> dict:
+    return {"task": "vqa", "name": name, "version": version, "skipped_layers": list(skipped)}
+
+
+def test_active_plan_timeline_windows():
+    timeline = ActivePlanTimeline(lag_s=2.0)
+    timeline.activated(_plan("skip2", 1), -math.inf, 0.0)
+    timeline.activated(_plan("hotswap", 3), sent=10.0, answered=10.5)
+    timeline.activated(_plan("skip2", 1), sent=20.0, answered=20.5)
+    assert timeline.allows(_plan("skip2", 1), 5.0, 6.0)
+    assert timeline.allows(_plan("skip2", 1), 12.0, 12.4)  # within the lag after the swap away from it
+    assert not timeline.allows(_plan("skip2", 1), 13.0, 14.0)  # > lag after the swap: must be hotswap by now
+    assert timeline.allows(_plan("hotswap", 3), 10.1, 10.2)
+    assert timeline.allows(_plan("hotswap", 3), 22.0, 22.1)  # rollback answered 20.5, lag 2 s
+    assert not timeline.allows(_plan("hotswap", 3), 23.0, 24.0)
+    assert not timeline.allows(_plan("hotswap", 3), 1.0, 9.9)  # before its activation was sent
+    assert not timeline.allows(_plan("hotswap", 2), 15.0, 16.0)  # a version that never was active
+    assert not timeline.allows(_plan("hotswap", 3, skipped=(1,)), 15.0, 16.0)  # same version, other layers
+    assert timeline.allows(_plan("skip2", 1), 25.0, 26.0)
