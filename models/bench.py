@@ -20,6 +20,12 @@ The FLOPs are ``backbone.flops(...)`` for the actual input. The speedup efficien
 fraction of latency it saves divided by the fraction of FLOPs it saves: 1.0 means the saved FLOPs
 turn into saved time one for one. Targets: >= 0.9 at batch >= 32, >= 0.8 below (PASS/MISS per row).
 This is a measurement, not a test: the exit status is 0 whatever the efficiency.
+
+``--size embedded`` times the embedded default instead (``plans/``: the shipped backbone and its
+trained VQA plans skip2 and skip4, adapters as trained). That backbone checkpoint has no VQA head,
+so its "full" plan is built here from the shipped ``adapters`` plan: the same pooler and head, no
+adapters, no skipped layer (:func:`full_plan_with_parts_of`). Questions are 16 tokens of the
+synthetic world's words; results go to ``bench-runtime-embedded.{json,md}``.
 """
 
 from __future__ import annotations
@@ -104,12 +110,18 @@ def skipped_layers(num_layers: int, count: int, placement: str) -> tuple[int, ..
     raise ValueError(f"unknown placement {placement!r} (use even or last)")
 
 
-def make_questions(batch_size: int) -> list[str]:
+def make_questions(batch_size: int, words: list[str] = WORDS) -> list[str]:
     """``batch_size`` different questions of TEXT_TOKENS - 2 words each (one token per word)."""
     words_per_question = TEXT_TOKENS - 2
     return [
-        " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(words_per_question)) for i in range(batch_size)
+        " ".join(words[(i * 7 + j) % len(words)] for j in range(words_per_question)) for i in range(batch_size)
     ]
+
+
+def single_token_words(backbone, candidates: list[str]) -> list[str]:
+    """The candidates the backbone's tokenizer keeps as one token (so a question's length is known)."""
+    tokenizer = backbone.processor.tokenizer
+    return [w for w in candidates if len(tokenizer.tokenize(w)) == 1]
 
 
 def make_images(batch_size: int, seed: int = 0) -> list:
@@ -216,13 +228,18 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 
 def build_backbone(size: str, device, dtype, workdir: Path):
-    """Save a random checkpoint in the Hugging Face layout and load it as the service does."""
+    """Save a random checkpoint in the Hugging Face layout and load it as the service does
+    (``embedded``: load the shipped backbone)."""
     import torch
     from transformers.utils import logging as transformers_logging
 
     from models.checkpoints import save_vilt_checkpoint
     from models.vilt import ViltBackbone
 
+    if size == "embedded":
+        backbone = ViltBackbone.from_pretrained(EMBEDDED_DIR / "backbone", device=device, dtype=dtype)
+        _log(f"backbone: embedded default {EMBEDDED_DIR / 'backbone'}, on {device} as {str(dtype).replace('torch.', '')}")
+        return backbone
     transformers_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
     config = bench_config(size)
     started = time.perf_counter()
@@ -253,6 +270,38 @@ def build_plans(backbone, skips: list[int], placement: str) -> list:
         modules = backbone.build_plan_modules(spec).to(device=backbone.device, dtype=backbone.dtype)
         plans.append(Plan(spec, modules.eval().requires_grad_(False)))
     return plans
+
+
+# The embedded default (plans/): a backbone checkpoint without a VQA head, and trained VQA plans.
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "plans"
+EMBEDDED_HEAD_SOURCE = "adapters"  # the shipped plan whose pooler and head the "full" plan uses
+EMBEDDED_SKIP_PLANS = ("skip2", "skip4")
+
+
+def full_plan_with_parts_of(backbone, source, name: str = "full"):
+    """The full model (no skipped layer, no adapter) with ``source``'s own per-task parts (pooler,
+    token-type embeddings, head): what the built-in ``full`` plan would be if the backbone
+    checkpoint carried those parts. For backbones without a head for the task, as the embedded one."""
+    from models.plan import Plan, PlanSpec
+
+    spec = PlanSpec(
+        task=source.task, name=name, version=1, backbone=source.spec.backbone, own_head=source.spec.own_head,
+        labels=source.spec.labels, own_parts=source.spec.own_parts,
+        metrics={"trainable_params": 0, "parts_from": f"{source.task}/{source.name}"},
+    )
+    modules = backbone.build_plan_modules(spec)
+    adapters = ("skip_adapters.", "parallel_adapters.")
+    modules.load_state_dict({k: v for k, v in source.modules.state_dict().items() if not k.startswith(adapters)})
+    modules.to(device=backbone.device, dtype=backbone.dtype).eval().requires_grad_(False)
+    return Plan(spec, modules)
+
+
+def embedded_plans(backbone, plans_dir: Path = EMBEDDED_DIR, skip_names=EMBEDDED_SKIP_PLANS) -> list:
+    """[full (parts of the shipped adapters plan), the shipped VQA skip plans], validated against ``backbone``."""
+    from models.plan import load_plan
+
+    source = load_plan(plans_dir / "vqa" / EMBEDDED_HEAD_SOURCE, backbone)
+    return [full_plan_with_parts_of(backbone, source)] + [load_plan(plans_dir / "vqa" / n, backbone) for n in skip_names]
 
 
 def _synchronize(device) -> None:
@@ -390,7 +439,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="das-bench-") as workdir:
         backbone = build_backbone(args.size, device, dtype, Path(workdir))
-    plans = build_plans(backbone, args.skips, args.placement)
+    if args.size == "embedded":
+        from models.world import world_vocabulary
+
+        plans, placement = embedded_plans(backbone), "shipped plans (DAS search)"
+        words = single_token_words(backbone, world_vocabulary())
+    else:
+        plans, placement, words = build_plans(backbone, args.skips, args.placement), args.placement, WORDS
+    adapters = [plan.spec.adapters for plan in plans if plan.spec.skipped_layers]
     runtime = DASRuntime(backbone)
 
     variants: list[tuple[str, Any]] = [("eager", runtime.vqa_logits)]
@@ -406,7 +462,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "size": args.size, "device": str(device), "dtype": args.dtype, "compile": args.compile,
         "batch_sizes": args.batch_sizes, "text_tokens": TEXT_TOKENS,
         "image_size": backbone.config.image_size, "patch_size": backbone.config.patch_size,
-        "skip_bottleneck": SKIP_BOTTLENECK, "parallel_bottleneck": None, "placement": args.placement,
+        "skip_bottleneck": adapters[0].skip_bottleneck if adapters else None,
+        "parallel_bottleneck": adapters[0].parallel_bottleneck if adapters else None, "placement": placement,
         "repeats": {b: args.repeats or auto_repeats(b) for b in args.batch_sizes},
         "warmup_rounds": {b: args.warmup if args.warmup is not None else auto_warmup(b) for b in args.batch_sizes},
         "num_layers": backbone.num_layers, "hidden_size": backbone.config.hidden_size,
@@ -423,7 +480,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
               dynamic_ncols=True) as progress, torch.inference_mode():
         for batch_size in args.batch_sizes:
             progress.set_postfix_str(f"batch {batch_size}")
-            batch = backbone.preprocess(make_images(batch_size), make_questions(batch_size))
+            batch = backbone.preprocess(make_images(batch_size), make_questions(batch_size, words))
             text_len = batch.text_lengths[0]
             if set(batch.text_lengths) != {TEXT_TOKENS}:
                 _log(f"warning: questions have {sorted(set(batch.text_lengths))} tokens, expected {TEXT_TOKENS}")
@@ -531,7 +588,12 @@ def describe_machine(result: dict[str, Any]) -> str:
         f"Setup: ViLT {s['size']} ({s['num_layers']} layers, hidden {s['hidden_size']}), {s['dtype']} on {s['device']}"
         f"{', torch.compile' if s['compile'] else ''}; {s['text_tokens']} text tokens + "
         f"{s['image_size']}x{s['image_size']} image ({s['patch_size']} px patches) = sequence {s['seq_len']}; "
-        f"skip adapters of bottleneck {s['skip_bottleneck']}, no parallel adapters, placement '{s['placement']}'.\n"
+        f"skip adapters of bottleneck {s['skip_bottleneck']}, "
+        + (f"parallel adapters of bottleneck {s['parallel_bottleneck']}" if s.get("parallel_bottleneck")
+           else "no parallel adapters")
+        + f", placement '{s['placement']}'"
+        + (f" (full = no skip, no adapters, pooler and head of the shipped '{EMBEDDED_HEAD_SOURCE}' plan)"
+           if s["size"] == "embedded" else "") + ".\n"
         f"Timing: median of {', '.join(f'{n} runs at batch {b}' for b, n in s['repeats'].items())} after "
         f"{', '.join(f'{n} warm-up round(s) at batch {b}' for b, n in s['warmup_rounds'].items())}; "
         f"plans interleaved round-robin{_rounds_note(s)}. Whole run: {result['wall_seconds']:.0f} s."
@@ -562,9 +624,15 @@ def busy_warning(result: dict[str, Any]) -> str | None:
     )
 
 
+def output_stem(size: str) -> str:
+    """File name stem of a run's results: the embedded default's go beside the base size's."""
+    return "bench-runtime-embedded" if size == "embedded" else "bench-runtime"
+
+
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench-runtime.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = output_stem(result["settings"]["size"])
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = "\n\n".join([
         "# das bench: latency vs FLOPs of DAS plans",
         f"Run {result['created_at']}.",
@@ -580,7 +648,7 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
         "others' CPU: share of all CPUs that other processes used while the row's runs were timed "
         "(from /proc/stat; ~0% on a quiet machine).",
     ])
-    (out / "bench-runtime.md").write_text(text + "\n")
+    (out / f"{stem}.md").write_text(text + "\n")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -596,7 +664,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("\n" + warning)
     if args.out:
         write_outputs(result, Path(args.out))
-        print(f"\nwrote {Path(args.out) / 'bench-runtime.json'} and {Path(args.out) / 'bench-runtime.md'}")
+        stem = Path(args.out) / output_stem(args.size)
+        print(f"\nwrote {stem}.json and {stem}.md")
     return 0
 
 
@@ -647,8 +716,10 @@ def register(commands: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_argument("--size", choices=["base", "tiny"], default="base",
-                       help="base: ViLT-B/32 size (default); tiny: a small 12-layer config for a quick smoke run")
+    bench.add_argument("--size", choices=["base", "tiny", "embedded"], default="base",
+                       help="base: ViLT-B/32 size (default); tiny: a small 12-layer config for a quick smoke run; "
+                            "embedded: the shipped plans/backbone with its trained VQA plans skip2 and skip4 "
+                            "(--skips and --placement do not apply)")
     bench.add_argument("--batch-sizes", type=_positive_int_list, default=list(DEFAULT_BATCH_SIZES),
                        metavar="N,N", help="comma-separated batch sizes (default 1,32)")
     bench.add_argument("--skips", type=_positive_int_list, default=list(DEFAULT_SKIPS), metavar="K,K",

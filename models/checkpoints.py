@@ -94,3 +94,40 @@ def save_vilt_checkpoint(
     model.save_pretrained(str(directory), safe_serialization=safe_serialization)
     build_processor(directory, words, shortest_edge or config.image_size, config.max_position_embeddings)
     return model
+
+
+def save_vqa_checkpoint_with_plan_parts(backbone_dir: str | os.PathLike, plan, directory: str | os.PathLike) -> Path:
+    """A ``ViltForQuestionAnswering`` checkpoint (with its processor) that computes what ``plan``
+    computes on the backbone in ``backbone_dir``: the backbone's encoder weights, with the plan's
+    own pooler, token-type embeddings and VQA head under transformers' names. Only for plans that
+    skip nothing and carry no adapters (transformers has neither). Benchmarks use it to run a plain
+    transformers service on exactly the weights of a DAS plan."""
+    import torch
+
+    from models.backbone import read_checkpoint_state
+
+    if plan.task != "vqa" or not plan.spec.own_head:
+        raise ValueError(f"plan {plan.task}/{plan.name}: needs a VQA plan with its own head")
+    if plan.spec.skipped_layers or plan.modules.skip_adapters or plan.modules.parallel_adapters:
+        raise ValueError(f"plan {plan.task}/{plan.name}: skips layers or has adapters; transformers cannot run it")
+    config = ViltConfig.from_pretrained(str(backbone_dir))
+    labels = list(plan.spec.labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    config.architectures = ["ViltForQuestionAnswering"]
+    source = read_checkpoint_state(backbone_dir)
+    # task checkpoints prefix the encoder with "vilt."; a bare ViltModel does not
+    if any(k.startswith("vilt.") for k in source):
+        state = {k: v for k, v in source.items() if k.startswith("vilt.")}
+    else:
+        state = {f"vilt.{k}": v for k, v in source.items() if not k.startswith(("classifier.", "rank_output.", "mlm_score."))}
+    renames = {"pooler.": "vilt.pooler.", "token_type_embeddings.": "vilt.embeddings.token_type_embeddings.",
+               "head.": "classifier."}
+    for name, tensor in plan.modules.state_dict().items():
+        prefix = next(p for p in renames if name.startswith(p))
+        state[renames[prefix] + name[len(prefix):]] = tensor.detach().to("cpu", torch.float32)
+    model = ViltForQuestionAnswering(config).eval()
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(str(directory))
+    ViltProcessor.from_pretrained(str(backbone_dir), local_files_only=True).save_pretrained(str(directory))
+    return Path(directory)

@@ -19,3 +19,43 @@ def test_bench_smoke_run_writes_rows_for_every_plan_and_batch(tmp_path, capsys):
             assert 0 < row["flops_saved"] < 1 and row["skipped_layers"]
             assert "efficiency" in row and row["result"] in ("PASS", "MISS")
     assert "| batch |" in (tmp_path / "bench-runtime.md").read_text()
+
+
+def test_bench_embedded_times_the_shipped_plans(tmp_path):
+    assert main(["bench", "--size", "embedded", "--batch-sizes", "2", "--repeats", "2", "--warmup", "0",
+                 "--threads", "1", "--max-others-cpu", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench-runtime-embedded.json").read_text())
+    assert result["settings"]["size"] == "embedded" and result["settings"]["seq_len"] == 16 + 36 + 1
+    rows = {row["plan"]: row for row in result["rows"]}
+    assert set(rows) == {"full", "skip2", "skip4"}
+    assert rows["full"]["skipped_layers"] == [] and rows["skip4"]["skipped_layers"] == [1, 3, 6, 7]
+    assert 0 < rows["skip2"]["flops_saved"] < rows["skip4"]["flops_saved"] < 1
+    assert not (tmp_path / "bench-runtime.json").exists()  # the base-size results are not overwritten
+
+
+def test_full_plan_of_the_embedded_default_equals_transformers_on_the_converted_checkpoint(tmp_path):
+    """The service benchmark's baseline runs transformers on a checkpoint written from the DAS full plan's
+    tensors; both must compute the same answers, or the comparison would not be like for like."""
+    import torch
+    from transformers import ViltForQuestionAnswering, ViltProcessor
+
+    from conftest import random_image
+    from models.bench import EMBEDDED_DIR, embedded_plans
+    from models.checkpoints import save_vqa_checkpoint_with_plan_parts
+    from models.runtime import DASRuntime
+    from models.vilt import ViltBackbone
+
+    backbone = ViltBackbone.from_pretrained(EMBEDDED_DIR / "backbone")
+    full = embedded_plans(backbone, skip_names=())[0]
+    assert full.skipped_layers == () and not list(full.modules.skip_adapters) and not list(full.modules.parallel_adapters)
+    save_vqa_checkpoint_with_plan_parts(EMBEDDED_DIR / "backbone", full, tmp_path)
+    model = ViltForQuestionAnswering.from_pretrained(tmp_path).eval()
+    processor = ViltProcessor.from_pretrained(tmp_path)
+    images, questions = [random_image(96, 96, seed=1), random_image(80, 120, seed=2)], ["what color is the circle?", "is there a red square?"]
+    results = DASRuntime(backbone).vqa(full, images, questions, top_k=len(full.spec.labels))
+    for image, question, result in zip(images, questions, results):
+        with torch.no_grad():
+            scores = torch.sigmoid(model(**processor(images=image, text=question, return_tensors="pt")).logits)[0]
+        expected = {model.config.id2label[i]: s for i, s in enumerate(scores.tolist())}
+        assert {a.answer for a in result.answers} == set(expected)
+        assert max(abs(a.score - expected[a.answer]) for a in result.answers) < 1e-4
