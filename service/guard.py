@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 FORM_LISTS_KEY = "das.form_lists"
+ARRIVED_KEY = "das.arrived"  # time.perf_counter() when the request reached the app: latency counts queueing
 MAX_BODY_BYTES = int(os.environ.get("DAS_MAX_BODY_BYTES", 64 * 1024 * 1024))
 # route -> its file fields
 FILE_FIELDS = {
@@ -40,6 +42,7 @@ class InputGuardMiddleware:
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in FILE_FIELDS:
             await self.app(scope, receive, send)
             return
+        scope[ARRIVED_KEY] = time.perf_counter()
         chunks, size = [], 0
         while True:
             message = await receive()

@@ -36,6 +36,13 @@ class ServiceMetrics:
         self._active_labels: set[tuple[str, str, str]] = set()
         self.plan_swaps = prom.Counter(
             "das_plan_swaps", "Plan administration operations by task and outcome.", ["task", "outcome"], **kwargs)
+        # load-adaptive mode (plan names are loaded plans: a bounded set, like das_active_plan's)
+        self.plan_shifts = prom.Counter(
+            "das_plan_shifts", "Load-adaptive steps of a task's default plan: down (cheaper) or up (toward the active plan).",
+            ["task", "direction", "from_plan", "to_plan"], **kwargs)
+        self.served_plan = prom.Gauge(
+            "das_served_plan", "Workers whose load-adaptive default for the task is this plan (adaptive tasks only).",
+            ["task", "plan"], multiprocess_mode="livesum", **kwargs)
 
     def observe_request(self, task: str, plan: str, status: str, seconds: float | None = None,
                         flops_full: int = 0, flops_executed: int = 0) -> None:
@@ -45,6 +52,17 @@ class ServiceMetrics:
         if flops_full:
             self.flops_full.labels(task, plan).inc(flops_full)
             self.flops_executed.labels(task, plan).inc(flops_executed)
+
+    def observe_shift(self, shift) -> None:
+        """shift: service.adaptive.Shift."""
+        self.plan_shifts.labels(shift.task, shift.direction, shift.from_plan, shift.to_plan).inc()
+
+    def set_served_plan(self, task: str, previous: str | None, current: str | None) -> None:
+        """This worker's load-adaptive default for ``task`` moved from ``previous`` to ``current``."""
+        if previous is not None:
+            self.served_plan.labels(task, previous).set(0)
+        if current is not None:
+            self.served_plan.labels(task, current).set(1)
 
     def set_active_plans(self, snapshot: dict) -> None:
         """snapshot: PlanRegistry.snapshot(). Label sets that disappeared are set to 0 (multiprocess

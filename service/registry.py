@@ -9,11 +9,16 @@ store.json::
 
     {"loaded": {"vqa": ["skip2", "skip4"]},      # plans (besides the built-in "full") to load
      "active": {"vqa": "skip4"},                 # the plan a request gets when it names none
-     "history": {"vqa": ["full", "skip2"]}}      # previous active plans, for rollback
+     "history": {"vqa": ["full", "skip2"]},      # previous active plans, for rollback
+     "adaptive": {"vqa": {"slo_p95_ms": 200}}}   # optional, edited by hand: see service.adaptive
 
 Admin operations change store.json (atomically, under a file lock) and every worker, and every
 replica sharing the store, converges to it with :meth:`PlanRegistry.sync`. The registry never
 parses plan files itself: ``models.plan`` validates and loads them.
+
+Plan choice by FLOPs budget lives here too (:func:`choose_within_budget`, :func:`cheaper_ladder`):
+each loaded plan has a :class:`PlanCost`, its FLOPs ratio at the reference input and its primary
+task score, computed once when it is loaded.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
+import math
 import os
 import shutil
 import tarfile
@@ -35,11 +42,16 @@ from models.plan import (
     FULL_PLAN_NAME, NAME_PATTERN, PLAN_FILE, TASKS, WEIGHTS_FILE, Plan, PlanError, builtin_full_plan, load_plan,
     read_plan_spec, validate_plan,
 )
+from models.train import primary_score
+from service.adaptive import AdaptiveConfigError, AdaptiveSettings, parse_adaptive_config
 
 STATE_FILE = "store.json"
 MAX_ARCHIVE_BYTES = int(os.environ.get("DAS_MAX_PLAN_ARCHIVE_BYTES", 256 * 1024 * 1024))  # unpacked size
 ARCHIVE_MEMBERS = (PLAN_FILE, WEIGHTS_FILE)
 LOCK_FILE = ".store.lock"
+REFERENCE_TEXT_LEN = 16  # text tokens of the reference input when a plan's metrics name none
+ADAPTIVE_ERROR_KEY = "store.json/adaptive"  # where a bad "adaptive" section is reported in errors
+log = logging.getLogger(__name__)
 
 
 class RegistryError(Exception):
@@ -55,9 +67,13 @@ class StoreState:
     loaded: dict[str, list[str]] = field(default_factory=dict)
     active: dict[str, str] = field(default_factory=dict)
     history: dict[str, list[str]] = field(default_factory=dict)
+    adaptive: Any = None  # kept as written (admin writes must not drop it); parsed by the registry
 
     def to_json(self) -> dict[str, Any]:
-        return {"loaded": self.loaded, "active": self.active, "history": self.history}
+        data = {"loaded": self.loaded, "active": self.active, "history": self.history}
+        if self.adaptive is not None:
+            data["adaptive"] = self.adaptive
+        return data
 
 
 class PlanStore:
@@ -132,7 +148,8 @@ class PlanStore:
             return StoreState()
         try:
             data = json.loads(path.read_text())
-            return StoreState(data.get("loaded", {}), data.get("active", {}), data.get("history", {}))
+            return StoreState(data.get("loaded", {}), data.get("active", {}), data.get("history", {}),
+                              data.get("adaptive"))
         except (json.JSONDecodeError, AttributeError):
             return StoreState()
 
@@ -171,6 +188,78 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return (stat.st_mtime_ns, stat.st_ino, stat.st_size)
 
 
+# -- plan choice by cost ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanCost:
+    """What choosing a plan costs and buys."""
+
+    name: str
+    flops_ratio: float  # executed / full-backbone FLOPs at the plan's reference input (rounded to 1e-6)
+    score: float | None  # the task's primary score (models.train.primary_score) from plan.json; None: unknown
+
+
+def reference_input(backbone, plan: Plan) -> dict[str, Any]:
+    """The input size a plan's FLOPs are quoted at: its metrics' reference_input, else 16 text tokens
+    and a square image at the backbone's resolution."""
+    ref: dict[str, Any] = {"text_len": REFERENCE_TEXT_LEN, "image_size": backbone.config.image_size}
+    given = plan.spec.metrics.get("reference_input")
+    given = given if isinstance(given, dict) else {}
+    if isinstance(given.get("text_len"), int) and given["text_len"] > 0:
+        ref["text_len"] = given["text_len"]
+    size = given.get("image_size")
+    if isinstance(size, int) and size > 0:
+        ref["image_size"] = size
+    elif isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        ref["image_size"] = size
+    return ref
+
+
+def plan_cost(backbone, plan: Plan) -> PlanCost:
+    """The FLOPs ratio (from the backbone's FLOPs accounting) and score of a loaded plan."""
+    ref = reference_input(backbone, plan)
+    size = ref["image_size"] if isinstance(ref["image_size"], int) else tuple(ref["image_size"])
+    report = backbone.flops_at(plan.task, plan.spec, ref["text_len"], size)
+    try:
+        score = float(primary_score(plan.task, plan.spec.metrics))
+    except (KeyError, TypeError, ValueError):
+        score = None
+    return PlanCost(plan.name, round(report.executed / report.full, 6),
+                    score if score is not None and math.isfinite(score) else None)
+
+
+def check_flops_budget(value: float | None) -> float | None:
+    """A client's max_flops_ratio: None, or a number with 0 < x <= 1 (RegistryError 400 otherwise)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise RegistryError(f"max_flops_ratio must be a number with 0 < max_flops_ratio <= 1 "
+                            f"(a fraction of the full backbone's FLOPs), got {value!r}", 400)
+    return float(value)
+
+
+def choose_within_budget(task: str, costs: list[PlanCost], max_flops_ratio: float) -> PlanCost:
+    """The most accurate plan whose FLOPs ratio is at most ``max_flops_ratio``: highest score first,
+    plans without a score last, ties to the cheaper plan (then by name, so the choice is stable).
+    RegistryError 422 naming the cheapest ratio available when none fits."""
+    fitting = [c for c in costs if c.flops_ratio <= max_flops_ratio]
+    if not fitting:
+        cheapest = min(costs, key=lambda c: (c.flops_ratio, c.name), default=None)
+        available = f"the cheapest is {cheapest.name} at {cheapest.flops_ratio:.6g}" if cheapest else "no plan is loaded"
+        raise RegistryError(f"no loaded {task} plan fits max_flops_ratio={max_flops_ratio:g}: {available}", 422)
+    return min(fitting, key=lambda c: (c.score is None, -(c.score or 0.0), c.flops_ratio, c.name))
+
+
+def cheaper_ladder(costs: list[PlanCost], active: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    """The active plan, then every loaded plan strictly cheaper than it (only those in ``allowed``
+    when given), most expensive first: the rungs load-adaptive mode steps down."""
+    by_name = {c.name: c for c in costs}
+    if active not in by_name:
+        return [active]
+    top = by_name[active].flops_ratio
+    cheaper = [c for c in costs if c.flops_ratio < top and (allowed is None or c.name in allowed)]
+    return [active] + [c.name for c in sorted(cheaper, key=lambda c: (-c.flops_ratio, c.name))]
+
+
 class PlanRegistry:
     """The plans one worker holds, per task, and which one is active. Thread-safe."""
 
@@ -180,11 +269,14 @@ class PlanRegistry:
         self._lock = threading.RLock()
         self._sync_lock = threading.Lock()  # one sync at a time, so an older one never lands last
         self._plans: dict[str, dict[str, Plan]] = {task: {} for task in TASKS}
+        self._costs: dict[str, dict[str, PlanCost]] = {task: {} for task in TASKS}
         self._active: dict[str, str] = {}
+        self._adaptive: dict[str, AdaptiveSettings] = {}
         self._token: tuple | None = None
-        self.errors: dict[str, str] = {}  # "task/name" -> why it is not loaded
+        self.errors: dict[str, str] = {}  # "task/name" (or ADAPTIVE_ERROR_KEY) -> why it is not in effect
         for task in backbone.task_heads():
-            self._plans[task][FULL_PLAN_NAME] = builtin_full_plan(backbone, task)
+            self._plans[task][FULL_PLAN_NAME] = plan = builtin_full_plan(backbone, task)
+            self._costs[task][FULL_PLAN_NAME] = plan_cost(backbone, plan)
             self._active[task] = FULL_PLAN_NAME
 
     # -- reading ---------------------------------------------------------------------------
@@ -211,6 +303,40 @@ class PlanRegistry:
     def active_name(self, task: str) -> str | None:
         with self._lock:
             return self._active.get(task)
+
+    def cost(self, plan: Plan) -> PlanCost:
+        """``plan``'s cost: cached while it is loaded, computed for one unloaded since it was picked."""
+        with self._lock:
+            cached = self._costs.get(plan.task, {}).get(plan.name)
+            if cached is not None and self._plans[plan.task].get(plan.name) is plan:
+                return cached
+        return plan_cost(self.backbone, plan)
+
+    def costs(self, task: str) -> list[PlanCost]:
+        with self._lock:
+            return list(self._costs.get(task, {}).values())
+
+    def within_budget(self, task: str, max_flops_ratio: float) -> Plan:
+        """The most accurate loaded plan of ``task`` within the FLOPs budget (see choose_within_budget)."""
+        with self._lock:
+            self.get(task)  # a served task (404 otherwise)
+            choice = choose_within_budget(task, list(self._costs[task].values()), max_flops_ratio)
+            return self._plans[task][choice.name]
+
+    @property
+    def adaptive(self) -> dict[str, AdaptiveSettings]:
+        """Load-adaptive settings per task, as last read from store.json without error."""
+        with self._lock:
+            return dict(self._adaptive)
+
+    def ladder(self, task: str) -> list[str]:
+        """The plans load-adaptive mode may serve for ``task``: the active one, then cheaper ones."""
+        with self._lock:
+            active = self._active.get(task)
+            if active is None:
+                return []
+            settings = self._adaptive.get(task)
+            return cheaper_ladder(list(self._costs[task].values()), active, settings.fallbacks if settings else None)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -247,8 +373,19 @@ class PlanRegistry:
                 except (PlanError, RegistryError, OSError) as exc:
                     errors[f"{task}/{name}"] = str(exc)
             wanted[task] = keep
+        costs = {task: {name: self._costs[task].get(name) if self._plans[task].get(name) is plan
+                        else plan_cost(self.backbone, plan) for name, plan in plans.items()}
+                 for task, plans in wanted.items()}
+        try:
+            adaptive = parse_adaptive_config(state.adaptive)
+        except AdaptiveConfigError as exc:  # keep the last good settings; GET /plans/ shows why
+            adaptive = self._adaptive
+            errors[ADAPTIVE_ERROR_KEY] = str(exc)
+            log.warning("ignoring the change to %s: %s", ADAPTIVE_ERROR_KEY, exc)
         with self._lock:
             self._plans = wanted
+            self._costs = costs
+            self._adaptive = adaptive
             for task, plans in wanted.items():
                 active = state.active.get(task)
                 if active not in plans:

@@ -8,6 +8,7 @@ DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hmac
 import os
@@ -25,10 +26,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from models.plan import TASKS
+from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
-from service.guard import FORM_LISTS_KEY, InputGuardMiddleware
+from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware
 from service.inputs import InputError, check_text, load_image, text_list
-from service.registry import PlanRegistry, PlanStore, RegistryError
+from service.registry import PlanRegistry, PlanStore, RegistryError, check_flops_budget, reference_input
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PLANS = REPO_ROOT / "plans"
@@ -47,6 +49,9 @@ Candidates = Annotated[list[str] | str, Field(
 PlanName = Annotated[str | None, Field(description="Plan to run (a loaded plan of the task, see GET /plans/); "
                                                    "default: the task's active plan.", examples=["skip2"])]
 TopK = Annotated[int, Field(description="How many answers to return (1-100).", examples=[5])]
+FlopsBudget = Annotated[float | None, Field(
+    description="FLOPs budget as a fraction of the full backbone (0 < x <= 1): runs the most accurate loaded plan "
+                "whose flops_ratio (GET /plans/) fits; 422 if none does. Not together with 'plan'.", examples=[0.6])]
 TaskName = Annotated[str, Field(description="vqa, nlvr2 or retrieval.", examples=["vqa"])]
 LoadedPlanName = Annotated[str, Field(description="A plan name of that task.", examples=["skip2"])]
 ArchiveFile = Annotated[Path, ContentType("application/*")]
@@ -106,6 +111,7 @@ class DASService:
             max_queue=_env_int("DAS_MAX_QUEUE", 256),
             on_batch=lambda key, size: self.metrics.batch_size.labels(key[0]).observe(size),
         )
+        self.shifter = LoadShifter(on_shift=self.metrics.observe_shift, on_serving=self.metrics.set_served_plan)
         self.admin_token = os.environ.get("DAS_ADMIN_TOKEN", "")
         self._sync()
         self._stop = threading.Event()
@@ -115,6 +121,7 @@ class DASService:
     def _sync(self, force: bool = False) -> None:
         if self.registry.sync(force=force):
             self.metrics.set_active_plans(self.registry.snapshot())
+            self.shifter.configure(self.registry.adaptive)
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(SYNC_INTERVAL_S):
@@ -132,26 +139,44 @@ class DASService:
         for task, entry in self.registry.snapshot().items():
             plans = []
             for name, plan in sorted(entry["plans"].items()):
-                ref = {"text_len": 16, "image_size": self.backbone.config.image_size,
-                       **plan.spec.metrics.get("reference_input", {})}
-                size = ref["image_size"] if isinstance(ref["image_size"], int) else tuple(ref["image_size"])
-                report = self.backbone.flops_at(task, plan.spec, int(ref["text_len"]), size)
+                cost = self.registry.cost(plan)
                 plans.append({
                     **_plan_info(plan), "active": name == entry["active"],
-                    "flops_saved_ratio": round(report.saved_ratio, 6),
-                    "reference_input": ref,
+                    "flops_ratio": cost.flops_ratio, "flops_saved_ratio": round(1 - cost.flops_ratio, 6),
+                    "score": cost.score, "reference_input": reference_input(self.backbone, plan),
                     "metrics": plan.spec.metrics,
                 })
             overview[task] = {"active": entry["active"], "plans": plans}
+        adaptive = self.shifter.status(time.perf_counter())
+        for task, status in adaptive.items():
+            if task in overview:
+                overview[task]["adaptive"] = {**status, "ladder": self.registry.ladder(task)}
         return {"tasks": overview, "load_errors": self.registry.errors}
 
     # -- request plumbing -----------------------------------------------------------------------
-    async def _serve(self, ctx: bentoml.Context, task: str, plan_name: str | None, work) -> Any:
+    def _choose(self, task: str, plan_name: str | None, max_flops_ratio: float | None) -> tuple[Any, str]:
+        """The plan for a request and why: named by it, fitting its FLOPs budget, the active plan, or
+        the cheaper plan load-adaptive mode serves while the task is over its latency SLO."""
+        if check_flops_budget(max_flops_ratio) is not None:
+            if plan_name:
+                raise RegistryError("send either 'plan' or 'max_flops_ratio', not both", 400)
+            return self.registry.within_budget(task, max_flops_ratio), "budget"
+        if plan_name:
+            return self.registry.get(task, plan_name), "request"
+        ladder = self.registry.ladder(task)
+        adaptive = self.shifter.choose(task, ladder, time.perf_counter()) if ladder else None
+        if adaptive is not None and adaptive != ladder[0]:
+            with contextlib.suppress(RegistryError):  # unloaded a moment ago: the active plan serves
+                return self.registry.get(task, adaptive), "load"
+        return self.registry.get(task), "active"
+
+    async def _serve(self, ctx: bentoml.Context, task: str, plan_name: str | None, work,
+                     max_flops_ratio: float | None = None) -> Any:
         """Resolve the plan, run ``work(plan)``, record metrics, turn failures into 4xx/503 JSON."""
-        started = time.perf_counter()
+        started = ctx.request.scope.get(ARRIVED_KEY) or time.perf_counter()  # queueing before the handler counts
         label = "unknown"  # never a client-chosen string: label values must stay a small set
         try:
-            plan = self.registry.get(task, plan_name)
+            plan, chosen_by = self._choose(task, plan_name, max_flops_ratio)
             label = plan.name
             body, flops = await work(plan)
         except (InputError, RegistryError) as exc:
@@ -163,9 +188,12 @@ class DASService:
         except Exception:
             self.metrics.observe_request(task, label, "error")
             raise
-        seconds = time.perf_counter() - started
+        finished = time.perf_counter()
+        seconds = finished - started
         self.metrics.observe_request(task, label, "ok", seconds, flops.full, flops.executed)
-        return {**body, "plan": _plan_info(plan), "flops": _flops_info(flops), "latency_ms": round(seconds * 1000, 3)}
+        self.shifter.observe(task, seconds, started, finished)
+        plan_info = {**_plan_info(plan), "flops_ratio": self.registry.cost(plan).flops_ratio, "chosen_by": chosen_by}
+        return {**body, "plan": plan_info, "flops": _flops_info(flops), "latency_ms": round(seconds * 1000, 3)}
 
     def _batch_key(self, plan) -> tuple:
         """A batch never mixes plans, versions or weights."""
@@ -173,7 +201,8 @@ class DASService:
 
     # -- inference API ----------------------------------------------------------------------------
     @bentoml.api(route="/vqa")
-    async def vqa(self, ctx: bentoml.Context, image: ImageFile, question: Question, plan: PlanName = None, top_k: TopK = 5) -> dict[str, Any]:
+    async def vqa(self, ctx: bentoml.Context, image: ImageFile, question: Question, plan: PlanName = None, top_k: TopK = 5,
+                  max_flops_ratio: FlopsBudget = None) -> dict[str, Any]:
         """Answer a question about an image. Returns the top_k answers with sigmoid scores, the plan
         used, this request's FLOPs (full vs executed) and latency."""
 
@@ -190,10 +219,11 @@ class DASService:
                     "question_truncated": result.truncated}
             return body, result.flops
 
-        return await self._serve(ctx, "vqa", plan, work)
+        return await self._serve(ctx, "vqa", plan, work, max_flops_ratio)
 
     @bentoml.api(route="/nlvr2")
-    async def nlvr2(self, ctx: bentoml.Context, image_left: ImageFile, image_right: ImageFile, statement: Statement, plan: PlanName = None) -> dict[str, Any]:
+    async def nlvr2(self, ctx: bentoml.Context, image_left: ImageFile, image_right: ImageFile, statement: Statement, plan: PlanName = None,
+                    max_flops_ratio: FlopsBudget = None) -> dict[str, Any]:
         """Is the statement true of the pair of images? Returns label, probability, plan, FLOPs, latency."""
 
         async def work(chosen):
@@ -206,10 +236,11 @@ class DASService:
             return {"label": result.label, "probability": round(result.probability, 6),
                     "statement_truncated": result.truncated}, result.flops
 
-        return await self._serve(ctx, "nlvr2", plan, work)
+        return await self._serve(ctx, "nlvr2", plan, work, max_flops_ratio)
 
     @bentoml.api(route="/retrieval/texts")
-    async def retrieval_texts(self, ctx: bentoml.Context, image: ImageFile, texts: Candidates, plan: PlanName = None) -> dict[str, Any]:
+    async def retrieval_texts(self, ctx: bentoml.Context, image: ImageFile, texts: Candidates, plan: PlanName = None,
+                              max_flops_ratio: FlopsBudget = None) -> dict[str, Any]:
         """Rank candidate captions for one image (text retrieval). ``texts`` may be repeated form
         fields or one JSON array string."""
 
@@ -221,10 +252,11 @@ class DASService:
             ranking = [{"index": r.index, "text": candidates[r.index], "score": round(r.score, 6)} for r in result.ranking]
             return {"ranking": ranking}, result.flops
 
-        return await self._serve(ctx, "retrieval", plan, work)
+        return await self._serve(ctx, "retrieval", plan, work, max_flops_ratio)
 
     @bentoml.api(route="/retrieval/images")
-    async def retrieval_images(self, ctx: bentoml.Context, text: Caption, images: list[ImageFile], plan: PlanName = None) -> dict[str, Any]:
+    async def retrieval_images(self, ctx: bentoml.Context, text: Caption, images: list[ImageFile], plan: PlanName = None,
+                               max_flops_ratio: FlopsBudget = None) -> dict[str, Any]:
         """Rank candidate images for one caption (image retrieval)."""
         from service.inputs import MAX_CANDIDATES
 
@@ -238,7 +270,7 @@ class DASService:
             result = await self.batcher.run_alone(lambda: self.runtime.rank_images(chosen, caption, pictures))
             return {"ranking": [{"index": r.index, "score": round(r.score, 6)} for r in result.ranking]}, result.flops
 
-        return await self._serve(ctx, "retrieval", plan, work)
+        return await self._serve(ctx, "retrieval", plan, work, max_flops_ratio)
 
     # -- admin API (bearer token) ---------------------------------------------------------------------
     def _authorized(self, ctx: bentoml.Context) -> JSONResponse | None:

@@ -133,7 +133,8 @@ def test_vqa_full_plan_matches_transformers(server):
     assert [a["answer"] for a in body["answers"]] == [labels[int(i)] for i in top.indices]
     for answer, expected in zip(body["answers"], top.values.tolist()):
         assert abs(answer["score"] - expected) < 1e-4
-    assert body["plan"] == {"task": "vqa", "name": "full", "version": 0, "skipped_layers": []}
+    assert body["plan"] == {"task": "vqa", "name": "full", "version": 0, "skipped_layers": [], "flops_ratio": 1.0,
+                            "chosen_by": "request"}
     assert body["flops"]["full"] == body["flops"]["executed"] > 0 and body["latency_ms"] > 0
 
 
