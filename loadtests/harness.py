@@ -53,17 +53,6 @@ def duration_seconds(text: str) -> int:
     return seconds
 
 
-def user_count(text: str) -> int:
-    """argparse type: simulated users, 1..MAX_USERS."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 1 <= value <= MAX_USERS:
-        raise argparse.ArgumentTypeError(f"users must be between 1 and {MAX_USERS}, got {value}")
-    return value
-
-
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -71,6 +60,14 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def user_count(text: str) -> int:
+    """argparse type: simulated users, 1..MAX_USERS."""
+    value = positive_int(text)
+    if value > MAX_USERS:
+        raise argparse.ArgumentTypeError(f"users must be between 1 and {MAX_USERS}, got {value}")
     return value
 
 

@@ -41,13 +41,14 @@ from urllib3 import encode_multipart_formdata
 
 from loadtests.harness import (
     DEFAULT_RESULTS, REPO, LoadTestError, LocustRun, RunningService, Summary, add_locust_checks, endpoints_in_mix,
-    http_get_json, positive_float, positive_int, running_service, stop_on_sigterm, summarize_locust, user_count, weights_argument, weights_text,
+    http_get_json, positive_float, positive_int, running_service, stop_on_sigterm, summarize_locust, user_count,
+    weights_argument, weights_text,
 )
 from loadtests.payloads import DEFAULT_WEIGHTS
 from models.plan import PLAN_FILE, TASKS, WEIGHTS_FILE, read_plan_spec
+from service.registry import STATE_FILE
 
 SHIPPED_STORE = REPO / "plans"
-STORE_STATE = "store.json"
 
 
 # -- the admin API -----------------------------------------------------------------------------------
@@ -115,43 +116,57 @@ def plan_key(plan: dict[str, Any]) -> PlanKey:
 
 
 @dataclass
-class ActiveWindow:
-    """A plan was its task's active plan from at the earliest ``opened`` (its activation was sent) to at
-    the latest ``closed`` (the next activation of the task was answered)."""
+class Window:
+    """A plan version held a role (its task's active plan, or a loaded plan) from at the earliest
+    ``opened`` (the admin call that gave it the role was sent) to at the latest ``closed`` (the call
+    that took the role away was answered)."""
 
     key: PlanKey
     opened: float
     closed: float = math.inf
 
 
-class ActivePlanTimeline:
-    """Every task's active plan over time, as the admin calls changed it."""
+class PlanTimeline:
+    """Which plan version each task had active, and which versions it had loaded, over time."""
 
     def __init__(self, lag_s: float) -> None:
         self.lag_s = lag_s
-        self.windows: list[ActiveWindow] = []
-        self._current: dict[str, ActiveWindow] = {}
+        self.windows: dict[str, list[Window]] = {"active": [], "loaded": []}
+        self._open: dict[tuple[str, Any], Window] = {}
+
+    def _begin(self, role: str, slot: Any, key: PlanKey, sent: float, answered: float) -> None:
+        current = self._open.get((role, slot))
+        if current is not None and current.key == key:
+            return
+        if current is not None:
+            current.closed = answered
+        self._open[(role, slot)] = window = Window(key, sent)
+        self.windows[role].append(window)
 
     def activated(self, plan: dict[str, Any], sent: float, answered: float) -> None:
+        self._begin("active", plan["task"], plan_key(plan), sent, answered)
+
+    def loaded(self, plan: dict[str, Any], sent: float, answered: float) -> None:
+        self._begin("loaded", (plan["task"], plan["name"]), plan_key(plan), sent, answered)
+
+    def unloaded(self, plan: dict[str, Any], answered: float) -> None:
+        window = self._open.pop(("loaded", (plan["task"], plan["name"])), None)
+        if window is not None:
+            window.closed = answered
+
+    def allows(self, plan: dict[str, Any], started: float, finished: float, role: str = "active") -> bool:
+        """May a request running from ``started`` to ``finished`` report ``plan`` in ``role``? Workers
+        converge to the store within ``lag_s``, so a window counts until ``lag_s`` after it closed."""
         key = plan_key(plan)
-        previous = self._current.get(key[0])
-        if previous is not None and previous.key == key:
-            return
-        if previous is not None:
-            previous.closed = answered
-        window = ActiveWindow(key, sent)
-        self.windows.append(window)
-        self._current[key[0]] = window
-
-    def allows(self, plan: dict[str, Any], started: float, finished: float) -> bool:
-        """May a request running from ``started`` to ``finished`` report ``plan``? Workers converge
-        to the store within ``lag_s``, so a window counts until ``lag_s`` after it closed."""
-        key = plan_key(plan)
-        return any(w.key == key and w.opened <= finished and started <= w.closed + self.lag_s for w in self.windows)
+        return any(w.key == key and w.opened <= finished and started <= w.closed + self.lag_s
+                   for w in self.windows[role])
 
 
-def check_responses(log_path: Path, timeline: ActivePlanTimeline, swapped_name: str) -> dict[str, Any]:
-    """Check every logged response against the timeline; count what each plan served."""
+def check_responses(log_path: Path, timeline: PlanTimeline, swapped_name: str) -> dict[str, Any]:
+    """Check every logged response against the timeline; count what each plan served.
+
+    A response that ran its task's active plan (``chosen_by`` "active") must report the active plan of
+    its time; one whose plan was chosen otherwise (named, FLOPs budget, load-adaptive) a loaded one."""
     checked, outside, served = 0, [], Counter()
     if log_path.is_file():
         for line in log_path.read_text().splitlines():
@@ -161,8 +176,9 @@ def check_responses(log_path: Path, timeline: ActivePlanTimeline, swapped_name: 
             checked += 1
             plan = record["plan"]
             served[f"{plan['task']}/{plan['name']} v{plan['version']}"] += 1
-            if not timeline.allows(plan, record["started"], record["finished"]):
-                outside.append({"endpoint": record["endpoint"], "plan": plan,
+            role = "active" if plan.get("chosen_by", "active") == "active" else "loaded"
+            if not timeline.allows(plan, record["started"], record["finished"], role):
+                outside.append({"endpoint": record["endpoint"], "plan": plan, "role": role,
                                 "started": record["started"], "finished": record["finished"]})
     swapped = sum(n for label, n in served.items() if label.split("/")[1].startswith(f"{swapped_name} "))
     return {"checked": checked, "outside_window": outside, "served_by_plan": dict(sorted(served.items())),
@@ -173,7 +189,7 @@ def check_responses(log_path: Path, timeline: ActivePlanTimeline, swapped_name: 
 def copy_store(source: Path, target: Path) -> Path:
     """The plan store without the backbone (served from its own place) or the result plots."""
     target.mkdir(parents=True)
-    shutil.copy2(source / STORE_STATE, target / STORE_STATE)
+    shutil.copy2(source / STATE_FILE, target / STATE_FILE)
     for task in TASKS:
         if (source / task).is_dir():
             shutil.copytree(source / task, target / task)
@@ -197,7 +213,7 @@ def plan_archive(source: Path, name: str, version: int, out_dir: Path) -> Path:
 class SwapDriver:
     """Runs swap cycles: upload version N of the swapped plan, activate, dwell, roll back, unload."""
 
-    def __init__(self, admin: AdminClient, timeline: ActivePlanTimeline, store: Path, work: Path,
+    def __init__(self, admin: AdminClient, timeline: PlanTimeline, store: Path, work: Path,
                  plan_name: str, dwell_s: float, tasks: list[str]) -> None:
         self.admin, self.timeline, self.store, self.work = admin, timeline, store, work
         self.plan_name, self.dwell_s, self.tasks = plan_name, dwell_s, tasks
@@ -229,6 +245,7 @@ class SwapDriver:
             archive.unlink()
         if not self._expect(loaded, f"load {task}/{name} v{version}", name=name, version=version):
             return
+        self.timeline.loaded(loaded.plan, loaded.sent, loaded.answered)
         activated = self.admin.activate(task, name)
         if not self._expect(activated, f"activate {task}/{name} v{version}", name=name, version=version):
             return
@@ -239,12 +256,14 @@ class SwapDriver:
             self.timeline.activated(rolled_back.plan, rolled_back.sent, rolled_back.answered)
             if rolled_back.plan.get("name") == name:
                 self.problems.append(f"rollback {task} left {name} active")
-        self._expect(self.admin.unload(task, name), f"unload {task}/{name} v{version}", name=name, version=version)
+        unloaded = self.admin.unload(task, name)
+        if self._expect(unloaded, f"unload {task}/{name} v{version}", name=name, version=version):
+            self.timeline.unloaded(unloaded.plan, unloaded.answered)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtests.hotswap", description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1],
+        prog="python -m loadtests.hotswap", description=__doc__,
         epilog="Writes hotswap_stats.csv etc. and hotswap.html (Locust), hotswap-summary.json/.md, "
                "hotswap-responses.jsonl (one line per response), hotswap-service.log into --out. Exit status: "
                "0 when every criterion passed, 1 when one failed, 2 when the run could not be made.",
@@ -283,11 +302,14 @@ def _wait_while_loading(locust: LocustRun, seconds: float) -> None:
 
 
 def run_scenario(service: RunningService, store: Path, work: Path, token: str, args: argparse.Namespace,
-                 response_log: Path, summary: Summary) -> tuple[SwapDriver, ActivePlanTimeline]:
-    timeline = ActivePlanTimeline(args.lag)
+                 response_log: Path, summary: Summary) -> tuple[SwapDriver, PlanTimeline]:
+    timeline = PlanTimeline(args.lag)
     overview = http_get_json(f"{service.url}/plans/")["tasks"]
     for entry in overview.values():
-        timeline.activated(next(p for p in entry["plans"] if p["active"]), -math.inf, time.time())
+        for plan in entry["plans"]:
+            timeline.loaded(plan, -math.inf, time.time())
+            if plan["active"]:
+                timeline.activated(plan, -math.inf, time.time())
     tasks = [task for task in TASKS if task in overview and (store / task).is_dir()]
     driver = SwapDriver(AdminClient(service.url, token), timeline, store, work, args.plan_name, args.dwell, tasks)
     locust = LocustRun.start(service.url, args.users, args.spawn_rate, args.out / args.name,
@@ -316,7 +338,7 @@ def run_scenario(service: RunningService, store: Path, work: Path, token: str, a
     return driver, timeline
 
 
-def judge(summary: Summary, args: argparse.Namespace, driver: SwapDriver, timeline: ActivePlanTimeline,
+def judge(summary: Summary, args: argparse.Namespace, driver: SwapDriver, timeline: PlanTimeline,
           response_log: Path) -> None:
     """Turn what was measured into the pass/fail checks."""
     add_locust_checks(summary, endpoints_in_mix(args.weights))
@@ -347,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     stop_on_sigterm()
-    if not (args.plans / STORE_STATE).is_file():
-        parser.error(f"--plans {args.plans} has no {STORE_STATE}")
+    if not (args.plans / STATE_FILE).is_file():
+        parser.error(f"--plans {args.plans} has no {STATE_FILE}")
     settings = {"swaps": args.swaps, "warmup_swaps": args.warmup_swaps, "warmup_s": args.warmup, "dwell_s": args.dwell,
                 "users": args.users, "spawn_rate": args.spawn_rate, "workers": args.workers, "lag_s": args.lag,
                 "rss_tolerance": args.rss_tolerance, "weights": weights_text(args.weights)}

@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from loadtests.harness import (
     DEFAULT_RESULTS, LoadTestError, LocustRun, Summary, add_locust_checks, duration_seconds, endpoints_in_mix,
-    local_url, positive_float, positive_int, running_service, stop_on_sigterm, summarize_locust, user_count, weights_argument, weights_text,
+    local_url, positive_float, positive_int, running_service, stop_on_sigterm, summarize_locust, user_count,
+    weights_argument, weights_text,
 )
 from loadtests.payloads import DEFAULT_WEIGHTS
 

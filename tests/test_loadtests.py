@@ -13,7 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the load-test scripts are run from the repository root, not installed
 
-from loadtests.hotswap import ActivePlanTimeline  # noqa: E402
+from loadtests.hotswap import PlanTimeline  # noqa: E402
 
 ENDPOINTS = {"/vqa", "/nlvr2", "/retrieval/texts", "/retrieval/images"}
 
@@ -67,8 +67,8 @@ def _plan(name: str, version: int, skipped=(1, 2)) -> dict:
     return {"task": "vqa", "name": name, "version": version, "skipped_layers": list(skipped)}
 
 
-def test_active_plan_timeline_windows():
-    timeline = ActivePlanTimeline(lag_s=2.0)
+def test_plan_timeline_windows():
+    timeline = PlanTimeline(lag_s=2.0)
     timeline.activated(_plan("skip2", 1), -math.inf, 0.0)
     timeline.activated(_plan("hotswap", 3), sent=10.0, answered=10.5)
     timeline.activated(_plan("skip2", 1), sent=20.0, answered=20.5)
@@ -82,3 +82,9 @@ def test_active_plan_timeline_windows():
     assert not timeline.allows(_plan("hotswap", 2), 15.0, 16.0)  # a version that never was active
     assert not timeline.allows(_plan("hotswap", 3, skipped=(1,)), 15.0, 16.0)  # same version, other layers
     assert timeline.allows(_plan("skip2", 1), 25.0, 26.0)
+    # a plan chosen other than as the active one (named, by budget, by load) must have been loaded
+    timeline.loaded(_plan("skip4", 2, skipped=(1, 3)), sent=30.0, answered=30.2)
+    timeline.unloaded(_plan("skip4", 2, skipped=(1, 3)), answered=40.0)
+    assert timeline.allows(_plan("skip4", 2, skipped=(1, 3)), 35.0, 36.0, role="loaded")
+    assert not timeline.allows(_plan("skip4", 2, skipped=(1, 3)), 35.0, 36.0)  # never active
+    assert not timeline.allows(_plan("skip4", 2, skipped=(1, 3)), 43.0, 44.0, role="loaded")  # unloaded at 40
