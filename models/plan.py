@@ -23,6 +23,11 @@ plan.json, format_version 1::
                   "flops_full": 29.0e9, "flops_reduced": 21.1e9, "trainable_params": 1234567},
       "created_at": "2026-11-23T12:00:00Z"
     }
+
+``skipped_layers`` index the backbone's DAS *arms* (``backbone.num_layers`` of them): for ViLT its
+encoder layers 0..11; for METER its fusion layers, text side first: with n fusion layers per stream,
+0..n-1 are the text-side layers and n..2n-1 the image-side ones (0-5 text, 6-11 image for METER-B).
+The backbone fingerprint covers the architecture config, so a ViLT plan never loads on a METER.
 """
 
 from __future__ import annotations
