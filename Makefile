@@ -42,7 +42,17 @@ plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, pla
 bench-runtime: $(STAMP)  ## model-level latency vs FLOPs benchmark (ViLT-B/32 size, random init)
 	$(VENV)/bin/das bench --out bench-results
 
-bench: bench-runtime  ## all benchmarks
+# make bench BENCH_SHORT=1: a quick run (fewer repeats, shorter load levels); BENCH_DEVICE / BENCH_DTYPE
+# choose the hardware, e.g. make bench BENCH_DEVICE=cuda BENCH_DTYPE=float16
+BENCH_SHORT ?=
+BENCH_DEVICE ?= auto
+BENCH_DTYPE ?= float32
+BENCH_ON := --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE)
+bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), service level vs a plain BentoML service, HTTP overhead -> bench-results/
+	$(VENV)/bin/das bench --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 2 --warmup 0 --extra-rounds 0)
+	$(VENV)/bin/das bench --size embedded --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 5 --warmup 1 --extra-rounds 0)
+	$(VENV)/bin/python loadtests/bench_service.py --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--short) \
+	  --model-results bench-results/bench-runtime.json bench-results/bench-runtime-embedded.json
 
 # Load tests (loadtests/README.md): bounded and localhost only; reports go to loadtests/results/.
 #   make loadtest USERS=8 SPAWN_RATE=4 DURATION=1m      make loadtest-hotswap SWAPS=20

@@ -256,7 +256,7 @@ def build_backbone(size: str, device, dtype, workdir: Path):
     return backbone
 
 
-def build_plans(backbone, skips: list[int], placement: str) -> list:
+def build_plans(backbone, skips: list[int], placement: str, skip_bottleneck: int = SKIP_BOTTLENECK) -> list:
     from models.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, builtin_full_plan
 
     plans = [builtin_full_plan(backbone, "vqa")]
@@ -265,7 +265,7 @@ def build_plans(backbone, skips: list[int], placement: str) -> list:
             task="vqa", name=f"skip{count}", version=1,
             backbone=BackboneRef(backbone.architecture, backbone.fingerprint),
             skipped_layers=skipped_layers(backbone.num_layers, count, placement),
-            adapters=AdapterShapes(skip_bottleneck=SKIP_BOTTLENECK, parallel_bottleneck=None),
+            adapters=AdapterShapes(skip_bottleneck=skip_bottleneck, parallel_bottleneck=None),
         )
         modules = backbone.build_plan_modules(spec).to(device=backbone.device, dtype=backbone.dtype)
         plans.append(Plan(spec, modules.eval().requires_grad_(False)))

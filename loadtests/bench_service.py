@@ -1,0 +1,726 @@
+#!/usr/bin/env python
+"""Service-level benchmark: DAS Serve side by side with a plain BentoML + transformers service.
+
+Three services run one after the other on this machine, each a `bentoml serve` with 1 worker, under
+the same load, on the same weights:
+
+  baseline    loadtests/baseline: transformers' ViltProcessor + ViltForQuestionAnswering, one
+              forward pass per request (the usual way to serve ViLT with BentoML)
+  das-full    DAS Serve (service.service:DASService) with the full plan active (no layer skipped)
+  das-<skip>  DAS Serve with a skip plan active
+
+Weights. --model embedded (default): the embedded default, plans/backbone. Its checkpoint carries no
+VQA head (its VQA plans carry their own), so "full" is the full model with the pooler and head of
+the shipped vqa/adapters plan and no adapters (models.bench.full_plan_with_parts_of), saved as plan
+"full" in a temporary plan store; the baseline loads a ViltForQuestionAnswering checkpoint written
+from the same tensors (models.checkpoints.save_vqa_checkpoint_with_plan_parts), and the benchmark
+checks that both answer alike. The skip plan is a shipped one (--skip-plan, default skip4), as
+trained. --checkpoint DIR: a ViLT checkpoint with a VQA head, served as is by all three (DAS's
+built-in full plan) with a skip plan of random adapters skipping --skip-layers evenly spread layers;
+--model base makes such a checkpoint of ViLT-B/32 size (random init, 3129 answers) first.
+
+Load. Every request is the same: one synthetic-world image (PNG, the model's image size) and one
+question, top_k=5. Closed loop: at each --concurrency level, that many clients (httpx, asyncio) send
+requests back to back for --warmup seconds (not counted), then --duration seconds (stretched until
+at least --min-requests completed); a request counts if it completes inside that window. Reported per level: throughput (successful requests/s),
+latency p50/p95/p99 (client side), errors.
+
+Budget and ratios. The latency budget is --budget-factor (default 4) x the baseline's p50 at
+concurrency 1. "Throughput at budget" is the highest throughput among levels whose p95 is within
+the budget and that had no errors. Targets (PASS/MISS):
+  das-full vs baseline, throughput at budget:  ratio >= 1.0
+  das-<skip> vs das-full, throughput at budget: gain >= 0.9 * X / (1 - X), X = the FLOPs saved
+      fraction the skip plan's responses report (flops.saved_ratio)
+  HTTP overhead: end-to-end p50 of single sequential requests to das-full vs the in-process call
+      for the same input (PNG decode + models.runtime.DASRuntime.vqa: preprocessing, forward,
+      top-k), pairs interleaved; overhead = e2e / in-process - 1 <= 15%. Measured with the service's
+      settings (DAS_MAX_LATENCY_MS: a lone request waits that long for batch-mates) and, unless
+      --no-zero-wait-overhead, again on a das-full started with DAS_MAX_LATENCY_MS=0.
+
+The client runs on the same machine as the server: on a small CPU machine it takes a share of the
+cores (--threads 1, the default, leaves the server one torch thread). Results: OUT/bench-service.json
+(every level) and OUT/bench-service.md; with --model-results (das bench JSON files) also a combined
+OUT/bench.json and OUT/bench.md with every target of the model and service levels. A measurement,
+not a test: the exit status is 0 whatever the results (non-zero only if a service fails to start).
+
+`make bench` runs the model level and this in one go; `make bench BENCH_SHORT=1` is a quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as _dt
+import io
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere: make the models package importable
+    sys.path.insert(0, str(REPO))
+
+BASELINE_DIR = REPO / "loadtests" / "baseline"
+BASELINE_SERVICE = "baseline_service:ViltVQABaseline"
+DAS_SERVICE = "service.service:DASService"
+OVERHEAD_TARGET = 0.15
+FULL_VS_BASELINE_TARGET = 1.0
+SKIP_EFFICIENCY = 0.9  # the skip plan should turn 90% of its FLOPs saving into throughput
+DEFAULT_LEVELS = (1, 2, 4, 8, 16, 32)
+SHORT_LEVELS = (1, 4, 16)
+TOP_K = 5
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the services load
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    das_backbone: Path  # DAS_BACKBONE
+    store: Path  # DAS_PLANS: a temporary plan store
+    on_disk: list[str]  # VQA plans in the store (besides a built-in full plan)
+    full_plan: str
+    skip_plan: str
+    baseline_checkpoint: Path  # BASELINE_CHECKPOINT
+    weights: str  # one sentence: where the weights come from
+    backbone: Any = None  # loaded here too, for the in-process call
+    full: Any = None  # the full plan, in process
+
+
+def prepare(args: argparse.Namespace, workdir: Path, device, dtype) -> Setup:
+    """Write the temporary plan store (and checkpoints) the three services load."""
+    from models.backbone import load_backbone
+    from models.bench import (
+        EMBEDDED_DIR, EMBEDDED_HEAD_SOURCE, WORDS, bench_config, build_plans, embedded_plans,
+    )
+    from models.checkpoints import save_vilt_checkpoint, save_vqa_checkpoint_with_plan_parts
+    from models.plan import save_plan
+
+    store = workdir / "plans"
+    store.mkdir()
+    if args.checkpoint is None and args.model == "embedded":
+        backbone_dir = EMBEDDED_DIR / "backbone"
+        backbone = load_backbone(backbone_dir, device, dtype)
+        full = embedded_plans(backbone, EMBEDDED_DIR, skip_names=())[0]
+        save_plan(store / "vqa" / full.name, full.spec, full.modules)
+        skip_dir = EMBEDDED_DIR / "vqa" / args.skip_plan
+        if not (skip_dir / "plan.json").is_file():
+            raise SystemExit(f"no shipped VQA plan {args.skip_plan!r} in {EMBEDDED_DIR / 'vqa'}")
+        shutil.copytree(skip_dir, store / "vqa" / args.skip_plan)
+        baseline_dir = save_vqa_checkpoint_with_plan_parts(backbone_dir, full, workdir / "baseline")
+        weights = (f"embedded default {backbone_dir.relative_to(REPO)}; 'full' = no skip, no adapters, pooler and "
+                   f"head of the shipped vqa/{EMBEDDED_HEAD_SOURCE} plan (the baseline loads the same tensors as a "
+                   f"ViltForQuestionAnswering checkpoint); '{args.skip_plan}' = the shipped plan")
+        return Setup(backbone_dir, store, [full.name, args.skip_plan], full.name, args.skip_plan, baseline_dir,
+                     weights, backbone, full)
+    if args.checkpoint is None:  # base: a ViLT-B/32-size VQA checkpoint, random init
+        backbone_dir = workdir / "checkpoint"
+        save_vilt_checkpoint(backbone_dir, bench_config("base"), "vqa", WORDS, seed=0)
+        origin = "ViLT-B/32 size (transformers' default ViltConfig), random init, 3129-answer VQA head"
+    else:
+        backbone_dir = Path(args.checkpoint)
+        origin = str(backbone_dir)
+    backbone = load_backbone(backbone_dir, device, dtype)
+    if "vqa" not in backbone.task_heads():
+        raise SystemExit(f"{backbone_dir}: the checkpoint has no VQA head (the baseline needs one)")
+    skips = args.skip_layers or max(1, backbone.num_layers // 2)
+    # skip adapters of bottleneck hidden / 4 (192 at ViLT-B/32 size, as das bench uses)
+    full, skip = build_plans(backbone, [skips], "even", skip_bottleneck=max(1, backbone.config.hidden_size // 4))
+    save_plan(store / "vqa" / skip.name, skip.spec, skip.modules)
+    weights = (f"{origin}; 'full' = the built-in plan; '{skip.name}' skips layers "
+               f"{','.join(map(str, skip.skipped_layers))} with random skip adapters of bottleneck "
+               f"{skip.spec.adapters.skip_bottleneck}")
+    return Setup(backbone_dir, store, [skip.name], full.name, skip.name, backbone_dir, weights, backbone, full)
+
+
+def write_store(setup: Setup, active: str) -> None:
+    (setup.store / "store.json").write_text(json.dumps({"loaded": {"vqa": setup.on_disk}, "active": {"vqa": active}}))
+
+
+def request_payload(image_size: int, seed: int = 0) -> tuple[bytes, str]:
+    """One synthetic-world scene as PNG and a question about it."""
+    from models.world import render_scene, sample_scene, vqa_questions
+
+    rng = random.Random(seed)
+    scene = sample_scene(rng)
+    buffer = io.BytesIO()
+    render_scene(scene, image_size=image_size).save(buffer, format="PNG")
+    return buffer.getvalue(), vqa_questions(scene, rng, k=1)[0].question
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a service
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def running(name: str, target: str, cwd: Path, env: dict[str, str], log_dir: Path,
+            start_timeout: float) -> Iterator[str]:
+    """`bentoml serve TARGET` (run from ``cwd``) in its own process group, with ``env`` added to this
+    environment; yields its base URL once /readyz answers, stops it on exit."""
+    from loadtests.harness import _wait_ready, free_port, stop_process_tree
+
+    port = free_port()
+    log_path = log_dir / f"{name}.log"
+    bentoml = Path(sys.executable).parent / "bentoml"
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true", **env)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_ready(url, process, log_path, start_timeout)
+        yield url
+    finally:
+        if not stop_process_tree(process):
+            _log(f"note: {name} needed SIGKILL to stop (see {log_path})")
+
+
+def _files(png: bytes) -> dict[str, tuple[str, bytes, str]]:
+    return {"image": ("scene.png", png, "image/png")}
+
+
+def _data(question: str) -> dict[str, str]:
+    return {"question": question, "top_k": str(TOP_K)}
+
+
+def probe(url: str, png: bytes, question: str, tries: int = 3) -> dict[str, Any]:
+    """A few warm-up requests; the last response body (the answers, and DAS's plan and FLOPs)."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for _ in range(tries):
+            response = client.post("/vqa", files=_files(png), data=_data(question))
+            if response.status_code != 200:
+                raise RuntimeError(f"{url}/vqa answered {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Level:
+    concurrency: int
+    seconds: float  # length of the counted window
+    ok: int
+    errors: int
+    throughput: float  # successful requests per second in the window
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    statuses: dict[str, int] = field(default_factory=dict)  # non-200 statuses and transport errors
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(concurrency: int, seconds: float, records: list[tuple[float, bool, str]]) -> Level:
+    """records: (latency seconds, ok, status) of the requests completed in the window."""
+    latencies = [latency * 1e3 for latency, ok, _ in records if ok]
+    statuses: dict[str, int] = {}
+    for _, ok, status in records:
+        if not ok:
+            statuses[status] = statuses.get(status, 0) + 1
+
+    def stat(q: float) -> float | None:
+        return round(percentile(latencies, q), 3) if latencies else None
+
+    return Level(
+        concurrency=concurrency, seconds=round(seconds, 3), ok=len(latencies), errors=len(records) - len(latencies),
+        throughput=round(len(latencies) / seconds, 3), p50_ms=stat(50), p95_ms=stat(95), p99_ms=stat(99),
+        mean_ms=round(statistics.fmean(latencies), 3) if latencies else None, statuses=statuses,
+    )
+
+
+async def closed_loop(url: str, png: bytes, question: str, concurrency: int, warmup: float, duration: float,
+                      min_requests: int = 1) -> Level:
+    """``concurrency`` clients send requests back to back; count those completing in the window.
+    The window lasts ``duration`` seconds, longer if needed until ``min_requests`` completed in it."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    records: list[tuple[float, bool, str]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
+        window_start = time.perf_counter() + warmup
+        planned_end = window_start + duration
+        window_end: float | None = None  # set once the window is over
+
+        async def client_loop() -> None:
+            nonlocal window_end
+            while window_end is None:
+                sent = time.perf_counter()
+                try:
+                    response = await client.post("/vqa", files=_files(png), data=_data(question))
+                    ok, status = response.status_code == 200, str(response.status_code)
+                except httpx.HTTPError as exc:
+                    ok, status = False, type(exc).__name__
+                done = time.perf_counter()
+                if window_end is not None or done < window_start:
+                    continue
+                if done > planned_end and len(records) >= min_requests:
+                    window_end = planned_end
+                    continue
+                records.append((done - sent, ok, status))
+                if done >= planned_end and len(records) >= min_requests:  # a window stretched to min_requests
+                    window_end = done
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return summarize(concurrency, window_end - window_start, records)
+
+
+def sweep(url: str, png: bytes, question: str, levels: list[int], warmup: float, duration: float, min_requests: int,
+          progress) -> list[Level]:
+    results = []
+    for concurrency in levels:
+        progress.set_postfix_str(f"concurrency {concurrency}")
+        results.append(asyncio.run(closed_loop(url, png, question, concurrency, warmup, duration, min_requests)))
+        progress.update(1)
+    return results
+
+
+def throughput_at_budget(levels: list[dict[str, Any]], budget_ms: float) -> float | None:
+    """The highest throughput among error-free levels whose p95 is within the budget."""
+    within = [lv["throughput"] for lv in levels if not lv["errors"] and lv["p95_ms"] is not None
+              and lv["p95_ms"] <= budget_ms]
+    return max(within) if within else None
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP overhead
+# ---------------------------------------------------------------------------------------------
+def measure_overhead(url: str, setup: Setup, png: bytes, question: str, pairs: int, max_seconds: float,
+                     progress) -> dict[str, Any]:
+    """Interleaved pairs: one request to the service (nothing else in flight), one in-process call
+    (PNG decode + DASRuntime.vqa with the same plan). Medians of each, and their ratio."""
+    import httpx
+    from PIL import Image
+
+    from models.runtime import DASRuntime
+
+    runtime = DASRuntime(setup.backbone)
+
+    def in_process() -> None:
+        image = Image.open(io.BytesIO(png)).convert("RGB")
+        runtime.vqa(setup.full, [image], [question], TOP_K)
+
+    for _ in range(3):  # warm up the in-process path
+        in_process()
+    e2e, local = [], []
+    started = time.monotonic()
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for i in range(pairs):
+            t0 = time.perf_counter()
+            response = client.post("/vqa", files=_files(png), data=_data(question))
+            t1 = time.perf_counter()
+            if response.status_code != 200:
+                raise RuntimeError(f"{url}/vqa answered {response.status_code}: {response.text[:500]}")
+            in_process()
+            t2 = time.perf_counter()
+            e2e.append((t1 - t0) * 1e3)
+            local.append((t2 - t1) * 1e3)
+            progress.update(1)
+            if time.monotonic() - started > max_seconds and i >= 4:
+                progress.update(pairs - i - 1)
+                break
+    e2e_p50, local_p50 = statistics.median(e2e), statistics.median(local)
+    overhead = e2e_p50 / local_p50 - 1
+    return {
+        "pairs": len(e2e), "e2e_p50_ms": round(e2e_p50, 3), "inprocess_p50_ms": round(local_p50, 3),
+        "e2e_p95_ms": round(percentile(e2e, 95), 3), "inprocess_p95_ms": round(percentile(local, 95), 3),
+        "overhead": round(overhead, 4), "target": OVERHEAD_TARGET,
+        "result": "PASS" if overhead <= OVERHEAD_TARGET else "MISS",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+def answers_agree(a: dict[str, Any], b: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """Do two services answer alike (same labels in the same order, scores within tolerance)?"""
+    labels_a = [x["answer"] for x in a.get("answers", [])]
+    labels_b = [x["answer"] for x in b.get("answers", [])]
+    difference = max((abs(x["score"] - y["score"]) for x, y in zip(a["answers"], b["answers"])), default=None)
+    same = labels_a == labels_b and difference is not None and difference <= tolerance
+    return {"same": same, "labels": [labels_a, labels_b], "max_score_difference": difference, "tolerance": tolerance}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from models.backbone import resolve_device, resolve_dtype
+    from models.bench import machine_info
+
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_info(device)
+    machine["load_average_before"] = [round(v, 2) for v in os.getloadavg()]
+    started = time.perf_counter()
+    levels = sorted(set(args.concurrency) | {1})
+    thread_env = {name: str(args.threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if args.threads else {}
+    das_env = {"DAS_WORKERS": "1", "DAS_DEVICE": str(device.type), "DAS_DTYPE": args.dtype, **thread_env}
+    baseline_env = {"BASELINE_DEVICE": str(device.type), "BASELINE_DTYPE": args.dtype, **thread_env}
+    # settings the user exported (DAS_MAX_BATCH_SIZE, ...) reach the DAS service unchanged; record them
+    inherited = {k: v for k, v in os.environ.items() if k.startswith("DAS_") and k not in das_env and k != "DAS_ADMIN_TOKEN"}
+    result: dict[str, Any] = {"benchmark": "service level: DAS Serve vs a plain BentoML + transformers service"}
+    with tempfile.TemporaryDirectory(prefix="das-bench-service-") as tmp:
+        workdir = Path(tmp)
+        log_dir = Path(args.out) / "service-logs" if args.out else workdir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        _log("preparing the checkpoints and the plan store ...")
+        setup = prepare(args, workdir, device, dtype)
+        png, question = request_payload(setup.backbone.config.image_size)
+        das_env.update(DAS_BACKBONE=str(setup.das_backbone), DAS_PLANS=str(setup.store))
+        services = [
+            ("baseline", BASELINE_SERVICE, BASELINE_DIR,
+             {**baseline_env, "BASELINE_CHECKPOINT": str(setup.baseline_checkpoint)}, None),
+            (f"das-{setup.full_plan}", DAS_SERVICE, REPO, das_env, setup.full_plan),
+            (f"das-{setup.skip_plan}", DAS_SERVICE, REPO, das_env, setup.skip_plan),
+        ]
+        steps = len(services) * len(levels) + args.overhead_requests * (2 if args.zero_wait_overhead else 1)
+        rows: list[dict[str, Any]] = []
+        overhead: list[dict[str, Any]] = []
+        with tqdm(total=steps, desc="bench-service", unit="step", file=sys.stderr, dynamic_ncols=True,
+                  mininterval=2.0) as progress:
+            for name, target, cwd, env, plan in services:
+                progress.set_description(name)
+                if plan is not None:
+                    write_store(setup, active=plan)
+                with running(name, target, cwd, env, log_dir, args.start_timeout) as url:
+                    body = probe(url, png, question)
+                    if plan is not None and body["plan"]["name"] != plan:
+                        raise RuntimeError(f"{name}: expected plan {plan!r}, the service ran {body['plan']}")
+                    if plan == setup.full_plan:
+                        overhead.append({"service": name, "batching_wait_ms": inherited.get("DAS_MAX_LATENCY_MS", "default"),
+                                         **measure_overhead(url, setup, png, question, args.overhead_requests,
+                                                            args.overhead_seconds, progress)})
+                    measured = sweep(url, png, question, levels, args.warmup, args.duration, args.min_requests,
+                                     progress)
+                rows.append({
+                    "service": name, "plan": plan, "probe": body,
+                    "flops_saved": body.get("flops", {}).get("saved_ratio") if plan else None,
+                    "levels": [asdict(level) for level in measured],
+                })
+            if args.zero_wait_overhead:
+                write_store(setup, active=setup.full_plan)
+                name = f"das-{setup.full_plan}-wait0"
+                progress.set_description(name)
+                with running(name, DAS_SERVICE, REPO, {**das_env, "DAS_MAX_LATENCY_MS": "0"}, log_dir,
+                             args.start_timeout) as url:
+                    probe(url, png, question)
+                    overhead.append({"service": name, "batching_wait_ms": "0",
+                                     **measure_overhead(url, setup, png, question, args.overhead_requests,
+                                                        args.overhead_seconds, progress)})
+        weights = setup.weights
+    tolerance = 1e-4 if args.dtype == "float32" else 2e-2
+    agreement = answers_agree(rows[0]["probe"], rows[1]["probe"], tolerance)
+    if not agreement["same"]:
+        _log(f"warning: the baseline and das-full answer differently ({agreement}); they may not run the same weights")
+    machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    result.update({
+        "created_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine,
+        "settings": {
+            "model": "checkpoint" if args.checkpoint else args.model, "weights": weights,
+            "device": str(device), "dtype": args.dtype, "torch_threads": args.threads or "torch default",
+            "workers": 1, "concurrency": levels, "warmup_s": args.warmup, "duration_s": args.duration,
+            "min_requests": args.min_requests,
+            "image_size": setup.backbone.config.image_size, "question": question, "top_k": TOP_K,
+            "budget_factor": args.budget_factor, "das_env": inherited,
+        },
+        "services": rows,
+        "overhead": overhead,
+        "answers_agree": agreement,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    })
+    result.update(evaluate(result))
+    return result
+
+
+def evaluate(result: dict[str, Any]) -> dict[str, Any]:
+    """The latency budget, throughput at budget per service, and the targets."""
+    baseline, full, skip = result["services"]
+    baseline_p50 = next(lv["p50_ms"] for lv in baseline["levels"] if lv["concurrency"] == 1)
+    if baseline_p50 is None:  # no request finished inside the window: --duration is too short
+        raise SystemExit("the baseline completed no request at concurrency 1 within --duration; raise it")
+    budget = result["settings"]["budget_factor"] * baseline_p50
+    for row in result["services"]:
+        row["throughput_at_budget"] = throughput_at_budget(row["levels"], budget)
+        row["peak_throughput"] = max(lv["throughput"] for lv in row["levels"])
+        row["p50_ms_at_1"] = next(lv["p50_ms"] for lv in row["levels"] if lv["concurrency"] == 1)
+    targets = []
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    value = ratio(full["throughput_at_budget"], baseline["throughput_at_budget"])
+    targets.append({
+        "name": f"{full['service']} vs baseline: throughput at the p95 budget", "value": value,
+        "shown": "-" if value is None else f"{value:.2f}x", "target": f">= {FULL_VS_BASELINE_TARGET:.1f}x",
+        "result": "MISS" if value is None or value < FULL_VS_BASELINE_TARGET else "PASS",
+    })
+    x = skip["flops_saved"] or 0.0
+    wanted = SKIP_EFFICIENCY * x / (1 - x) if x < 1 else float("inf")
+    gain = ratio(skip["throughput_at_budget"], full["throughput_at_budget"])
+    gain = None if gain is None else gain - 1
+    targets.append({
+        "name": f"{skip['service']} vs {full['service']}: throughput gain at the p95 budget (FLOPs saved X = {x:.1%})",
+        "value": gain, "shown": "-" if gain is None else f"{gain:+.1%}",
+        "target": f">= 0.9X/(1-X) = {wanted:+.1%}", "result": "MISS" if gain is None or gain < wanted else "PASS",
+    })
+    for row in result["overhead"]:
+        targets.append({
+            "name": f"HTTP overhead, {row['service']} (DAS_MAX_LATENCY_MS={row['batching_wait_ms']}): "
+                    f"e2e p50 {row['e2e_p50_ms']:.1f} ms vs in-process {row['inprocess_p50_ms']:.1f} ms",
+            "value": row["overhead"], "shown": f"{row['overhead']:+.1%}", "target": f"<= {OVERHEAD_TARGET:.0%}",
+            "result": row["result"],
+        })
+    return {"budget_ms": round(budget, 3), "budget_rule": f"{result['settings']['budget_factor']:g} x baseline p50 "
+                                                          f"at concurrency 1 ({baseline_p50:.1f} ms)",
+            "targets": targets}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def levels_table(result: dict[str, Any]) -> str:
+    lines = ["| service | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | within budget |",
+             "|---|--:|--:|--:|--:|--:|--:|---|"]
+    for row in result["services"]:
+        for lv in row["levels"]:
+            within = lv["p95_ms"] is not None and lv["p95_ms"] <= result["budget_ms"] and not lv["errors"]
+            lines.append(f"| {row['service']} | {lv['concurrency']} | {_rate(lv['throughput'])} | {_ms(lv['p50_ms'])} | "
+                         f"{_ms(lv['p95_ms'])} | {_ms(lv['p99_ms'])} | {lv['errors']} | {'yes' if within else 'no'} |")
+    return "\n".join(lines)
+
+
+def services_table(result: dict[str, Any]) -> str:
+    lines = ["| service | plan | FLOPs saved | p50 ms at concurrency 1 | req/s at p95 <= budget | peak req/s |",
+             "|---|---|--:|--:|--:|--:|"]
+    for row in result["services"]:
+        saved = "-" if row["flops_saved"] is None else f"{row['flops_saved']:.1%}"
+        lines.append(f"| {row['service']} | {row['plan'] or 'transformers'} | {saved} | {_ms(row['p50_ms_at_1'])} | "
+                     f"{_rate(row['throughput_at_budget'])} | {_rate(row['peak_throughput'])} |")
+    return "\n".join(lines)
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    lines = ["| measure | value | target | result |", "|---|--:|--:|---|"]
+    lines += [f"| {t['name']} | {t['shown']} | {t['target']} | {t['result']} |" for t in targets]
+    return "\n".join(lines)
+
+
+def describe(result: dict[str, Any]) -> str:
+    m, s = result["machine"], result["settings"]
+    agree = result["answers_agree"]
+    return (
+        f"Machine: {m['device_name']}; {m['cpu_cores']} CPU cores; torch {m['torch']}, transformers "
+        f"{m['transformers']}, Python {m['python']}. Load average before/after: "
+        f"{', '.join(map(str, m['load_average_before']))} / {', '.join(map(str, m['load_average_after']))}.\n"
+        f"Weights: {s['weights']}.\n"
+        f"Setup: {s['dtype']} on {s['device']}, 1 worker per service, torch threads {s['torch_threads']}; "
+        f"{s['image_size']} px PNG + \"{s['question']}\", top_k {s['top_k']}; closed loop at concurrency "
+        f"{', '.join(map(str, s['concurrency']))}, {s['warmup_s']:g} s warm-up + {s['duration_s']:g} s counted per level "
+        f"(at least {s['min_requests']} requests)"
+        + (f"; DAS settings from the environment: {s['das_env']}" if s["das_env"] else "") + ".\n"
+        f"Latency budget: {result['budget_ms']:.1f} ms = {result['budget_rule']}. "
+        f"Baseline and {result['services'][1]['service']} answer alike: "
+        f"{'yes' if agree['same'] else 'NO'} (max score difference {agree['max_score_difference']}). "
+        f"Whole run: {result['wall_seconds']:.0f} s."
+    )
+
+
+def write_outputs(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-service.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = "\n\n".join([
+        "# Service-level benchmark: DAS Serve vs a plain BentoML + transformers service",
+        f"Run {result['created_at']}.",
+        describe(result).replace("\n", "  \n"),
+        "## Targets", targets_table(result["targets"]),
+        "## Per service", services_table(result),
+        "## Every load level", levels_table(result),
+        "req/s: successful requests per second in the counted window; latencies are client side "
+        "(request sent to response read). A level is within budget when its p95 is and it had no errors.",
+    ])
+    (out / "bench-service.md").write_text(text + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Combined summary with the model level (das bench)
+# ---------------------------------------------------------------------------------------------
+def model_targets(path: Path) -> list[dict[str, Any]]:
+    """The target rows of one das bench result file."""
+    model = json.loads(path.read_text())
+    size = model["settings"]["size"]
+    rows = []
+    for row in model["rows"]:
+        if row["efficiency"] is None:
+            continue
+        rows.append({
+            "level": f"model ({size}, {model['settings']['dtype']})",
+            "name": f"batch {row['batch_size']}, {row['plan']}: speedup efficiency (latency saved {row['latency_saved']:.1%} "
+                    f"/ FLOPs saved {row['flops_saved']:.1%})",
+            "value": row["efficiency"], "shown": f"{row['efficiency']:.2f}", "target": f">= {row['target']:.1f}",
+            "result": row["result"],
+        })
+    return rows
+
+
+def write_summary(service: dict[str, Any], model_files: list[Path], out: Path) -> str:
+    targets = []
+    for path in model_files:
+        targets += model_targets(path)
+    targets += [{"level": "service", **t} for t in service["targets"]]
+    lines = ["| level | measure | value | target | result |", "|---|---|--:|--:|---|"]
+    lines += [f"| {t['level']} | {t['name']} | {t['shown']} | {t['target']} | {t['result']} |" for t in targets]
+    table = "\n".join(lines)
+    summary = {
+        "created_at": service["created_at"], "machine": service["machine"], "targets": targets,
+        "files": [str(p) for p in model_files] + [str(out / "bench-service.json")],
+        "passed": sum(t["result"] == "PASS" for t in targets), "missed": sum(t["result"] == "MISS" for t in targets),
+    }
+    (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "bench.md").write_text("\n\n".join([
+        "# make bench: every target", f"Run {service['created_at']}; {describe(service).splitlines()[0]}",
+        table, "Details: " + ", ".join(f"`{Path(f).name.replace('.json', '.md')}`" for f in summary["files"]) + ".",
+    ]) + "\n")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+def _levels(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,4,16; got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,4,16; got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from loadtests.harness import positive_float, positive_int
+    from models.bench import _non_negative_int
+
+    parser = argparse.ArgumentParser(
+        prog="bench_service.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_argument_group("weights")
+    source.add_argument("--model", choices=["embedded", "base"], default="embedded",
+                        help="embedded: the shipped plans/backbone and its VQA plans (default); base: a random "
+                             "ViLT-B/32-size VQA checkpoint made here (meant for GPUs: about 2 s a request on 2 CPU cores)")
+    source.add_argument("--checkpoint", metavar="DIR",
+                        help="a ViLT checkpoint directory with a VQA head and processor files (instead of --model)")
+    source.add_argument("--skip-plan", default="skip4", metavar="NAME",
+                        help="embedded: the shipped VQA plan to compare with the full plan (default skip4)")
+    source.add_argument("--skip-layers", type=positive_int, default=None, metavar="K",
+                        help="base / --checkpoint: the skip plan skips K evenly spread layers (default: half)")
+    load = parser.add_argument_group("load")
+    load.add_argument("--concurrency", type=_levels, default=None, metavar="N,N",
+                      help=f"closed-loop concurrency levels; 1 is always included (default "
+                           f"{','.join(map(str, DEFAULT_LEVELS))}; --short: {','.join(map(str, SHORT_LEVELS))})")
+    load.add_argument("--duration", type=positive_float, default=None, metavar="S",
+                      help="counted seconds per level (default 6; --short: 2)")
+    load.add_argument("--warmup", type=positive_float, default=None, metavar="S",
+                      help="uncounted seconds at the start of each level (default 1.5; --short: 0.5)")
+    load.add_argument("--min-requests", type=positive_int, default=20, metavar="N",
+                      help="a level's window is stretched until at least N requests completed in it, so its "
+                           "percentiles rest on some data on slow machines (default 20)")
+    load.add_argument("--budget-factor", type=positive_float, default=4.0, metavar="F",
+                      help="p95 latency budget = F x the baseline's p50 at concurrency 1 (default 4)")
+    load.add_argument("--overhead-requests", type=positive_int, default=None, metavar="N",
+                      help="request / in-process pairs for the HTTP overhead (default 200; --short: 40)")
+    load.add_argument("--overhead-seconds", type=positive_float, default=120.0, metavar="S",
+                      help="stop the overhead pairs after this long (at least 5 pairs; default 120)")
+    load.add_argument("--zero-wait-overhead", action=argparse.BooleanOptionalAction, default=True,
+                      help="also measure the overhead on a das-full started with DAS_MAX_LATENCY_MS=0, i.e. "
+                           "without the micro-batching wait (one more service start; default on)")
+    load.add_argument("--short", action="store_true", help="a quick run: fewer levels, shorter windows")
+    run_group = parser.add_argument_group("machine")
+    run_group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                           help="auto = CUDA if available; passed to the services as DAS_DEVICE / BASELINE_DEVICE")
+    run_group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                           help="passed as DAS_DTYPE / BASELINE_DTYPE (the baseline casts the model, e.g. .half())")
+    run_group.add_argument("--start-timeout", type=positive_float, default=900.0, metavar="S",
+                           help="give up when a service is not ready after this long (default 900: a busy "
+                                "2-core machine can take minutes to start one)")
+    run_group.add_argument("--threads", type=_non_negative_int, default=1, metavar="N",
+                           help="torch threads of every service (OMP_NUM_THREADS) and of the in-process call "
+                                "(default 1, leaving a core to the load generator on small machines; 0 = torch's default)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", help="write DIR/bench-service.json and .md (and service logs in DIR/service-logs)")
+    out.add_argument("--model-results", nargs="*", default=[], metavar="FILE",
+                     help="das bench JSON files to combine with this run into DIR/bench.json and DIR/bench.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from loadtests.harness import stop_on_sigterm
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stop_on_sigterm()  # so that `timeout` or CI stopping this run also stops the services it started
+    args = build_parser().parse_args(argv)
+    args.concurrency = args.concurrency or list(SHORT_LEVELS if args.short else DEFAULT_LEVELS)
+    args.duration = args.duration or (2.0 if args.short else 6.0)
+    args.warmup = args.warmup or (0.5 if args.short else 1.5)
+    args.overhead_requests = args.overhead_requests or (40 if args.short else 200)
+    if args.model_results and not args.out:
+        raise SystemExit("--model-results needs --out")
+    result = run(args)
+    print(describe(result))
+    print()
+    print(services_table(result))
+    print()
+    print(targets_table(result["targets"]))
+    if args.out:
+        out = Path(args.out)
+        write_outputs(result, out)
+        print(f"\nwrote {out / 'bench-service.json'} and {out / 'bench-service.md'}")
+        if args.model_results:
+            table = write_summary(result, [Path(p) for p in args.model_results], out)
+            print("\nEvery target of this run (model and service level):\n")
+            print(table)
+            print(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

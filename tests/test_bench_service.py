@@ -1,0 +1,70 @@
+"""The service-level benchmark runs end to end at micro settings: three real `bentoml serve` processes
+(the plain transformers baseline, DAS with its full plan, DAS with a skip plan) over a tiny VQA
+checkpoint, and writes every row the README table shows. No timing thresholds: only that the
+numbers are there and consistent."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from conftest import make_checkpoint
+from models.cli import main as das_main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench_service():
+    spec = importlib.util.spec_from_file_location("bench_service", REPO / "loadtests" / "bench_service.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_service_benchmark_micro_run_writes_every_row(tmp_path):
+    checkpoint, out = tmp_path / "checkpoint", tmp_path / "out"
+    checkpoint.mkdir()
+    make_checkpoint(checkpoint, "vqa")
+    assert das_main(["bench", "--size", "tiny", "--batch-sizes", "1", "--skips", "2", "--repeats", "2",
+                     "--warmup", "0", "--threads", "1", "--max-others-cpu", "1",
+                     "--out", str(out)]) == 0
+    bench_service = _bench_service()
+    assert bench_service.main([
+        "--checkpoint", str(checkpoint), "--skip-layers", "2", "--concurrency", "1,3", "--duration", "0.6",
+        "--warmup", "0.2", "--min-requests", "2", "--overhead-requests", "4", "--no-zero-wait-overhead",
+        "--device", "cpu", "--out", str(out), "--model-results", str(out / "bench-runtime.json"),
+    ]) == 0
+
+    result = json.loads((out / "bench-service.json").read_text())
+    services = {row["service"]: row for row in result["services"]}
+    assert list(services) == ["baseline", "das-full", "das-skip2"]
+    for row in services.values():
+        assert [lv["concurrency"] for lv in row["levels"]] == [1, 3]
+        for level in row["levels"]:
+            assert level["errors"] == 0 and level["ok"] > 0 and level["throughput"] > 0
+            assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
+        assert row["peak_throughput"] == max(lv["throughput"] for lv in row["levels"])
+        assert row["throughput_at_budget"] is None or row["throughput_at_budget"] <= row["peak_throughput"]
+    # the plans the DAS services ran, as their responses said
+    assert services["das-full"]["probe"]["plan"]["name"] == "full" and services["das-full"]["flops_saved"] == 0
+    assert services["das-skip2"]["probe"]["plan"]["skipped_layers"] == [1, 3]
+    assert 0 < services["das-skip2"]["flops_saved"] < 1
+    # baseline and DAS full run the same weights, so they answer alike
+    assert result["answers_agree"]["same"], result["answers_agree"]
+    budget = result["budget_ms"]
+    assert budget == result["settings"]["budget_factor"] * services["baseline"]["p50_ms_at_1"]
+    (overhead,) = result["overhead"]
+    assert overhead["service"] == "das-full" and overhead["pairs"] == 4
+    assert overhead["e2e_p50_ms"] > 0 and overhead["inprocess_p50_ms"] > 0
+    assert abs(overhead["overhead"] - (overhead["e2e_p50_ms"] / overhead["inprocess_p50_ms"] - 1)) < 1e-3
+    assert len(result["targets"]) == 3 and all(t["result"] in ("PASS", "MISS") for t in result["targets"])
+    assert "| das-skip2 | 3 |" in (out / "bench-service.md").read_text()
+
+    summary = json.loads((out / "bench.json").read_text())
+    levels = [t["level"] for t in summary["targets"]]
+    assert levels == ["model (tiny, float32)"] + ["service"] * 3
+    assert summary["passed"] + summary["missed"] == len(summary["targets"])
+    assert "| service |" in (out / "bench.md").read_text()
