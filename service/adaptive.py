@@ -119,8 +119,8 @@ class LoadController:
     * step up one rung when the p95 (or, with fewer than ``min_samples``, every sample) stays
       under ``recover_ratio * SLO`` for ``cooldown_s`` without a break — the gap between the two
       thresholds and the cool-down keep it from flapping; an empty window changes nothing;
-    * after a step only requests that *arrived* after it are judged, so the queue built up under
-      the previous plan does not push it down a second time by itself;
+    * after a step only requests whose plan was chosen at or after it are judged, so the queue
+      built up under the previous plan does not push it down a second time by itself;
     * a step up followed by a step down within ``cooldown_s`` (the dearer plan could not keep up:
       load had not fallen, only latency on the cheap plan was low) doubles the next cool-down, up
       to ``MAX_COOLDOWN_BACKOFF`` times; a step up that holds for ``cooldown_s`` resets it. So a
@@ -135,14 +135,15 @@ class LoadController:
         self.level = 0  # rungs below the active plan
         self.serving: str | None = None  # the plan the last decision gave
         self._samples: deque[tuple[float, float]] = deque(maxlen=MAX_WINDOW_SAMPLES)  # (finished_at, seconds)
-        self._judged_since = -math.inf  # requests that arrived before this are ignored
+        self._judged_since = -math.inf  # requests whose plan was chosen before this are ignored
         self._calm_since: float | None = None
         self._last_up: float | None = None  # when the last step up happened, while it is on probation
         self.backoff = 1  # multiplies cooldown_s
 
-    def observe(self, seconds: float, arrived: float, now: float) -> None:
-        """A request of the task that arrived at ``arrived`` finished at ``now`` after ``seconds``."""
-        if arrived >= self._judged_since:
+    def observe(self, seconds: float, chosen_at: float, now: float) -> None:
+        """A request of the task whose plan was chosen at ``chosen_at`` finished at ``now``, ``seconds``
+        after it arrived."""
+        if chosen_at >= self._judged_since:
             self._samples.append((now, seconds))
 
     def p95_ms(self, now: float) -> float | None:
@@ -232,11 +233,11 @@ class LoadShifter:
             controller = self._controllers.get(task)
             return controller.settings if controller else None
 
-    def observe(self, task: str, seconds: float, arrived: float, now: float) -> None:
+    def observe(self, task: str, seconds: float, chosen_at: float, now: float) -> None:
         with self._lock:
             controller = self._controllers.get(task)
             if controller is not None:
-                controller.observe(seconds, arrived, now)
+                controller.observe(seconds, chosen_at, now)
 
     def choose(self, task: str, ladder: Sequence[str], now: float) -> str | None:
         """The plan for a new default request of ``task``; None if the task is not adaptive."""

@@ -154,7 +154,7 @@ class DASService:
         return {"tasks": overview, "load_errors": self.registry.errors}
 
     # -- request plumbing -----------------------------------------------------------------------
-    def _choose(self, task: str, plan_name: str | None, max_flops_ratio: float | None) -> tuple[Any, str]:
+    def _choose(self, task: str, plan_name: str | None, max_flops_ratio: float | None, now: float) -> tuple[Any, str]:
         """The plan for a request and why: named by it, fitting its FLOPs budget, the active plan, or
         the cheaper plan load-adaptive mode serves while the task is over its latency SLO."""
         if check_flops_budget(max_flops_ratio) is not None:
@@ -164,7 +164,7 @@ class DASService:
         if plan_name:
             return self.registry.get(task, plan_name), "request"
         ladder = self.registry.ladder(task)
-        adaptive = self.shifter.choose(task, ladder, time.perf_counter()) if ladder else None
+        adaptive = self.shifter.choose(task, ladder, now) if ladder else None
         if adaptive is not None and adaptive != ladder[0]:
             with contextlib.suppress(RegistryError):  # unloaded a moment ago: the active plan serves
                 return self.registry.get(task, adaptive), "load"
@@ -176,7 +176,8 @@ class DASService:
         started = ctx.request.scope.get(ARRIVED_KEY) or time.perf_counter()  # queueing before the handler counts
         label = "unknown"  # never a client-chosen string: label values must stay a small set
         try:
-            plan, chosen_by = self._choose(task, plan_name, max_flops_ratio)
+            chosen_at = time.perf_counter()
+            plan, chosen_by = self._choose(task, plan_name, max_flops_ratio, chosen_at)
             label = plan.name
             body, flops = await work(plan)
         except (InputError, RegistryError) as exc:
@@ -191,7 +192,7 @@ class DASService:
         finished = time.perf_counter()
         seconds = finished - started
         self.metrics.observe_request(task, label, "ok", seconds, flops.full, flops.executed)
-        self.shifter.observe(task, seconds, started, finished)
+        self.shifter.observe(task, seconds, chosen_at, finished)
         plan_info = {**_plan_info(plan), "flops_ratio": self.registry.cost(plan).flops_ratio, "chosen_by": chosen_by}
         return {**body, "plan": plan_info, "flops": _flops_info(flops), "latency_ms": round(seconds * 1000, 3)}
 

@@ -20,9 +20,9 @@ def controller(**settings) -> LoadController:
     return LoadController("vqa", AdaptiveSettings(**{**defaults, **settings}))
 
 
-def feed(ctl: LoadController, seconds: float, count: int, now: float, arrived: float | None = None) -> None:
+def feed(ctl: LoadController, seconds: float, count: int, now: float, chosen_at: float | None = None) -> None:
     for _ in range(count):
-        ctl.observe(seconds, now - seconds if arrived is None else arrived, now)
+        ctl.observe(seconds, now - seconds if chosen_at is None else chosen_at, now)
 
 
 # -- the rules, one at a time ------------------------------------------------------------------------
@@ -52,13 +52,13 @@ def test_too_few_samples_never_step_down():
     assert ctl.choose(LADDER, 1.0) == ("adapters", None)
 
 
-def test_only_requests_that_arrived_after_a_step_are_judged():
+def test_only_requests_whose_plan_was_chosen_after_a_step_are_judged():
     ctl = controller()
     feed(ctl, 0.3, 5, now=1.0)
     assert ctl.choose(LADDER, 1.0)[0] == "skip2"
-    feed(ctl, 0.3, 10, now=1.5, arrived=0.9)  # queued before the step: says nothing about skip2
+    feed(ctl, 0.3, 10, now=1.5, chosen_at=0.9)  # queued before the step: says nothing about skip2
     assert ctl.choose(LADDER, 1.5) == ("skip2", None)
-    feed(ctl, 0.3, 5, now=2.0, arrived=1.2)  # arrived after the step and still slow
+    feed(ctl, 0.3, 5, now=2.0, chosen_at=1.0)  # chosen at the step (skip2) and still slow
     assert ctl.choose(LADDER, 2.0) == ("skip4", Shift("vqa", "down", "skip2", "skip4"))
     feed(ctl, 0.3, 10, now=3.0)
     assert ctl.choose(LADDER, 3.0) == ("skip4", None)  # the cheapest rung: nowhere further down
@@ -153,7 +153,7 @@ def test_a_step_up_that_fails_fast_backs_off():
 def test_the_ladder_may_shrink_under_it():
     ctl = controller()
     for t in (1, 2):
-        feed(ctl, 0.3, 5, now=t, arrived=t)
+        feed(ctl, 0.3, 5, now=t, chosen_at=t)
         ctl.choose(LADDER, t)
     assert ctl.level == 2
     assert ctl.choose(["adapters", "skip2"], 3) == ("skip2", None)  # skip4 unloaded: the cheapest left
@@ -172,7 +172,7 @@ def simulate(rate_at, service_s: dict[str, float], duration: float, ctl: LoadCon
         while running and running[0][0] <= t:
             finished, latency, arrived = running.popleft()
             if ctl is not None:
-                ctl.observe(latency, arrived, finished)
+                ctl.observe(latency, arrived, finished)  # chosen on arrival
         plan = "adapters"
         if ctl is not None:
             plan, shift = ctl.choose(LADDER, t)
