@@ -618,3 +618,36 @@ def test_nlvr2_needs_three_token_types(meter, tmp_path):
     modules = backbone.build_plan_modules(own, init_from_backbone=True)
     weight = modules.token_type_embeddings.weight
     assert weight.shape[0] == 3 and torch.equal(weight[2], weight[1])  # METER's init of the second image's type
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Producing plans for METER: search, train, eval (micro run)
+# ---------------------------------------------------------------------------------------------
+def test_search_train_and_eval_on_meter(meter, tmp_path, capsys):
+    from models.train import TrainConfig, train_plan
+    from models.world import synthesize
+
+    data = tmp_path / "vqa"
+    synthesize("vqa", data, n=48, seed=0, image_size=48, progress=False)
+    backbone, backbone_dir = meter["backbone"], meter["dir"]
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    small = ["--epochs", "3", "--batch-size", "8", "--skip-bottleneck", "8", "--parallel-bottleneck", "4"]
+    assert main(["search", "--backbone", str(backbone_dir), "--task", "vqa", "--data", str(data), "--skip-num", "2",
+                 "--update-every", "1", "--warmup", "0.2", "--gate-lr", "5", "--out", str(tmp_path / "search"),
+                 *small]) == 0
+    search = json.loads((tmp_path / "search" / "search.json").read_text())
+    assert len(search["gates"]) == backbone.num_layers == 4  # one gate per fusion layer of either stream
+    assert any(abs(g) > 1e-6 for g in search["gates"]), "the bandit never updated a gate"
+    assert len(search["skip_set"]) == 2 and set(search["skip_set"]) <= {0, 1, 2, 3}
+
+    trained = train_plan(backbone, "vqa", data, search["skip_set"],
+                         TrainConfig(epochs=6, batch_size=8, lr=3e-3, skip_bottleneck=8, parallel_bottleneck=4),
+                         out_dir=tmp_path / "plan", name="micro", progress=False)
+    assert sum(trained.losses[-3:]) < sum(trained.losses[:3]), trained.losses
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items()), "the backbone must stay frozen"
+    assert validate_plan(tmp_path / "plan", backbone).skipped_layers == tuple(search["skip_set"])
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "plan"), "--data", str(data), "--backbone", str(backbone_dir), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.0 <= result["vqa_score"] <= 1.0
+    assert 0 < result["flops_reduced"] < result["flops_full"]
