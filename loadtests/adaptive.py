@@ -1,0 +1,379 @@
+"""Load-adaptive plans under overload: does shifting to cheaper plans hold a p95 latency SLO that the
+fixed plan misses?
+
+One `bentoml serve` (1 worker) over a copy of the embedded VQA plans in a temporary folder, active
+plan ``--active`` (default ``adapters``, the dearest, so there are cheaper plans to shift to):
+
+1. calibration, closed loop: the fixed plan's latency with one request at a time (the SLO is
+   ``--slo-factor`` times its p95, unless ``--slo-ms`` is given), then its capacity (throughput
+   with ``--concurrency`` requests in flight) and, for reference, the cheapest plan's capacity;
+2. fixed mode, open loop: requests at ``--overload`` times the fixed plan's capacity, arriving at a
+   fixed rate whatever the service does (open loop is what makes overload visible: latencies are
+   measured from each request's scheduled send time, so a slow service cannot slow the load);
+3. adaptive mode: the same load after store.json gains ``"adaptive": {"vqa": {"slo_p95_ms": SLO}}``.
+
+The summary (printed, and written as JSON and markdown under ``--out``) gives per mode the p50/p95/
+p99 latency, the failed share (503s count as SLO misses), the share of requests each plan served,
+the plan shifts counted by ``das_plan_shifts_total``, and the accuracy cost: the mean of the served
+plans' VQA scores (plan.json metrics) against the fixed plan's.
+
+    python -m loadtests.adaptive --duration 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image, ImageDraw
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+from urllib3 import encode_multipart_formdata
+
+from loadtests.harness import (
+    DEFAULT_RESULTS, REPO, http_get_json, positive_float, positive_int, running_service, stop_on_sigterm,
+)
+from service.registry import STATE_FILE
+
+SHIPPED_STORE = REPO / "plans"
+TASK = "vqa"
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40)}
+QUESTIONS = ("what color is the circle?", "how many shapes are there?", "is there a red square?",
+             "what shape is the blue one?")
+
+
+# -- requests -------------------------------------------------------------------------------------------
+def payloads(count: int = 16, size: int = 96, seed: int = 0) -> list[tuple[bytes, str]]:
+    """Multipart VQA bodies (scene image + question), encoded once: (body, content type)."""
+    rng = random.Random(seed)
+    bodies = []
+    for _ in range(count):
+        image = Image.new("RGB", (size, size), (245, 245, 245))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(1, 4)):
+            x, y, r = rng.randint(10, size - 10), rng.randint(10, size - 10), rng.randint(5, 14)
+            color = rng.choice(list(COLORS.values()))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x - r, y - r, x + r, y + r), fill=color)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        bodies.append(encode_multipart_formdata({"image": ("scene.png", buffer.getvalue(), "image/png"),
+                                                 "question": rng.choice(QUESTIONS)}))
+    return bodies
+
+
+@dataclass
+class Outcome:
+    sent_at: float  # seconds since the phase started (scheduled time in open loop)
+    latency_s: float  # from the scheduled send time to the answer
+    status: int  # HTTP status; 0: no answer (connection error or client timeout)
+    plan: str | None
+    server_ms: float | None = None  # the response's latency_ms: from arrival at the service to the answer
+
+
+async def _send(client: httpx.AsyncClient, body: tuple[bytes, str],
+                plan: str | None) -> tuple[int, str | None, float | None]:
+    """POST /vqa; (status, the plan that served it, the service's latency_ms). Status 0: no answer."""
+    data, content_type = _with_field(body, "plan", plan) if plan else body
+    try:
+        response = await client.post("/vqa", content=data, headers={"content-type": content_type})
+    except httpx.HTTPError:
+        return 0, None, None
+    if response.status_code != 200:
+        return response.status_code, None, None
+    body = response.json()
+    return 200, body["plan"]["name"], body["latency_ms"]
+
+
+def _with_field(body: tuple[bytes, str], name: str, value: str) -> tuple[bytes, str]:
+    """The multipart body with one more text field (its boundary is kept)."""
+    data, content_type = body
+    boundary = content_type.split("boundary=")[1].encode()
+    field = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n'
+             + value.encode() + b"\r\n")
+    return field + data, content_type
+
+
+async def closed_loop(url: str, bodies, concurrency: int, seconds: float, plan: str | None) -> list[Outcome]:
+    """``concurrency`` clients, each sending its next request as soon as the last one is answered."""
+    outcomes: list[Outcome] = []
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+        start = time.perf_counter()
+
+        async def user(index: int) -> None:
+            i = index
+            while time.perf_counter() - start < seconds:
+                sent = time.perf_counter()
+                status, served, server_ms = await _send(client, bodies[i % len(bodies)], plan)
+                outcomes.append(Outcome(sent - start, time.perf_counter() - sent, status, served, server_ms))
+                i += concurrency
+
+        await asyncio.gather(*(user(i) for i in range(concurrency)))
+    return outcomes
+
+
+async def open_loop(url: str, bodies, rate: float, seconds: float, label: str) -> list[Outcome]:
+    """Requests scheduled every 1/rate s for ``seconds``, each sent on time however many are pending."""
+    count = int(rate * seconds)
+    outcomes: list[Outcome] = []
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        progress = tqdm(total=count, desc=label, unit="req", leave=False)
+        start = time.perf_counter()
+
+        async def one(i: int, scheduled: float) -> None:
+            status, served, server_ms = await _send(client, bodies[i % len(bodies)], None)
+            outcomes.append(Outcome(scheduled - start, time.perf_counter() - scheduled, status, served, server_ms))
+            progress.update()
+
+        tasks = []
+        for i in range(count):
+            scheduled = start + i / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, scheduled)))
+        await asyncio.gather(*tasks)
+        progress.close()
+    return outcomes
+
+
+# -- statistics -----------------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (as the service's controller computes p95); inf for failed requests."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def latencies_ms(outcomes: list[Outcome], since_s: float = 0.0) -> list[float]:
+    """Latencies in ms of requests sent after ``since_s``; a failed request counts as infinitely slow."""
+    return [o.latency_s * 1000 if o.status == 200 else math.inf for o in outcomes if o.sent_at >= since_s]
+
+
+def phase_summary(outcomes: list[Outcome], seconds: float, scores: dict[str, float | None], slo_ms: float,
+                  settle_s: float) -> dict[str, Any]:
+    served = Counter(o.plan for o in outcomes if o.status == 200)
+    ok = sum(served.values())
+    known = {plan: n for plan, n in served.items() if scores.get(plan) is not None}
+    mean_score = sum(scores[p] * n for p, n in known.items()) / sum(known.values()) if known else None
+    every, settled = latencies_ms(outcomes), latencies_ms(outcomes, settle_s)
+    return {
+        "requests": len(outcomes), "ok": ok, "failed_share": round(1 - ok / len(outcomes), 4) if outcomes else None,
+        "failed_by_status": dict(Counter(str(o.status) for o in outcomes if o.status != 200)),
+        "throughput_rps": round(ok / seconds, 2),
+        "p50_ms": _round(percentile(every, 0.5)), "p95_ms": _round(percentile(every, 0.95)),
+        "p99_ms": _round(percentile(every, 0.99)),
+        f"p95_ms_after_{settle_s:g}s": _round(percentile(settled, 0.95)),
+        "server_p95_ms": _round(percentile([o.server_ms for o in outcomes if o.server_ms is not None], 0.95)),
+        "slo_held": percentile(every, 0.95) <= slo_ms,
+        "plan_share": {plan: round(n / ok, 4) for plan, n in sorted(served.items())} if ok else {},
+        "mean_score": None if mean_score is None else round(mean_score, 4),
+        "timeline": timeline(outcomes, seconds),
+    }
+
+
+def timeline(outcomes: list[Outcome], seconds: float, step_s: float = 5.0) -> list[dict[str, Any]]:
+    """Per ``step_s`` of send time: p95 and which plans served."""
+    rows = []
+    for start in range(0, math.ceil(seconds), int(step_s)):
+        window = [o for o in outcomes if start <= o.sent_at < start + step_s]
+        plans = Counter(o.plan for o in window if o.status == 200)
+        rows.append({"from_s": start, "p95_ms": _round(percentile(latencies_ms(window), 0.95)),
+                     "plans": dict(plans.most_common())})
+    return rows
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else (value if math.isinf(value) else round(value, 1))
+
+
+def shift_counts(url: str) -> dict[str, float]:
+    """das_plan_shifts_total for the task, keyed "direction from->to"."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        text = client.get("/metrics").text
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "das_plan_shifts":
+            for s in family.samples:
+                if s.name == "das_plan_shifts_total" and s.labels["task"] == TASK and s.value:
+                    counts[f"{s.labels['direction']} {s.labels['from_plan']}->{s.labels['to_plan']}"] = s.value
+    return counts
+
+
+# -- the plan store ---------------------------------------------------------------------------------------
+def make_store(root: Path, active: str) -> Path:
+    """A copy of the shipped VQA plans with ``active`` active (the backbone is read in place)."""
+    store = root / "plans"
+    names = sorted(p.parent.name for p in (SHIPPED_STORE / TASK).glob("*/plan.json"))
+    if active not in names:
+        raise SystemExit(f"--active must be one of the shipped {TASK} plans: {', '.join(names)}")
+    shutil.copytree(SHIPPED_STORE / TASK, store / TASK)
+    write_state(store, {"loaded": {TASK: names}, "active": {TASK: active}})
+    return store
+
+
+def write_state(store: Path, state: dict[str, Any]) -> None:
+    """Replace store.json atomically (workers re-read it every 0.5 s and must never see half of it)."""
+    tmp = store / f".{STATE_FILE}.loadtest.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, store / STATE_FILE)
+
+
+def wait_for(predicate, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.25)
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    bodies = payloads()
+    with tempfile.TemporaryDirectory(prefix="das-adaptive-") as tmp:
+        store = make_store(Path(tmp), args.active)
+        args.out.mkdir(parents=True, exist_ok=True)
+        with running_service(args.out / "serve.log", workers=1, ready_timeout_s=args.start_timeout_s,
+                             DAS_PLANS=str(store), DAS_DEVICE="cpu") as service:
+            url = service.url
+            listing = http_get_json(f"{url}/plans/")["tasks"][TASK]
+            plans = {p["name"]: p for p in listing["plans"]}
+            scores = {name: p["score"] for name, p in plans.items()}
+            cheapest = min(plans, key=lambda n: plans[n]["flops_ratio"])
+            print("plans: " + ", ".join(f"{n} (flops ratio {p['flops_ratio']:.3f}, score {p['score']:.3f})"
+                                         for n, p in sorted(plans.items(), key=lambda kv: -kv[1]["flops_ratio"])
+                                         if p["score"] is not None), flush=True)
+
+            asyncio.run(closed_loop(url, bodies, 2, 3, args.active))  # warm-up
+            print("calibrating ...", flush=True)
+            single = asyncio.run(closed_loop(url, bodies, 1, args.calibrate_s / 2, args.active))
+            unloaded_p95 = percentile(latencies_ms(single), 0.95)
+            fixed_cap = asyncio.run(closed_loop(url, bodies, args.concurrency, args.calibrate_s, args.active))
+            cheap_cap = asyncio.run(closed_loop(url, bodies, args.concurrency, args.calibrate_s, cheapest))
+            capacity = sum(o.status == 200 for o in fixed_cap) / args.calibrate_s
+            cheapest_capacity = sum(o.status == 200 for o in cheap_cap) / args.calibrate_s
+            slo_ms = args.slo_ms or round(args.slo_factor * unloaded_p95)
+            rate = args.overload * capacity
+            calibration = {
+                "unloaded_p95_ms": _round(unloaded_p95), "capacity_rps": round(capacity, 2),
+                "cheapest_plan": cheapest, "cheapest_capacity_rps": round(cheapest_capacity, 2),
+                "capacity_concurrency": args.concurrency, "slo_p95_ms": slo_ms, "offered_rps": round(rate, 2),
+            }
+            print(f"fixed plan {args.active}: p95 {unloaded_p95:.0f} ms one at a time, capacity {capacity:.1f} req/s; "
+                  f"{cheapest}: {cheapest_capacity:.1f} req/s -> SLO p95 {slo_ms} ms, offered load {rate:.1f} req/s",
+                  flush=True)
+
+            results = {}
+            for mode in ("fixed", "adaptive"):
+                if mode == "adaptive":
+                    state = json.loads((store / STATE_FILE).read_text())
+                    state["adaptive"] = {TASK: {"slo_p95_ms": slo_ms, "window_s": args.window_s,
+                                                "min_samples": args.min_samples, "cooldown_s": args.cooldown_s}}
+                    write_state(store, state)
+                    wait_for(lambda: "adaptive" in http_get_json(f"{url}/plans/")["tasks"][TASK],
+                             "the service to read the adaptive settings")
+                outcomes = asyncio.run(open_loop(url, bodies, rate, args.duration, f"{mode} at {rate:.0f} req/s"))
+                results[mode] = phase_summary(outcomes, args.duration, scores, slo_ms, args.settle_s)
+                time.sleep(args.drain_s)  # let the queue empty before the next phase
+            results["adaptive"]["shifts"] = shift_counts(url)
+
+    fixed_score = scores[args.active]
+    adaptive_score = results["adaptive"]["mean_score"]
+    return {
+        "task": TASK, "active_plan": args.active, "duration_s": args.duration, "overload": args.overload,
+        "calibration": calibration, "fixed": results["fixed"], "adaptive": results["adaptive"],
+        "scores": scores,
+        "accuracy_cost": None if adaptive_score is None or fixed_score is None else {
+            "fixed_plan_score": round(fixed_score, 4), "adaptive_mean_score": adaptive_score,
+            "relative_change": round(adaptive_score / fixed_score - 1, 4)},
+        "machine": {"cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2)},
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cal, fixed, adaptive = report["calibration"], report["fixed"], report["adaptive"]
+    settle = next(k for k in fixed if k.startswith("p95_ms_after_"))
+    lines = [
+        f"# Load-adaptive plans under {report['overload']:g}x overload ({report['task']}, active plan "
+        f"{report['active_plan']})", "",
+        f"Calibration: {report['active_plan']} answers one request at a time with p95 {cal['unloaded_p95_ms']} ms "
+        f"and serves {cal['capacity_rps']} req/s at {cal['capacity_concurrency']} in flight; the cheapest plan "
+        f"({cal['cheapest_plan']}) serves {cal['cheapest_capacity_rps']} req/s. SLO: p95 <= {cal['slo_p95_ms']} ms. "
+        f"Offered load: {cal['offered_rps']} req/s for {report['duration_s']} s per mode (open loop).", "",
+        f"| mode | p50 ms | p95 ms | p99 ms | {settle.replace('_', ' ')} | SLO held | failed | req/s served | "
+        "service's p95 ms | plans served | mean score |",
+        "|---|--:|--:|--:|--:|---|--:|--:|--:|---|--:|",
+    ]
+    for mode, row in (("fixed", fixed), ("adaptive", adaptive)):
+        share = ", ".join(f"{p} {s:.0%}" for p, s in row["plan_share"].items())
+        lines.append(f"| {mode} | {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row[settle]} | "
+                     f"{'yes' if row['slo_held'] else 'no'} | {row['failed_share']:.1%} | {row['throughput_rps']} | "
+                     f"{row['server_p95_ms']} | {share} | {row['mean_score']} |")
+    cost = report["accuracy_cost"]
+    if cost:
+        lines += ["", f"Accuracy cost (plan.json VQA scores, val split): {cost['adaptive_mean_score']} served on average "
+                      f"vs {cost['fixed_plan_score']} for the fixed plan ({cost['relative_change']:+.1%})."]
+    lines += ["", f"Plan shifts (das_plan_shifts_total): {adaptive.get('shifts') or 'none'}", "",
+              "Timeline of the adaptive run (p95 ms and plans per 5 s of send time):", ""]
+    lines += [f"- {row['from_s']:>3} s: p95 {row['p95_ms']} ms, {row['plans']}" for row in adaptive["timeline"]]
+    lines += ["", f"Machine: {report['machine']['cpus']} CPUs, 1-minute load average {report['machine']['load_average_1m']} "
+                  "at the end (the load generator shares them with the service)."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.adaptive", description=__doc__.split("\n\n")[0],
+        epilog="Takes about 3 x --calibrate-s + 2 x (--duration + --drain-s) + the service's start-up. "
+               "Writes <out>/adaptive.json, <out>/adaptive.md and <out>/serve.log.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--active", default="adapters", help="the fixed plan, and the adaptive mode's active plan")
+    parser.add_argument("--overload", type=positive_float, default=2.0,
+                        help="offered load as a multiple of the fixed plan's measured capacity")
+    parser.add_argument("--duration", type=positive_float, default=25.0, help="seconds of open-loop load per mode")
+    parser.add_argument("--calibrate-s", type=positive_float, default=6.0, help="seconds per capacity measurement")
+    parser.add_argument("--concurrency", type=positive_int, default=16,
+                        help="requests in flight while measuring capacity (the batcher's default batch size)")
+    parser.add_argument("--slo-ms", type=positive_float, default=None,
+                        help="the p95 SLO; default: --slo-factor x the fixed plan's p95 one request at a time")
+    parser.add_argument("--slo-factor", type=positive_float, default=4.0, help="see --slo-ms")
+    parser.add_argument("--window-s", type=positive_float, default=5.0, help="adaptive setting window_s")
+    parser.add_argument("--min-samples", type=positive_int, default=20, help="adaptive setting min_samples")
+    parser.add_argument("--cooldown-s", type=positive_float, default=5.0, help="adaptive setting cooldown_s")
+    parser.add_argument("--settle-s", type=positive_float, default=5.0,
+                        help="also report p95 over requests sent after this many seconds of each run")
+    parser.add_argument("--drain-s", type=positive_float, default=3.0, help="pause after each run")
+    parser.add_argument("--start-timeout-s", type=positive_float, default=600,
+                        help="how long the service may take to start (minutes on a busy 2-core machine)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "adaptive", help="where the summary goes")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stop_on_sigterm()
+    report = run(args)
+    text = markdown(report)
+    (args.out / "adaptive.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "adaptive.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
