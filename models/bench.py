@@ -21,6 +21,11 @@ fraction of latency it saves divided by the fraction of FLOPs it saves: 1.0 mean
 turn into saved time one for one. Targets: >= 0.9 at batch >= 32, >= 0.8 below (PASS/MISS per row).
 This is a measurement, not a test: the exit status is 0 whatever the efficiency.
 
+``--arch meter`` runs the same benchmark on a METER-size backbone (``MeterConfig()``: CLIP-ViT-B/16
+at 288 px, RoBERTa-base, 6 fusion layers per stream, 3129-answer VQA head, random init, written with
+``save_meter_checkpoint``); its 12 arms are the fusion layers (0-5 text side, 6-11 image side), skip
+adapters of bottleneck 288 (the DAS reference's), results in ``bench-runtime-meter.{json,md}``.
+
 ``--size embedded`` times the embedded default instead (``plans/``: the shipped backbone and its
 trained VQA plans skip2 and skip4, adapters as trained). That backbone checkpoint has no VQA head,
 so its "full" plan is built here from the shipped ``adapters`` plan: the same pooler and head, no
@@ -59,6 +64,7 @@ DEFAULT_SKIPS = (2, 4, 6)
 DEFAULT_BATCH_SIZES = (1, 32)
 NUM_VQA_LABELS = 3129
 TARGET_LARGE_BATCH = 32
+ARCH_NAMES = {"vilt": "ViLT", "meter": "METER"}
 
 
 def efficiency_target(batch_size: int) -> float:
@@ -93,6 +99,26 @@ def bench_config(size: str):
             image_size=128, patch_size=32, id2label=labels, label2id=label2id,
         )
     raise ValueError(f"unknown size {size!r} (use base or tiny)")
+
+
+def meter_bench_config(size: str):
+    """METER-B (``MeterConfig()`` defaults, 288 px) with a 3129-answer VQA head, or a tiny METER with
+    the same 12 arms for a quick smoke run."""
+    from models.meter import MeterConfig
+
+    labels = {i: f"answer{i}" for i in range(NUM_VQA_LABELS)}
+    if size == "base":
+        return MeterConfig(id2label=labels)
+    if size == "tiny":
+        small = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
+        return MeterConfig(
+            vision={**small, "image_size": 64, "patch_size": 16, "num_channels": 3, "hidden_act": "quick_gelu",
+                    "layer_norm_eps": 1e-5},
+            text={**small, "vocab_size": 512, "max_position_embeddings": 64, "type_vocab_size": 1, "layer_norm_eps": 1e-5,
+                  "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2},
+            hidden_size=128, num_attention_heads=4, intermediate_size=512, id2label=labels,
+        )
+    raise ValueError(f"unknown METER size {size!r} (use base or tiny)")
 
 
 def skipped_layers(num_layers: int, count: int, placement: str) -> tuple[int, ...]:
@@ -227,7 +253,7 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def build_backbone(size: str, device, dtype, workdir: Path):
+def build_backbone(size: str, device, dtype, workdir: Path, arch: str = "vilt"):
     """Save a random checkpoint in the Hugging Face layout and load it as the service does
     (``embedded``: load the shipped backbone)."""
     import torch
@@ -241,23 +267,32 @@ def build_backbone(size: str, device, dtype, workdir: Path):
         _log(f"backbone: embedded default {EMBEDDED_DIR / 'backbone'}, on {device} as {str(dtype).replace('torch.', '')}")
         return backbone
     transformers_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
-    config = bench_config(size)
     started = time.perf_counter()
-    model = save_vilt_checkpoint(workdir, config, "vqa", WORDS, seed=0)
+    if arch == "meter":
+        from models.meter import MeterBackbone
+        from models.meter_checkpoint import save_meter_checkpoint
+
+        model, loader = save_meter_checkpoint(workdir, meter_bench_config(size), ["vqa"], WORDS, seed=0), MeterBackbone
+    else:
+        model, loader = save_vilt_checkpoint(workdir, bench_config(size), "vqa", WORDS, seed=0), ViltBackbone
     del model
     gc.collect()
     saved = time.perf_counter()
-    backbone = ViltBackbone.from_pretrained(workdir, device=device, dtype=dtype)
+    backbone = loader.from_pretrained(workdir, device=device, dtype=dtype)
     loaded = time.perf_counter()
     params = sum(p.numel() for p in backbone.parameters())
-    _log(f"backbone: {size}, {params / 1e6:.1f} M parameters, written in {saved - started:.1f} s, "
+    _log(f"backbone: {arch} {size}, {params / 1e6:.1f} M parameters, written in {saved - started:.1f} s, "
          f"loaded in {loaded - saved:.1f} s, on {device} as {str(dtype).replace('torch.', '')}")
     torch.manual_seed(0)
     return backbone
 
 
-def build_plans(backbone, skips: list[int], placement: str, skip_bottleneck: int = SKIP_BOTTLENECK) -> list:
+def build_plans(backbone, skips: list[int], placement: str, skip_bottleneck: int | None = None) -> list:
+    """The full plan and one plan per skip count; skip adapters of the architecture's reference
+    bottleneck unless given (ViLT 192, METER 288)."""
     from models.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, builtin_full_plan
+
+    skip_bottleneck = skip_bottleneck or getattr(backbone, "default_skip_bottleneck", SKIP_BOTTLENECK)
 
     plans = [builtin_full_plan(backbone, "vqa")]
     for count in skips:
@@ -438,7 +473,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
          f"({machine['torch_threads']} threads)")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="das-bench-") as workdir:
-        backbone = build_backbone(args.size, device, dtype, Path(workdir))
+        backbone = build_backbone(args.size, device, dtype, Path(workdir), args.arch)
     if args.size == "embedded":
         from models.world import world_vocabulary
 
@@ -459,7 +494,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         variants.append(("compiled", torch.compile(runtime.vqa_logits, dynamic=False)))
 
     settings = {
-        "size": args.size, "device": str(device), "dtype": args.dtype, "compile": args.compile,
+        "arch": args.arch, "size": args.size, "device": str(device), "dtype": args.dtype, "compile": args.compile,
         "batch_sizes": args.batch_sizes, "text_tokens": TEXT_TOKENS,
         "image_size": backbone.config.image_size, "patch_size": backbone.config.patch_size,
         "skip_bottleneck": adapters[0].skip_bottleneck if adapters else None,
@@ -527,7 +562,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         others_cpu=others, times_ms=[round(s * 1e3, 3) for s in seconds],
                     ))
             del batch, forwards
-    settings["seq_len"] = reports[0].seq_lens[0]
+    # ViLT: one joint sequence; METER: text and image tokens (two streams)
+    settings["seq_len"] = reports[0].seq_lens[0] if len(reports[0].seq_lens) == 1 else list(reports[0].seq_lens)
     machine["load_average_after"] = _load_average()
     return {
         "benchmark": "das bench (model-level latency vs FLOPs)",
@@ -582,12 +618,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def describe_machine(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
+    arch = s.get("arch", "vilt")
+    layers = "fusion layers (DAS arms)" if arch == "meter" else "layers"
+    sequence = (f"sequence {s['seq_len']}" if isinstance(s["seq_len"], int)  # METER: two streams
+                else f"{s['seq_len'][0]} text and {s['seq_len'][1]} image tokens")
     return (
         f"Machine: {m['device_name']}; {m['cpu_cores']} CPU cores ({m['torch_threads']} torch threads); "
         f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}; {m['platform']}.\n"
-        f"Setup: ViLT {s['size']} ({s['num_layers']} layers, hidden {s['hidden_size']}), {s['dtype']} on {s['device']}"
-        f"{', torch.compile' if s['compile'] else ''}; {s['text_tokens']} text tokens + "
-        f"{s['image_size']}x{s['image_size']} image ({s['patch_size']} px patches) = sequence {s['seq_len']}; "
+        f"Setup: {ARCH_NAMES[arch]} {s['size']} ({s['num_layers']} {layers}, hidden {s['hidden_size']}), "
+        f"{s['dtype']} on {s['device']}{', torch.compile' if s['compile'] else ''}; {s['text_tokens']} text tokens + "
+        f"{s['image_size']}x{s['image_size']} image ({s['patch_size']} px patches) = {sequence}; "
         f"skip adapters of bottleneck {s['skip_bottleneck']}, "
         + (f"parallel adapters of bottleneck {s['parallel_bottleneck']}" if s.get("parallel_bottleneck")
            else "no parallel adapters")
@@ -624,14 +664,16 @@ def busy_warning(result: dict[str, Any]) -> str | None:
     )
 
 
-def output_stem(size: str) -> str:
-    """File name stem of a run's results: the embedded default's go beside the base size's."""
+def output_stem(size: str, arch: str = "vilt") -> str:
+    """File name stem of a run's results: the embedded default's and METER's go beside the base size's."""
+    if arch == "meter":
+        return "bench-runtime-meter"
     return "bench-runtime-embedded" if size == "embedded" else "bench-runtime"
 
 
 def write_outputs(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(result["settings"]["size"])
+    stem = output_stem(result["settings"]["size"], result["settings"].get("arch", "vilt"))
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = "\n\n".join([
         "# das bench: latency vs FLOPs of DAS plans",
@@ -653,6 +695,9 @@ def write_outputs(result: dict[str, Any], out: Path) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.arch == "meter" and args.size == "embedded":
+        print("error: --size embedded is the shipped ViLT; use --arch vilt with it", file=sys.stderr)
+        return 2
     if args.compile and args.size == "base" and args.repeats is None:
         _log("note: --compile compiles one graph per plan and batch size; the first rounds take minutes")
     result = run_benchmark(args)
@@ -664,7 +709,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("\n" + warning)
     if args.out:
         write_outputs(result, Path(args.out))
-        stem = Path(args.out) / output_stem(args.size)
+        stem = Path(args.out) / output_stem(args.size, args.arch)
         print(f"\nwrote {stem}.json and {stem}.md")
     return 0
 
@@ -720,6 +765,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="base: ViLT-B/32 size (default); tiny: a small 12-layer config for a quick smoke run; "
                             "embedded: the shipped plans/backbone with its trained VQA plans skip2 and skip4 "
                             "(--skips and --placement do not apply)")
+    bench.add_argument("--arch", choices=["vilt", "meter"], default="vilt",
+                       help="vilt (default): ViLT-B/32 size; meter: METER-B size (CLIP-ViT-B/16 at 288 px, "
+                            "RoBERTa-base, 6+6 fusion layers = 12 arms, skip bottleneck 288), results in "
+                            "bench-runtime-meter.{json,md}")
     bench.add_argument("--batch-sizes", type=_positive_int_list, default=list(DEFAULT_BATCH_SIZES),
                        metavar="N,N", help="comma-separated batch sizes (default 1,32)")
     bench.add_argument("--skips", type=_positive_int_list, default=list(DEFAULT_SKIPS), metavar="K,K",

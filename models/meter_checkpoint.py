@@ -373,14 +373,16 @@ ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0-4: RoBER
 
 
 def build_roberta_tokenizer(words: Iterable[str], max_length: int = 512):
-    """A byte-level BPE tokenizer in RoBERTa's format (any text tokenises), trained on ``words``."""
+    """A byte-level BPE tokenizer in RoBERTa's format (any text tokenises), trained on ``words`` so that
+    each of them is one token, at the start of a text and after a space alike."""
     from tokenizers import ByteLevelBPETokenizer
     from tokenizers.processors import RobertaProcessing
     from transformers import RobertaTokenizerFast
 
     words = sorted({w.lower() for w in words})
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" " + w for w in words] + [" ".join(words)], vocab_size=256 + len(ROBERTA_SPECIALS) + 4 * len(words),
+    merges = 2 * sum(len(w) for w in words)  # enough merges for both forms of every word
+    bpe.train_from_iterator(words + [" " + w for w in words], vocab_size=256 + len(ROBERTA_SPECIALS) + merges,
                             min_frequency=1, special_tokens=list(ROBERTA_SPECIALS), show_progress=False)
     bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
     return RobertaTokenizerFast(

@@ -651,3 +651,17 @@ def test_search_train_and_eval_on_meter(meter, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert 0.0 <= result["vqa_score"] <= 1.0
     assert 0 < result["flops_reduced"] < result["flops_full"]
+
+
+def test_bench_runs_on_a_meter_backbone(tmp_path):
+    """`das bench --arch meter` (tiny smoke size): 12 arms, METER's skip bottleneck, its own output files."""
+    assert main(["bench", "--arch", "meter", "--size", "tiny", "--batch-sizes", "1", "--skips", "4", "--repeats", "1",
+                 "--warmup", "0", "--threads", "1", "--max-others-cpu", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench-runtime-meter.json").read_text())
+    settings = result["settings"]
+    assert (settings["arch"], settings["num_layers"], settings["skip_bottleneck"]) == ("meter", 12, 288)
+    assert settings["seq_len"] == [16, (64 // 16) ** 2 + 1]  # every question is 16 tokens; text and image streams
+    rows = {row["plan"]: row for row in result["rows"]}
+    assert rows["skip4"]["skipped_layers"] == [2, 5, 8, 11] and 0 < rows["skip4"]["flops_saved"] < 1
+    assert "Setup: METER tiny" in (tmp_path / "bench-runtime-meter.md").read_text()
+    assert not (tmp_path / "bench-runtime.json").exists()
