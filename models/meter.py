@@ -84,6 +84,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
+# encoder settings the backbone and its FLOPs read directly (the rest default as in transformers)
+REQUIRED_ENCODER_KEYS = {
+    "vision": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+               "patch_size"),
+    "text": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "max_position_embeddings"),
+}
+
+
 def meter_vision_defaults(image_size: int = 288) -> dict[str, Any]:
     """METER's CLIP-ViT-B/16: 12 CLIP blocks of which METER keeps 11."""
     return dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=11, num_attention_heads=12,
@@ -165,6 +174,9 @@ class MeterConfig:
         for name in ("vision", "text"):
             if not isinstance(data.get(name), dict):
                 raise BackboneError(f"{where}: missing or malformed '{name}' (an object of {name} encoder settings)")
+            absent = [k for k in REQUIRED_ENCODER_KEYS[name] if k not in data[name]]
+            if absent:
+                raise BackboneError(f"{where}: '{name}' lacks {absent}")
         try:
             config = cls(**{k: v for k, v in data.items() if k != "model_type"})
         except (TypeError, ValueError) as exc:
@@ -554,7 +566,9 @@ class MeterBackbone(nn.Module):
         )
 
     # -- forward ---------------------------------------------------------------------------------
-    def embed(self, batch: MeterBatch, plan: PlanModules, image_token_type_idx: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, batch: MeterBatch, plan: PlanModules, image_token_type_idx: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both streams entering the fusion: the frozen encoders' outputs projected to the fusion
         width, plus their modality embeddings. (B, text_len, h), (B, 1 + patches, h)."""
         text = self.text(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
@@ -565,7 +579,9 @@ class MeterBackbone(nn.Module):
         y = self.image_projection(image) + token_types.weight[image_token_type_idx]
         return x, y
 
-    def streams(self, batch: MeterBatch, plan: PlanModules, image_token_type_idx: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def streams(
+        self, batch: MeterBatch, plan: PlanModules, image_token_type_idx: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final text and image states after the fusion layers under ``plan``."""
         x, y = self.embed(batch, plan, image_token_type_idx)
         text_mask = batch.attention_mask.bool()[:, None, None, :]
@@ -652,7 +668,8 @@ def meter_request_flops(
     for rows, cols in patch_grids:
         image_len = rows * cols + 1  # patches + CLIP's class token
         other = conv_patch_flops(rows * cols, vision.get("num_channels", 3), config.patch_size, vision["hidden_size"])
-        other += vision["num_hidden_layers"] * transformer_layer_flops(image_len, vision["hidden_size"], vision["intermediate_size"])
+        other += vision["num_hidden_layers"] * transformer_layer_flops(
+            image_len, vision["hidden_size"], vision["intermediate_size"])
         other += text["num_hidden_layers"] * transformer_layer_flops(text_len, text["hidden_size"], text["intermediate_size"])
         other += linear_flops(text_len, text["hidden_size"], hidden) + linear_flops(image_len, vision["hidden_size"], hidden)
         other += 2 * linear_flops(1, hidden, hidden)  # the two poolers

@@ -374,6 +374,20 @@ def test_loader_refuses_a_directory_with_missing_or_misshapen_weights(meter, tmp
         load_backbone(directory, device="cpu")
 
 
+def test_config_json_round_trips_and_refuses_what_it_does_not_know(tmp_path):
+    config = MeterConfig(id2label={0: "yes", 1: "no"})
+    config.save(tmp_path)
+    assert MeterBackbone.load_config(tmp_path) == config
+    data = config.to_dict()
+    del data["vision"]["patch_size"]
+    with pytest.raises(BackboneError, match=r"'vision' lacks \['patch_size'\]"):
+        MeterConfig.from_dict(data)
+    with pytest.raises(BackboneError, match=r"unknown METER config field\(s\) \['fusion_layers'\]"):
+        MeterConfig.from_dict({**config.to_dict(), "fusion_layers": 6})
+    with pytest.raises(BackboneError, match="not a multiple of num_attention_heads"):
+        MeterConfig.from_dict({**config.to_dict(), "num_attention_heads": 5})
+
+
 def test_pickled_hyper_parameters_need_trust(meter, tmp_path, capsys):
     ckpt = write_ckpt(tmp_path / "pickled.ckpt", meter["ref"].state_dict(), hparams=argparse.Namespace(num_heads=HEADS))
     argv = convert_argv(ckpt, tmp_path / "out", meter["tokenizer_dir"], meter["labels"], "--fusion-heads", str(HEADS))
