@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,23 +153,28 @@ def _wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout_s: 
         time.sleep(0.5)
 
 
-def stop_process_tree(process: subprocess.Popen, timeout_s: float = 30) -> bool:
+def stop_process_tree(process: subprocess.Popen, timeout_s: float = 60) -> bool:
     """SIGTERM the `bentoml serve` process (it stops its workers, which run their shutdown hooks);
-    SIGKILL its process group only if something is still there after ``timeout_s``. True when it
+    SIGKILL its process group only if something is still there ``timeout_s`` later. True when it
     stopped cleanly."""
-    clean = True
+    deadline = time.monotonic() + timeout_s
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            clean = False
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, 0)  # anything left in the group (a worker that outlived its parent)?
-        clean = False
-        os.killpg(process.pid, signal.SIGKILL)
+    while True:  # the workers may outlive their parent by a moment
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return False
+        time.sleep(0.2)
     process.wait()
-    return clean
+    return True
 
 
 @contextlib.contextmanager
@@ -210,6 +216,7 @@ class LocustRun:
         prefix.parent.mkdir(parents=True, exist_ok=True)
         command = [str(VENV_BIN / "locust"), "-f", str(LOCUSTFILE), "--headless", "--host", host,
                    "-u", str(users), "-r", str(spawn_rate), "--csv", str(prefix), "--html", f"{prefix}.html",
+                   "--json-file", str(prefix),  # the final stats (Locust appends .json)
                    "--stop-timeout", "60",  # a stop lets requests in flight finish, so none is cut and miscounted
                    "--only-summary"]
         if run_time_s is not None:
@@ -235,46 +242,64 @@ class LocustRun:
             raise LoadTestError(f"locust did not finish within {timeout_s:.0f} s; see {self.log_path}") from None
 
     def failed_to_start(self) -> str | None:
-        if self.process.poll() is not None and not Path(f"{self.prefix}_stats.csv").is_file():
+        if self.process.poll() is not None and not Path(f"{self.prefix}.json").is_file():
             return f"locust exited with status {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}"
         return None
 
 
-def _number(value: str) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None  # Locust writes "N/A" for a percentile of zero requests
+def response_time_percentile(response_times: dict[int, int], count: int, fraction: float) -> int:
+    """The response time ``fraction`` of the requests finished within, computed as Locust computes it
+    (its CSV and HTML show the same numbers) from its histogram {rounded ms: requests}."""
+    wanted, seen = int(count * fraction), 0
+    for response_time in sorted(response_times, reverse=True):
+        seen += response_times[response_time]
+        if count - seen <= wanted:
+            return response_time
+    return 0
+
+
+def _latency_entry(response_times: dict[int, int], requests: int, failures: int, total_ms: float,
+                   max_ms: float, seconds: float) -> dict[str, Any]:
+    return {
+        "requests": requests, "failures": failures,
+        **{f"p{round(q * 100)}_ms": response_time_percentile(response_times, requests, q) if requests else None
+           for q in (0.5, 0.95, 0.99)},
+        "max_ms": round(max_ms, 1) if requests else None,
+        "mean_ms": round(total_ms / requests, 1) if requests else None,
+        "rps": round(requests / seconds, 3),
+    }
 
 
 def summarize_locust(prefix: Path) -> dict[str, Any]:
     """Per endpoint and overall: requests, failures, p50/p95/p99/max and mean latency (ms), req/s.
 
-    Locust's percentiles are approximate: it keeps response times rounded to 2 significant digits."""
-    stats_path = Path(f"{prefix}_stats.csv")
+    Read from Locust's final JSON stats (``--json-file``), written after its users stopped; its
+    ``_stats.csv`` is rewritten once a second and can miss the last requests. Percentiles are
+    approximate: Locust keeps response times rounded to 2 significant digits."""
+    stats_path = Path(f"{prefix}.json")
     if not stats_path.is_file():
         raise LoadTestError(f"Locust wrote no {stats_path}")
-    endpoints, aggregated = {}, {}
-    with open(stats_path, newline="") as f:
-        for row in csv.DictReader(f):
-            entry = {
-                "requests": int(row["Request Count"]),
-                "failures": int(row["Failure Count"]),
-                "p50_ms": _number(row["50%"]), "p95_ms": _number(row["95%"]), "p99_ms": _number(row["99%"]),
-                "max_ms": _number(row["Max Response Time"]), "mean_ms": _number(row["Average Response Time"]),
-                "rps": round(float(row["Requests/s"]), 3),
-            }
-            if row["Name"] == "Aggregated":
-                aggregated = entry
-            else:
-                endpoints[row["Name"]] = entry
+    entries = [e for e in json.loads(stats_path.read_text()) if e["num_requests"] or e["num_failures"]]
+    if not entries:
+        return {"endpoints": {}, "aggregated": {"requests": 0, "failures": 0}, "errors": []}
+    # req/s over the whole run, as Locust reports it: first request to last request
+    seconds = max(1.0, max(e["last_request_timestamp"] or 0 for e in entries) - min(e["start_time"] for e in entries))
+    endpoints, histogram = {}, Counter()
+    for e in entries:
+        times = {int(float(k)): v for k, v in e["response_times"].items()}
+        histogram.update(times)
+        endpoints[e["name"]] = _latency_entry(times, e["num_requests"], e["num_failures"], e["total_response_time"],
+                                              e["max_response_time"], seconds)
+    aggregated = _latency_entry(dict(histogram), sum(e["num_requests"] for e in entries),
+                                sum(e["num_failures"] for e in entries), sum(e["total_response_time"] for e in entries),
+                                max(e["max_response_time"] for e in entries), seconds)
     errors = []
     failures_path = Path(f"{prefix}_failures.csv")
     if failures_path.is_file():
         with open(failures_path, newline="") as f:
             errors = [{"endpoint": r["Name"], "error": r["Error"], "occurrences": int(r["Occurrences"])}
                       for r in csv.DictReader(f)]
-    return {"endpoints": endpoints, "aggregated": aggregated, "errors": errors}
+    return {"endpoints": dict(sorted(endpoints.items())), "aggregated": aggregated, "errors": errors}
 
 
 # -- the summary ------------------------------------------------------------------------------------

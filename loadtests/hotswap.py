@@ -285,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a worker may take to follow an admin call (the README's promise; default 2)")
     parser.add_argument("--rss-tolerance", type=positive_float, default=0.05,
                         help="allowed relative change of worker RSS from after warm-up to the end (default 0.05)")
+    parser.add_argument("--ready-timeout", type=positive_float, default=300,
+                        help="seconds the service may take to answer /readyz (default 300)")
     parser.add_argument("--plans", type=Path, default=SHIPPED_STORE,
                         help="plan store to copy and serve (default: the embedded plans/; never modified)")
     parser.add_argument("--plan-name", default="hotswap", help="name of the swapped plan (default hotswap)")
@@ -299,6 +301,16 @@ def _wait_while_loading(locust: LocustRun, seconds: float) -> None:
         if locust.process.poll() is not None:
             raise LoadTestError(f"locust stopped early (status {locust.process.returncode}); see {locust.log_path}")
         time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+def _wait_for_traffic(locust: LocustRun, response_log: Path, responses: int, timeout_s: float = 300) -> None:
+    """Wait until Locust has its users running and responses are coming back (its start-up, drawing
+    the image pool, takes a few seconds, much longer on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while not (response_log.is_file() and response_log.read_text().count("\n") >= responses):
+        if time.monotonic() > deadline:
+            raise LoadTestError(f"no traffic after {timeout_s:.0f} s; see {locust.log_path}")
+        _wait_while_loading(locust, 0.5)
 
 
 def run_scenario(service: RunningService, store: Path, work: Path, token: str, args: argparse.Namespace,
@@ -316,6 +328,7 @@ def run_scenario(service: RunningService, store: Path, work: Path, token: str, a
                              env={"LOADTEST_WEIGHTS": weights_text(args.weights), "LOADTEST_RESPONSE_LOG": str(response_log)})
     rss: dict[str, Any] = {}
     try:
+        _wait_for_traffic(locust, response_log, args.users)
         _wait_while_loading(locust, args.warmup)
         for _ in tqdm(range(args.warmup_swaps), desc="warm-up swaps"):
             driver.swap()
@@ -385,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp) / "archives"
         work.mkdir()
         try:
-            with running_service(args.out / f"{args.name}-service.log", workers=args.workers, DAS_PLANS=str(store),
+            with running_service(args.out / f"{args.name}-service.log", workers=args.workers,
+                                 ready_timeout_s=args.ready_timeout, DAS_PLANS=str(store),
                                  DAS_ADMIN_TOKEN=token, **backbone) as service:
                 driver, timeline = run_scenario(service, store, work, token, args, response_log, summary)
             summary.locust = summarize_locust(args.out / args.name)

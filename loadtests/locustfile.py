@@ -88,7 +88,13 @@ class DASUser(FastHttpUser):
     _numbers = itertools.count()
 
     def on_start(self) -> None:
+        """One request to every endpoint in the mix, in random order, so that even a short run covers
+        them all; then the weighted choice takes over."""
         self.rng = random.Random(f"{SEED}:{next(self._numbers)}")  # user N makes the same requests every run
+        first_round = list(dict.fromkeys(self.tasks))  # Locust expands weights into repeats
+        self.rng.shuffle(first_round)
+        for send in first_round:
+            send(self)
 
     def _post(self, endpoint: str, sent: Body) -> None:
         started = time.time()

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"endpoint weights, 0 leaves one out (default {DEFAULT_WEIGHTS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image pool and of each user's requests")
     parser.add_argument("--workers", type=positive_int, default=1, help="BentoML worker processes of the service started (default 1)")
+    parser.add_argument("--ready-timeout", type=positive_float, default=300,
+                        help="seconds the started service may take to answer /readyz (default 300)")
     parser.add_argument("--host", type=local_url, default=None,
                         help="load a service already running on this machine (e.g. http://localhost:3000) "
                              "instead of starting one")
@@ -64,7 +66,7 @@ def run_load(host: str, args: argparse.Namespace) -> None:
             while locust.process.poll() is None and bar.n < args.duration:
                 time.sleep(1)
                 bar.update(min(args.duration, int(time.monotonic() - started)) - bar.n)
-        locust.wait(timeout_s=120)  # after the run time, Locust lets requests in flight finish
+        locust.wait(timeout_s=300)  # its start-up, then requests in flight finish after the run time
     except KeyboardInterrupt:
         print("interrupted: stopping Locust, the reports cover the run so far", file=sys.stderr)
     finally:
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             summary.details["service"] = {"url": args.host, "started_here": False}
         else:
             settings["workers"] = args.workers
-            with running_service(args.out / f"{args.name}-service.log", workers=args.workers) as service:
+            with running_service(args.out / f"{args.name}-service.log", workers=args.workers,
+                                 ready_timeout_s=args.ready_timeout) as service:
                 run_load(service.url, args)
             summary.details["service"] = {"url": service.url, "started_here": True, "log": str(service.log_path),
                                           "stopped_cleanly": service.stopped_cleanly}

@@ -18,7 +18,7 @@ from loadtests.hotswap import PlanTimeline  # noqa: E402
 ENDPOINTS = {"/vqa", "/nlvr2", "/retrieval/texts", "/retrieval/images"}
 
 
-def _run(module: str, out: Path, *args: str, timeout: float = 300) -> dict:
+def _run(module: str, out: Path, *args: str, timeout: float = 900) -> dict:
     """Run a load-test script as `make` does; return the summary it wrote."""
     result = subprocess.run([sys.executable, "-m", module, "--out", str(out), "--name", "run", *args],
                             cwd=REPO, capture_output=True, text=True, timeout=timeout)
