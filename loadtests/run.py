@@ -22,7 +22,7 @@ from loadtests.payloads import DEFAULT_WEIGHTS
 
 EPILOG = """\
 Writes into --out (default loadtests/results/):
-  NAME_stats.csv, NAME_stats_history.csv, NAME_failures.csv, NAME_exceptions.csv, NAME.html  (Locust's reports)
+  NAME.html, NAME.json, NAME_stats.csv, NAME_stats_history.csv, NAME_failures.csv  (Locust's reports)
   NAME-summary.json, NAME-summary.md   requests, failures, p50/p95/p99/max latency and req/s per endpoint; checks
   NAME-service.log, NAME-locust.log     the service's and Locust's output
 
