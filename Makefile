@@ -43,11 +43,13 @@ bench-runtime: $(STAMP)  ## model-level latency vs FLOPs benchmark (ViLT-B/32 si
 	$(VENV)/bin/das bench --out bench-results
 
 # make bench BENCH_SHORT=1: a quick run (fewer repeats, shorter load levels); BENCH_DEVICE / BENCH_DTYPE
-# choose the hardware, e.g. make bench BENCH_DEVICE=cuda BENCH_DTYPE=float16
+# choose the hardware, e.g. make bench BENCH_DEVICE=cuda BENCH_DTYPE=float16; BENCH_THREADS=N sets the
+# torch threads everywhere (the model level defaults to torch's choice, the service level to 1)
 BENCH_SHORT ?=
 BENCH_DEVICE ?= auto
 BENCH_DTYPE ?= float32
-BENCH_ON := --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE)
+BENCH_THREADS ?=
+BENCH_ON := --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) $(if $(BENCH_THREADS),--threads $(BENCH_THREADS))
 bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), service level vs a plain BentoML service, HTTP overhead -> bench-results/
 	$(VENV)/bin/das bench --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 2 --warmup 0 --extra-rounds 0)
 	$(VENV)/bin/das bench --size embedded --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 5 --warmup 1 --extra-rounds 0)

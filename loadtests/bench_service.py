@@ -10,11 +10,12 @@ the same load, on the same weights:
   das-<skip>  DAS Serve with a skip plan active
 
 Weights. --model embedded (default): the embedded default, plans/backbone. Its checkpoint carries no
-VQA head (its VQA plans carry their own), so "full" is the full model with the pooler and head of
-the shipped vqa/adapters plan and no adapters (models.bench.full_plan_with_parts_of), saved as plan
-"full" in a temporary plan store; the baseline loads a ViltForQuestionAnswering checkpoint written
-from the same tensors (models.checkpoints.save_vqa_checkpoint_with_plan_parts), and the benchmark
-checks that both answer alike. The skip plan is a shipped one (--skip-plan, default skip4), as
+VQA head (its VQA plans carry their own), so das-full runs the full model with the pooler and head
+of the shipped vqa/adapters plan and no adapters (models.bench.full_plan_with_parts_of), saved as
+plan "noskip" in a temporary plan store ("full" is reserved for built-in plans); the baseline
+loads a ViltForQuestionAnswering checkpoint written from the same tensors
+(models.checkpoints.save_vqa_checkpoint_with_plan_parts), and the benchmark checks that both
+answer alike. The skip plan is a shipped one (--skip-plan, default skip4), as
 trained. --checkpoint DIR: a ViLT checkpoint with a VQA head, served as is by all three (DAS's
 built-in full plan) with a skip plan of random adapters skipping --skip-layers evenly spread layers;
 --model base makes such a checkpoint of ViLT-B/32 size (random init, 3129 answers) first.
@@ -22,8 +23,8 @@ built-in full plan) with a skip plan of random adapters skipping --skip-layers e
 Load. Every request is the same: one synthetic-world image (PNG, the model's image size) and one
 question, top_k=5. Closed loop: at each --concurrency level, that many clients (httpx, asyncio) send
 requests back to back for --warmup seconds (not counted), then --duration seconds (stretched until
-at least --min-requests completed); a request counts if it completes inside that window. Reported per level: throughput (successful requests/s),
-latency p50/p95/p99 (client side), errors.
+at least --min-requests completed); a request counts if it completes inside that window. Reported
+per level: throughput (successful requests/s), latency p50/p95/p99 (client side), errors.
 
 Budget and ratios. The latency budget is --budget-factor (default 4) x the baseline's p50 at
 concurrency 1. "Throughput at budget" is the highest throughput among levels whose p95 is within
@@ -80,6 +81,7 @@ SKIP_EFFICIENCY = 0.9  # the skip plan should turn 90% of its FLOPs saving into 
 DEFAULT_LEVELS = (1, 2, 4, 8, 16, 32)
 SHORT_LEVELS = (1, 4, 16)
 TOP_K = 5
+NOSKIP_PLAN = "noskip"  # the embedded default's full model, as a plan on disk ("full" is reserved)
 
 
 def _log(message: str) -> None:
@@ -106,24 +108,25 @@ def prepare(args: argparse.Namespace, workdir: Path, device, dtype) -> Setup:
     """Write the temporary plan store (and checkpoints) the three services load."""
     from models.backbone import load_backbone
     from models.bench import (
-        EMBEDDED_DIR, EMBEDDED_HEAD_SOURCE, WORDS, bench_config, build_plans, embedded_plans,
+        EMBEDDED_DIR, EMBEDDED_HEAD_SOURCE, WORDS, bench_config, build_plans, full_plan_with_parts_of,
     )
     from models.checkpoints import save_vilt_checkpoint, save_vqa_checkpoint_with_plan_parts
-    from models.plan import save_plan
+    from models.plan import load_plan, save_plan
 
     store = workdir / "plans"
     store.mkdir()
     if args.checkpoint is None and args.model == "embedded":
         backbone_dir = EMBEDDED_DIR / "backbone"
         backbone = load_backbone(backbone_dir, device, dtype)
-        full = embedded_plans(backbone, EMBEDDED_DIR, skip_names=())[0]
+        source = load_plan(EMBEDDED_DIR / "vqa" / EMBEDDED_HEAD_SOURCE, backbone)
+        full = full_plan_with_parts_of(backbone, source, name=NOSKIP_PLAN)
         save_plan(store / "vqa" / full.name, full.spec, full.modules)
         skip_dir = EMBEDDED_DIR / "vqa" / args.skip_plan
         if not (skip_dir / "plan.json").is_file():
             raise SystemExit(f"no shipped VQA plan {args.skip_plan!r} in {EMBEDDED_DIR / 'vqa'}")
         shutil.copytree(skip_dir, store / "vqa" / args.skip_plan)
         baseline_dir = save_vqa_checkpoint_with_plan_parts(backbone_dir, full, workdir / "baseline")
-        weights = (f"embedded default {backbone_dir.relative_to(REPO)}; 'full' = no skip, no adapters, pooler and "
+        weights = (f"embedded default {backbone_dir.relative_to(REPO)}; '{NOSKIP_PLAN}' = no skip, no adapters, pooler and "
                    f"head of the shipped vqa/{EMBEDDED_HEAD_SOURCE} plan (the baseline loads the same tensors as a "
                    f"ViltForQuestionAnswering checkpoint); '{args.skip_plan}' = the shipped plan")
         return Setup(backbone_dir, store, [full.name, args.skip_plan], full.name, args.skip_plan, baseline_dir,
@@ -400,7 +403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         services = [
             ("baseline", BASELINE_SERVICE, BASELINE_DIR,
              {**baseline_env, "BASELINE_CHECKPOINT": str(setup.baseline_checkpoint)}, None),
-            (f"das-{setup.full_plan}", DAS_SERVICE, REPO, das_env, setup.full_plan),
+            ("das-full", DAS_SERVICE, REPO, das_env, setup.full_plan),
             (f"das-{setup.skip_plan}", DAS_SERVICE, REPO, das_env, setup.skip_plan),
         ]
         steps = len(services) * len(levels) + args.overhead_requests * (2 if args.zero_wait_overhead else 1)
@@ -429,7 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 })
             if args.zero_wait_overhead:
                 write_store(setup, active=setup.full_plan)
-                name = f"das-{setup.full_plan}-wait0"
+                name = "das-full-wait0"
                 progress.set_description(name)
                 with running(name, DAS_SERVICE, REPO, {**das_env, "DAS_MAX_LATENCY_MS": "0"}, log_dir,
                              args.start_timeout) as url:
