@@ -241,6 +241,10 @@ class LocustRun:
             self.process.wait()
             raise LoadTestError(f"locust did not finish within {timeout_s:.0f} s; see {self.log_path}") from None
 
+    def summary(self) -> dict[str, Any]:
+        """Once it has finished: ``summarize_locust`` plus its exit status."""
+        return {**summarize_locust(self.prefix), "exit_code": self.process.returncode}
+
     def failed_to_start(self) -> str | None:
         if self.process.poll() is not None and not Path(f"{self.prefix}.json").is_file():
             return f"locust exited with status {self.process.returncode}:\n{self.log_path.read_text()[-3000:]}"
@@ -354,11 +358,17 @@ def _ms(value: float | None) -> str:
 
 
 def add_locust_checks(summary: Summary, expected_endpoints: list[str]) -> None:
-    """The checks every scenario makes: no failed request, every endpoint in the mix was hit."""
+    """The checks every scenario makes: no failed request, Locust ran without errors, every endpoint in
+    the mix was hit."""
     aggregated = summary.locust.get("aggregated") or {}
     failures = aggregated.get("failures", 0)
     summary.check("zero failed requests", aggregated.get("requests", 0) > 0 and failures == 0,
                   f"{aggregated.get('requests', 0)} requests, {failures} failed")
+    exit_code = summary.locust.get("exit_code")
+    summary.check("Locust finished without errors", exit_code == 0,
+                  f"exit status {exit_code}" + ("" if exit_code == 0 else
+                                                 " (failed requests or exceptions in the users: see the *_exceptions.csv"
+                                                 " and *-locust.log)"))
     hit = {name for name, e in summary.locust.get("endpoints", {}).items() if e["requests"] > 0}
     missing = [e for e in expected_endpoints if e not in hit]
     summary.check("every endpoint in the mix was hit", not missing,

@@ -75,7 +75,7 @@ RESPONSE_LOG_PATH = os.environ.get("LOADTEST_RESPONSE_LOG")
 _response_log = open(RESPONSE_LOG_PATH, "a", buffering=1) if RESPONSE_LOG_PATH else None  # one line per write
 
 
-@events.quitting.add_listener
+@events.quit.add_listener  # after the users stopped (``quitting`` fires before they finish)
 def _close_response_log(**_kwargs) -> None:
     if _response_log is not None:
         _response_log.close()

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from loadtests.harness import (
     DEFAULT_RESULTS, LoadTestError, LocustRun, Summary, add_locust_checks, duration_seconds, endpoints_in_mix,
-    local_url, positive_float, positive_int, running_service, stop_on_sigterm, summarize_locust, user_count,
+    local_url, positive_float, positive_int, running_service, stop_on_sigterm, user_count,
     weights_argument, weights_text,
 )
 from loadtests.payloads import DEFAULT_WEIGHTS
@@ -26,7 +26,7 @@ Writes into --out (default loadtests/results/):
   NAME-summary.json, NAME-summary.md   requests, failures, p50/p95/p99/max latency and req/s per endpoint; checks
   NAME-service.log, NAME-locust.log     the service's and Locust's output
 
-Exit status: 0 when every request succeeded and every endpoint in the mix was hit, 1 otherwise,
+Exit status: 0 when every request succeeded, Locust raised no errors and every endpoint in the mix was hit, 1 otherwise,
 2 for bad arguments or when the service or Locust could not start.
 """
 
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_load(host: str, args: argparse.Namespace) -> None:
+def run_load(host: str, args: argparse.Namespace) -> LocustRun:
     """Run Locust for --duration with a progress bar; Ctrl-C stops it early (the reports are still written)."""
     locust = LocustRun.start(host, args.users, args.spawn_rate, args.out / args.name, run_time_s=args.duration,
                              env={"LOADTEST_WEIGHTS": weights_text(args.weights), "LOADTEST_SEED": str(args.seed)})
@@ -75,6 +75,7 @@ def run_load(host: str, args: argparse.Namespace) -> None:
     problem = locust.failed_to_start()
     if problem:
         raise LoadTestError(problem)
+    return locust
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,16 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = Summary("loadtest", settings)
     try:
         if args.host:
-            run_load(args.host, args)
+            locust = run_load(args.host, args)
             summary.details["service"] = {"url": args.host, "started_here": False}
         else:
             settings["workers"] = args.workers
             with running_service(args.out / f"{args.name}-service.log", workers=args.workers,
                                  ready_timeout_s=args.ready_timeout) as service:
-                run_load(service.url, args)
+                locust = run_load(service.url, args)
             summary.details["service"] = {"url": service.url, "started_here": True, "log": str(service.log_path),
                                           "stopped_cleanly": service.stopped_cleanly}
-        summary.locust = summarize_locust(args.out / args.name)
+        summary.locust = locust.summary()
     except LoadTestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
