@@ -1,0 +1,109 @@
+"""The service over a METER backbone: a real `bentoml serve` with DAS_BACKBONE pointing at a tiny
+METER directory, plans for METER beside a ViLT plan that must be refused. Nothing in service/ knows
+the architecture; this checks that it does not need to."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import WORDS, random_image
+from models.meter import MeterBackbone, MeterConfig
+from models.meter_checkpoint import save_meter_checkpoint
+from models.plan import AdapterShapes, BackboneRef, PlanSpec, builtin_full_plan, load_plan, save_plan
+from models.runtime import DASRuntime
+from test_service_integration import _png, serve
+
+VQA_LABELS = ["red", "blue", "green", "yes", "no"]
+
+
+def tiny_meter_config() -> MeterConfig:
+    """CLIP 2 layers / RoBERTa 2 layers / fusion 2 per stream, width 32, 32 px images, 16 px patches."""
+    return MeterConfig(
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                    patch_size=16, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        text=dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=24, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1,
+                  bos_token_id=0, eos_token_id=2),
+        hidden_size=32, num_fusion_layers=2, num_attention_heads=2, intermediate_size=64, max_text_len=12,
+        modality_type_vocab_size=3, id2label=dict(enumerate(VQA_LABELS)),
+    )
+
+
+def _save(backbone, store, task, name, skipped=(), seed=0, **fields):
+    spec = PlanSpec(task=task, name=name, version=1, backbone=BackboneRef(backbone.architecture, backbone.fingerprint),
+                    skipped_layers=tuple(skipped), adapters=AdapterShapes(8 if skipped else None, 4), **fields)
+    torch.manual_seed(seed)
+    modules = backbone.build_plan_modules(spec, init_from_backbone=True)
+    with torch.no_grad():
+        for p in modules.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_plan(store / task / name, spec, modules, overwrite=True)
+
+
+@pytest.fixture(scope="module")
+def meter_server(tmp_path_factory, backbones):
+    root = tmp_path_factory.mktemp("meter-service")
+    backbone_dir, store = root / "backbone", root / "plans"
+    save_meter_checkpoint(backbone_dir, tiny_meter_config(), ["vqa", "nlvr2", "retrieval"], WORDS, seed=0)
+    backbone = MeterBackbone.from_pretrained(backbone_dir)
+    _save(backbone, store, "vqa", "skip2", skipped=(1, 2))  # text-side layer 1 and image-side layer 0
+    _save(backbone, store, "nlvr2", "own", skipped=(3,), own_head=True, labels=("False", "True"),
+          own_parts=("pooler", "token_type_embeddings"))
+    vilt = backbones["vqa"]
+    _save(vilt, store, "vqa", "vilt", skipped=(1,))  # made for the ViLT backbone: must be refused
+    (store / "store.json").write_text(json.dumps({"loaded": {"vqa": ["skip2", "vilt"], "nlvr2": ["own"]},
+                                                  "active": {"vqa": "skip2"}}))
+    with serve(root, DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_WORKERS="1") as client:
+        yield {"client": client, "backbone": backbone, "store": store}
+
+
+def test_meter_service_answers_with_plans_and_refuses_a_vilt_plan(meter_server):
+    client, backbone, store = meter_server["client"], meter_server["backbone"], meter_server["store"]
+    runtime = DASRuntime(backbone)
+    image, question = random_image(50, 70, seed=3), "what color is the circle"
+
+    response = client.post("/vqa", files={"image": ("q.png", _png(image), "image/png")},
+                           data={"question": question, "top_k": "3"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    plan = body["plan"]
+    assert (plan["task"], plan["name"], plan["version"], plan["skipped_layers"]) == ("vqa", "skip2", 1, [1, 2])
+    (expected,) = runtime.vqa(load_plan(store / "vqa" / "skip2", backbone), [image], [question], top_k=3)
+    assert [a["answer"] for a in body["answers"]] == [a.answer for a in expected.answers]
+    for got, want in zip(body["answers"], expected.answers):
+        assert abs(got["score"] - want.score) < 1e-4
+    assert body["flops"]["executed"] == expected.flops.executed < body["flops"]["full"] == expected.flops.full
+
+    full = client.post("/vqa", files={"image": ("q.png", _png(image), "image/png")},
+                       data={"question": question, "plan": "full"}).json()
+    (reference,) = runtime.vqa(builtin_full_plan(backbone, "vqa"), [image], [question])
+    assert full["answers"][0]["answer"] == reference.answers[0].answer
+    assert full["flops"]["executed"] == full["flops"]["full"] == body["flops"]["full"]
+
+    right = random_image(40, 40, seed=4)
+    nlvr2 = client.post("/nlvr2", files={"image_left": ("l.png", _png(image), "image/png"),
+                                         "image_right": ("r.png", _png(right), "image/png")},
+                        data={"statement": "both images contain a red circle", "plan": "own"})
+    assert nlvr2.status_code == 200, nlvr2.text
+    assert nlvr2.json()["plan"]["name"] == "own" and 0.0 <= nlvr2.json()["probability"] <= 1.0
+    ranking = client.post("/retrieval/texts", files={"image": ("i.png", _png(image), "image/png")},
+                          data={"texts": ["a red circle", "a blue square", "two shapes"]})
+    assert ranking.status_code == 200, ranking.text
+    assert sorted(r["index"] for r in ranking.json()["ranking"]) == [0, 1, 2]
+
+    overview = client.get("/plans/").json()
+    vqa_plans = {p["name"]: p for p in overview["tasks"]["vqa"]["plans"]}
+    assert set(vqa_plans) == {"full", "skip2"} and vqa_plans["skip2"]["flops_saved_ratio"] > 0
+    assert "made for a 'vilt' backbone" in overview["load_errors"]["vqa/vilt"]
+    bad = client.post("/vqa", files={"image": ("q.png", _png(image), "image/png")},
+                      data={"question": question, "plan": "vilt"})
+    assert bad.status_code in (404, 422) and "error" in bad.json()
+
+    samples = {(s.labels.get("task"), s.labels.get("plan"), s.labels.get("status")): s.value
+               for family in text_string_to_metric_families(client.get("/metrics").text)
+               for s in family.samples if s.name == "das_requests_total"}
+    assert samples[("vqa", "skip2", "ok")] >= 1 and samples[("nlvr2", "own", "ok")] >= 1
