@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Service-level benchmark: DAS Serve side by side with a plain BentoML + transformers service.
 
-Three services run one after the other on this machine, each a `bentoml serve` with 1 worker, under
-the same load, on the same weights:
+Three services, each a `bentoml serve` with 1 worker, on the same weights, take turns under the
+same load on this machine (only one receives requests at any time):
 
   baseline    loadtests/baseline: transformers' ViltProcessor + ViltForQuestionAnswering, one
               forward pass per request (the usual way to serve ViLT with BentoML)
@@ -23,8 +23,11 @@ built-in full plan) with a skip plan of random adapters skipping --skip-layers e
 Load. Every request is the same: one synthetic-world image (PNG, the model's image size) and one
 question, top_k=5. Closed loop: at each --concurrency level, that many clients (httpx, asyncio) send
 requests back to back for --warmup seconds (not counted), then --duration seconds (stretched until
-at least --min-requests completed); a request counts if it completes inside that window. Reported
-per level: throughput (successful requests/s), latency p50/p95/p99 (client side), errors.
+enough requests completed); a request counts if it completes inside that window. Every level of
+every service is measured --rounds times and the services take turns, in an order that rotates with
+the round and the level, so that a change in the machine's speed (other jobs on a shared machine)
+hits all three alike; the rounds are pooled. Reported per level: throughput (successful requests/s,
+and per round), latency p50/p95/p99 (client side), errors.
 
 Budget and ratios. The latency budget is --budget-factor (default 4) x the baseline's p50 at
 concurrency 1. "Throughput at budget" is the highest throughput among levels whose p95 is within
@@ -151,8 +154,12 @@ def prepare(args: argparse.Namespace, workdir: Path, device, dtype) -> Setup:
     return Setup(backbone_dir, store, [skip.name], full.name, skip.name, backbone_dir, weights, backbone, full)
 
 
-def write_store(setup: Setup, active: str) -> None:
-    (setup.store / "store.json").write_text(json.dumps({"loaded": {"vqa": setup.on_disk}, "active": {"vqa": active}}))
+def store_with_active(setup: Setup, directory: Path, active: str) -> Path:
+    """A copy of the prepared plan store in ``directory`` whose store.json makes ``active`` the VQA default."""
+    if not directory.exists():
+        shutil.copytree(setup.store, directory)
+    (directory / "store.json").write_text(json.dumps({"loaded": {"vqa": setup.on_disk}, "active": {"vqa": active}}))
+    return directory
 
 
 def request_payload(image_size: int, seed: int = 0) -> tuple[bytes, str]:
@@ -210,7 +217,10 @@ def probe(url: str, png: bytes, question: str, tries: int = 3) -> dict[str, Any]
         for _ in range(tries):
             response = client.post("/vqa", files=_files(png), data=_data(question))
             if response.status_code != 200:
-                raise RuntimeError(f"{url}/vqa answered {response.status_code}: {response.text[:500]}")
+                plans = client.get("/plans/")  # a DAS service says there why a plan was not loaded
+                errors = plans.json().get("load_errors") if plans.status_code == 200 else None
+                raise RuntimeError(f"{url}/vqa answered {response.status_code}: {response.text[:500]}"
+                                   + (f"; plan load errors: {errors}" if errors else ""))
         return response.json()
 
 
@@ -229,6 +239,7 @@ class Level:
     p99_ms: float | None
     mean_ms: float | None
     statuses: dict[str, int] = field(default_factory=dict)  # non-200 statuses and transport errors
+    round_throughputs: list[float] = field(default_factory=list)  # per round: its spread shows the noise
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -242,8 +253,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def summarize(concurrency: int, seconds: float, records: list[tuple[float, bool, str]]) -> Level:
-    """records: (latency seconds, ok, status) of the requests completed in the window."""
+Record = tuple[float, bool, str]  # one request: latency in seconds, whether it succeeded, status
+
+
+def summarize(concurrency: int, seconds: float, records: list[Record], round_throughputs: list[float]) -> Level:
+    """records: the requests completed in the counted windows, which lasted ``seconds`` in all."""
     latencies = [latency * 1e3 for latency, ok, _ in records if ok]
     statuses: dict[str, int] = {}
     for _, ok, status in records:
@@ -257,17 +271,18 @@ def summarize(concurrency: int, seconds: float, records: list[tuple[float, bool,
         concurrency=concurrency, seconds=round(seconds, 3), ok=len(latencies), errors=len(records) - len(latencies),
         throughput=round(len(latencies) / seconds, 3), p50_ms=stat(50), p95_ms=stat(95), p99_ms=stat(99),
         mean_ms=round(statistics.fmean(latencies), 3) if latencies else None, statuses=statuses,
+        round_throughputs=round_throughputs,
     )
 
 
 async def closed_loop(url: str, png: bytes, question: str, concurrency: int, warmup: float, duration: float,
-                      min_requests: int = 1) -> Level:
+                      min_requests: int = 1) -> tuple[list[Record], float]:
     """``concurrency`` clients send requests back to back; count those completing in the window.
     The window lasts ``duration`` seconds, longer if needed until ``min_requests`` completed in it."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    records: list[tuple[float, bool, str]] = []
+    records: list[Record] = []
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
         window_start = time.perf_counter() + warmup
         planned_end = window_start + duration
@@ -293,17 +308,31 @@ async def closed_loop(url: str, png: bytes, question: str, concurrency: int, war
                     window_end = done
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-    return summarize(concurrency, window_end - window_start, records)
+    return records, window_end - window_start
 
 
-def sweep(url: str, png: bytes, question: str, levels: list[int], warmup: float, duration: float, min_requests: int,
-          progress) -> list[Level]:
-    results = []
-    for concurrency in levels:
-        progress.set_postfix_str(f"concurrency {concurrency}")
-        results.append(asyncio.run(closed_loop(url, png, question, concurrency, warmup, duration, min_requests)))
-        progress.update(1)
-    return results
+def interleaved_sweep(urls: dict[str, str], png: bytes, question: str, levels: list[int], rounds: int,
+                      warmup: float, duration: float, min_requests: int, progress) -> dict[str, list[Level]]:
+    """Every level of every service, ``rounds`` times. The services take turns (one under load at a
+    time) in an order that rotates with the round and the level; each level's rounds are pooled."""
+    names = list(urls)
+    records: dict[tuple[str, int], list[Record]] = {(n, c): [] for n in names for c in levels}
+    seconds = dict.fromkeys(records, 0.0)
+    per_round: dict[tuple[str, int], list[float]] = {key: [] for key in records}
+    per_window = max(1, -(-min_requests // rounds))  # the rounds together reach min_requests
+    for r in range(rounds):
+        for i, concurrency in enumerate(levels):
+            shift = (r + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                progress.set_postfix_str(f"round {r + 1}/{rounds}, concurrency {concurrency}, {name}")
+                window, length = asyncio.run(
+                    closed_loop(urls[name], png, question, concurrency, warmup, duration, per_window))
+                key = (name, concurrency)
+                records[key] += window
+                seconds[key] += length
+                per_round[key].append(round(sum(ok for _, ok, _ in window) / length, 3))
+                progress.update(1)
+    return {n: [summarize(c, seconds[(n, c)], records[(n, c)], per_round[(n, c)]) for c in levels] for n in names}
 
 
 def throughput_at_budget(levels: list[dict[str, Any]], budget_ms: float) -> float | None:
@@ -399,43 +428,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _log("preparing the checkpoints and the plan store ...")
         setup = prepare(args, workdir, device, dtype)
         png, question = request_payload(setup.backbone.config.image_size)
-        das_env.update(DAS_BACKBONE=str(setup.das_backbone), DAS_PLANS=str(setup.store))
+        das_env["DAS_BACKBONE"] = str(setup.das_backbone)
+        full_store = store_with_active(setup, workdir / "plans-full", setup.full_plan)
+        skip_store = store_with_active(setup, workdir / "plans-skip", setup.skip_plan)
         services = [
             ("baseline", BASELINE_SERVICE, BASELINE_DIR,
              {**baseline_env, "BASELINE_CHECKPOINT": str(setup.baseline_checkpoint)}, None),
-            ("das-full", DAS_SERVICE, REPO, das_env, setup.full_plan),
-            (f"das-{setup.skip_plan}", DAS_SERVICE, REPO, das_env, setup.skip_plan),
+            ("das-full", DAS_SERVICE, REPO, {**das_env, "DAS_PLANS": str(full_store)}, setup.full_plan),
+            (f"das-{setup.skip_plan}", DAS_SERVICE, REPO, {**das_env, "DAS_PLANS": str(skip_store)}, setup.skip_plan),
         ]
-        steps = len(services) * len(levels) + args.overhead_requests * (2 if args.zero_wait_overhead else 1)
-        rows: list[dict[str, Any]] = []
+        steps = (args.rounds * len(services) * len(levels)
+                 + args.overhead_requests * (2 if args.zero_wait_overhead else 1))
         overhead: list[dict[str, Any]] = []
         with tqdm(total=steps, desc="bench-service", unit="step", file=sys.stderr, dynamic_ncols=True,
-                  mininterval=2.0) as progress:
-            for name, target, cwd, env, plan in services:
-                progress.set_description(name)
-                if plan is not None:
-                    write_store(setup, active=plan)
-                with running(name, target, cwd, env, log_dir, args.start_timeout) as url:
-                    body = probe(url, png, question)
-                    if plan is not None and body["plan"]["name"] != plan:
-                        raise RuntimeError(f"{name}: expected plan {plan!r}, the service ran {body['plan']}")
-                    if plan == setup.full_plan:
-                        overhead.append({"service": name, "batching_wait_ms": inherited.get("DAS_MAX_LATENCY_MS", "default"),
-                                         **measure_overhead(url, setup, png, question, args.overhead_requests,
-                                                            args.overhead_seconds, progress)})
-                    measured = sweep(url, png, question, levels, args.warmup, args.duration, args.min_requests,
-                                     progress)
-                rows.append({
-                    "service": name, "plan": plan, "probe": body,
-                    "flops_saved": body.get("flops", {}).get("saved_ratio") if plan else None,
-                    "levels": [asdict(level) for level in measured],
-                })
+                  mininterval=2.0) as progress, contextlib.ExitStack() as stack:
+            urls, probes = {}, {}
+            for name, target, cwd, env, plan in services:  # all up; only one is loaded at any time
+                progress.set_postfix_str(f"starting {name}")
+                urls[name] = stack.enter_context(running(name, target, cwd, env, log_dir, args.start_timeout))
+                probes[name] = probe(urls[name], png, question)
+                if plan is not None and probes[name]["plan"]["name"] != plan:
+                    raise RuntimeError(f"{name}: expected plan {plan!r}, the service ran {probes[name]['plan']}")
+            overhead.append({"service": "das-full", "batching_wait_ms": inherited.get("DAS_MAX_LATENCY_MS", "default"),
+                             **measure_overhead(urls["das-full"], setup, png, question, args.overhead_requests,
+                                                args.overhead_seconds, progress)})
+            measured = interleaved_sweep(urls, png, question, levels, args.rounds, args.warmup, args.duration,
+                                         args.min_requests, progress)
+            stack.close()
+            rows = [{
+                "service": name, "plan": plan, "probe": probes[name],
+                "flops_saved": probes[name].get("flops", {}).get("saved_ratio") if plan else None,
+                "levels": [asdict(level) for level in measured[name]],
+            } for name, _, _, _, plan in services]
             if args.zero_wait_overhead:
-                write_store(setup, active=setup.full_plan)
                 name = "das-full-wait0"
-                progress.set_description(name)
-                with running(name, DAS_SERVICE, REPO, {**das_env, "DAS_MAX_LATENCY_MS": "0"}, log_dir,
-                             args.start_timeout) as url:
+                progress.set_postfix_str(f"starting {name}")
+                env = {**das_env, "DAS_PLANS": str(full_store), "DAS_MAX_LATENCY_MS": "0"}
+                with running(name, DAS_SERVICE, REPO, env, log_dir, args.start_timeout) as url:
                     probe(url, png, question)
                     overhead.append({"service": name, "batching_wait_ms": "0",
                                      **measure_overhead(url, setup, png, question, args.overhead_requests,
@@ -452,8 +481,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "model": "checkpoint" if args.checkpoint else args.model, "weights": weights,
             "device": str(device), "dtype": args.dtype, "torch_threads": args.threads or "torch default",
-            "workers": 1, "concurrency": levels, "warmup_s": args.warmup, "duration_s": args.duration,
-            "min_requests": args.min_requests,
+            "workers": 1, "concurrency": levels, "rounds": args.rounds, "warmup_s": args.warmup,
+            "duration_s": args.duration, "min_requests": args.min_requests,
             "image_size": setup.backbone.config.image_size, "question": question, "top_k": TOP_K,
             "budget_factor": args.budget_factor, "das_env": inherited,
         },
@@ -521,12 +550,14 @@ def _rate(value: float | None) -> str:
 
 
 def levels_table(result: dict[str, Any]) -> str:
-    lines = ["| service | concurrency | req/s | p50 ms | p95 ms | p99 ms | errors | within budget |",
-             "|---|--:|--:|--:|--:|--:|--:|---|"]
+    lines = ["| service | concurrency | req/s | req/s per round | p50 ms | p95 ms | p99 ms | errors | within budget |",
+             "|---|--:|--:|--:|--:|--:|--:|--:|---|"]
     for row in result["services"]:
         for lv in row["levels"]:
             within = lv["p95_ms"] is not None and lv["p95_ms"] <= result["budget_ms"] and not lv["errors"]
-            lines.append(f"| {row['service']} | {lv['concurrency']} | {_rate(lv['throughput'])} | {_ms(lv['p50_ms'])} | "
+            rounds = ", ".join(f"{t:.1f}" for t in lv["round_throughputs"])
+            lines.append(f"| {row['service']} | {lv['concurrency']} | {_rate(lv['throughput'])} | {rounds} | "
+                         f"{_ms(lv['p50_ms'])} | "
                          f"{_ms(lv['p95_ms'])} | {_ms(lv['p99_ms'])} | {lv['errors']} | {'yes' if within else 'no'} |")
     return "\n".join(lines)
 
@@ -557,8 +588,8 @@ def describe(result: dict[str, Any]) -> str:
         f"Weights: {s['weights']}.\n"
         f"Setup: {s['dtype']} on {s['device']}, 1 worker per service, torch threads {s['torch_threads']}; "
         f"{s['image_size']} px PNG + \"{s['question']}\", top_k {s['top_k']}; closed loop at concurrency "
-        f"{', '.join(map(str, s['concurrency']))}, {s['warmup_s']:g} s warm-up + {s['duration_s']:g} s counted per level "
-        f"(at least {s['min_requests']} requests)"
+        f"{', '.join(map(str, s['concurrency']))}; per level and service {s['rounds']} rounds (services taking turns) "
+        f"of {s['warmup_s']:g} s warm-up + {s['duration_s']:g} s counted (at least {s['min_requests']} requests in all)"
         + (f"; DAS settings from the environment: {s['das_env']}" if s["das_env"] else "") + ".\n"
         f"Latency budget: {result['budget_ms']:.1f} ms = {result['budget_rule']}. "
         f"Baseline and {result['services'][1]['service']} answer alike: "
@@ -596,8 +627,8 @@ def model_targets(path: Path) -> list[dict[str, Any]]:
             continue
         rows.append({
             "level": f"model ({size}, {model['settings']['dtype']})",
-            "name": f"batch {row['batch_size']}, {row['plan']}: speedup efficiency (latency saved {row['latency_saved']:.1%} "
-                    f"/ FLOPs saved {row['flops_saved']:.1%})",
+            "name": f"batch {row['batch_size']}, {row['plan']}: speedup efficiency "
+                    f"(latency saved {row['latency_saved']:.1%} / FLOPs saved {row['flops_saved']:.1%})",
             "value": row["efficiency"], "shown": f"{row['efficiency']:.2f}", "target": f">= {row['target']:.1f}",
             "result": row["result"],
         })
@@ -660,13 +691,16 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=_levels, default=None, metavar="N,N",
                       help=f"closed-loop concurrency levels; 1 is always included (default "
                            f"{','.join(map(str, DEFAULT_LEVELS))}; --short: {','.join(map(str, SHORT_LEVELS))})")
+    load.add_argument("--rounds", type=positive_int, default=None, metavar="R",
+                      help="times every level of every service is measured, the services taking turns "
+                           "(default 3; --short: 2)")
     load.add_argument("--duration", type=positive_float, default=None, metavar="S",
-                      help="counted seconds per level (default 6; --short: 2)")
+                      help="counted seconds per level and round (default 3; --short: 1.5)")
     load.add_argument("--warmup", type=positive_float, default=None, metavar="S",
-                      help="uncounted seconds at the start of each level (default 1.5; --short: 0.5)")
+                      help="uncounted seconds at the start of each level and round (default 1; --short: 0.5)")
     load.add_argument("--min-requests", type=positive_int, default=20, metavar="N",
-                      help="a level's window is stretched until at least N requests completed in it, so its "
-                           "percentiles rest on some data on slow machines (default 20)")
+                      help="a level's windows are stretched until at least N requests completed in them (over "
+                           "all rounds), so its percentiles rest on some data on slow machines (default 20)")
     load.add_argument("--budget-factor", type=positive_float, default=4.0, metavar="F",
                       help="p95 latency budget = F x the baseline's p50 at concurrency 1 (default 4)")
     load.add_argument("--overhead-requests", type=positive_int, default=None, metavar="N",
@@ -689,7 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="torch threads of every service (OMP_NUM_THREADS) and of the in-process call "
                                 "(default 1, leaving a core to the load generator on small machines; 0 = torch's default)")
     out = parser.add_argument_group("output")
-    out.add_argument("--out", metavar="DIR", help="write DIR/bench-service.json and .md (and service logs in DIR/service-logs)")
+    out.add_argument("--out", metavar="DIR",
+                     help="write DIR/bench-service.json and .md (and service logs in DIR/service-logs)")
     out.add_argument("--model-results", nargs="*", default=[], metavar="FILE",
                      help="das bench JSON files to combine with this run into DIR/bench.json and DIR/bench.md")
     return parser
@@ -702,8 +737,9 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_sigterm()  # so that `timeout` or CI stopping this run also stops the services it started
     args = build_parser().parse_args(argv)
     args.concurrency = args.concurrency or list(SHORT_LEVELS if args.short else DEFAULT_LEVELS)
-    args.duration = args.duration or (2.0 if args.short else 6.0)
-    args.warmup = args.warmup or (0.5 if args.short else 1.5)
+    args.rounds = args.rounds or (2 if args.short else 3)
+    args.duration = args.duration or (1.5 if args.short else 3.0)
+    args.warmup = args.warmup or (0.5 if args.short else 1.0)
     args.overhead_requests = args.overhead_requests or (40 if args.short else 200)
     if args.model_results and not args.out:
         raise SystemExit("--model-results needs --out")

@@ -33,9 +33,9 @@ def test_service_benchmark_micro_run_writes_every_row(tmp_path):
                      "--out", str(out)]) == 0
     bench_service = _bench_service()
     assert bench_service.main([
-        "--checkpoint", str(checkpoint), "--skip-layers", "2", "--concurrency", "1,3", "--duration", "0.6",
-        "--warmup", "0.2", "--min-requests", "2", "--overhead-requests", "4", "--no-zero-wait-overhead",
-        "--device", "cpu", "--out", str(out), "--model-results", str(out / "bench-runtime.json"),
+        "--checkpoint", str(checkpoint), "--skip-layers", "2", "--concurrency", "1,3", "--rounds", "2",
+        "--duration", "0.6", "--warmup", "0.2", "--min-requests", "2", "--overhead-requests", "4",
+        "--no-zero-wait-overhead", "--device", "cpu", "--out", str(out), "--model-results", str(out / "bench-runtime.json"),
     ]) == 0
 
     result = json.loads((out / "bench-service.json").read_text())
@@ -46,6 +46,7 @@ def test_service_benchmark_micro_run_writes_every_row(tmp_path):
         for level in row["levels"]:
             assert level["errors"] == 0 and level["ok"] > 0 and level["throughput"] > 0
             assert 0 < level["p50_ms"] <= level["p95_ms"] <= level["p99_ms"]
+            assert len(level["round_throughputs"]) == 2 and all(t >= 0 for t in level["round_throughputs"])
         assert row["peak_throughput"] == max(lv["throughput"] for lv in row["levels"])
         assert row["throughput_at_budget"] is None or row["throughput_at_budget"] <= row["peak_throughput"]
     # the plans the DAS services ran, as their responses said
@@ -62,6 +63,7 @@ def test_service_benchmark_micro_run_writes_every_row(tmp_path):
     assert abs(overhead["overhead"] - (overhead["e2e_p50_ms"] / overhead["inprocess_p50_ms"] - 1)) < 1e-3
     assert len(result["targets"]) == 3 and all(t["result"] in ("PASS", "MISS") for t in result["targets"])
     assert "| das-skip2 | 3 |" in (out / "bench-service.md").read_text()
+    assert {p.name for p in (out / "service-logs").iterdir()} == {"baseline.log", "das-full.log", "das-skip2.log"}
 
     summary = json.loads((out / "bench.json").read_text())
     levels = [t["level"] for t in summary["targets"]]
