@@ -1,8 +1,10 @@
 """Load-adaptive plans under overload: does shifting to cheaper plans hold a p95 latency SLO that the
 fixed plan misses?
 
-One `bentoml serve` (1 worker) over a copy of the embedded VQA plans in a temporary folder, active
-plan ``--active`` (default ``adapters``, the dearest, so there are cheaper plans to shift to):
+One `bentoml serve` (1 worker) over a copy of the embedded plans of ``--task`` (VQA by default; or
+text retrieval with ``--candidates`` captions per request, which puts more model work behind each
+HTTP request) in a temporary folder, active plan ``--active`` (default ``adapters``, the dearest, so
+there are cheaper plans to shift to):
 
 1. calibration, closed loop: the fixed plan's latency with one request at a time (the SLO is
    ``--slo-factor`` times its p95, unless ``--slo-ms`` is given), then its capacity (throughput
@@ -10,12 +12,14 @@ plan ``--active`` (default ``adapters``, the dearest, so there are cheaper plans
 2. fixed mode, open loop: requests at ``--overload`` times the fixed plan's capacity, arriving at a
    fixed rate whatever the service does (open loop is what makes overload visible: latencies are
    measured from each request's scheduled send time, so a slow service cannot slow the load);
-3. adaptive mode: the same load after store.json gains ``"adaptive": {"vqa": {"slo_p95_ms": SLO}}``.
+3. adaptive mode: the same load after store.json gains ``"adaptive": {TASK: {"slo_p95_ms": SLO, ...}}``.
 
 The summary (printed, and written as JSON and markdown under ``--out``) gives per mode the p50/p95/
 p99 latency, the failed share (503s count as SLO misses), the share of requests each plan served,
 the plan shifts counted by ``das_plan_shifts_total``, and the accuracy cost: the mean of the served
-plans' VQA scores (plan.json metrics) against the fixed plan's.
+plans' scores (plan.json metrics, as ``GET /plans/`` lists them) against the fixed plan's. It also
+says when the offered load is beyond even the cheapest plan's measured capacity: then no plan can
+hold the SLO and the adaptive mode can only slow the queue's growth.
 
     python -m loadtests.adaptive --duration 25
 """
@@ -37,6 +41,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx
 from PIL import Image, ImageDraw
@@ -50,15 +55,19 @@ from loadtests.harness import (
 from service.registry import STATE_FILE
 
 SHIPPED_STORE = REPO / "plans"
-TASK = "vqa"
+MAX_CONNECTIONS = 768  # open-loop requests in flight at most (the service queues 256 per worker and sheds the rest)
+ROUTES = {"vqa": "/vqa", "retrieval": "/retrieval/texts"}  # the task -> the endpoint the load goes to
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40)}
 QUESTIONS = ("what color is the circle?", "how many shapes are there?", "is there a red square?",
              "what shape is the blue one?")
+CAPTIONS = [f"a {size} {color} {shape}" for size in ("small", "large") for color in COLORS
+            for shape in ("circle", "square")]
 
 
 # -- requests -------------------------------------------------------------------------------------------
-def payloads(count: int = 16, size: int = 96, seed: int = 0) -> list[tuple[bytes, str]]:
-    """Multipart VQA bodies (scene image + question), encoded once: (body, content type)."""
+def payloads(task: str, candidates: int, count: int = 16, size: int = 96, seed: int = 0) -> list[tuple[bytes, str]]:
+    """Multipart bodies encoded once, (body, content type): a scene image and a question (vqa) or
+    ``candidates`` captions to rank (retrieval, one JSON array field)."""
     rng = random.Random(seed)
     bodies = []
     for _ in range(count):
@@ -70,8 +79,9 @@ def payloads(count: int = 16, size: int = 96, seed: int = 0) -> list[tuple[bytes
             (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x - r, y - r, x + r, y + r), fill=color)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        bodies.append(encode_multipart_formdata({"image": ("scene.png", buffer.getvalue(), "image/png"),
-                                                 "question": rng.choice(QUESTIONS)}))
+        text = ({"question": rng.choice(QUESTIONS)} if task == "vqa" else
+                {"texts": json.dumps([rng.choice(CAPTIONS) for _ in range(candidates)])})
+        bodies.append(encode_multipart_formdata({"image": ("scene.png", buffer.getvalue(), "image/png"), **text}))
     return bodies
 
 
@@ -84,18 +94,95 @@ class Outcome:
     server_ms: float | None = None  # the response's latency_ms: from arrival at the service to the answer
 
 
-async def _send(client: httpx.AsyncClient, body: tuple[bytes, str],
+class _StaleConnection(Exception):
+    """The server closed a connection before answering on it."""
+
+
+class RawClient:
+    """A minimal HTTP/1.1 keep-alive client on asyncio streams, at most ``max_connections`` open.
+
+    The load generator shares the machine's cores with the service, so it must spend as little CPU
+    per request as it can: httpx costs about a millisecond per request, this a tenth of that."""
+
+    def __init__(self, url: str, max_connections: int, timeout_s: float = 60) -> None:
+        parsed = urlparse(url)
+        self.host, self.port, self.timeout_s = parsed.hostname, parsed.port, timeout_s
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self._slots = asyncio.Semaphore(max_connections)
+
+    async def __aenter__(self) -> RawClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for _, writer in self._idle:
+            writer.close()
+
+    async def post(self, path: str, data: bytes, content_type: str) -> tuple[int, bytes]:
+        """(status, body); raises ConnectionError when there is no complete answer within timeout_s."""
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(data)}\r\n\r\n").encode()
+        async with self._slots:
+            while True:
+                reused = bool(self._idle)
+                try:
+                    reader, writer = self._idle.pop() if reused else await asyncio.open_connection(self.host, self.port)
+                except OSError as exc:
+                    raise ConnectionError(str(exc)) from None
+                try:
+                    writer.write(head + data)
+                    status, body, keep_alive = await asyncio.wait_for(self._response(reader), self.timeout_s)
+                except _StaleConnection:
+                    writer.close()
+                    if reused:  # the server closed it while idle (keep-alive timeout): send again on a new one
+                        continue
+                    raise ConnectionError("the server closed the connection without answering") from None
+                except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
+                    writer.close()
+                    raise ConnectionError(repr(exc)) from None
+                if keep_alive:
+                    self._idle.append((reader, writer))
+                else:
+                    writer.close()
+                return status, body
+
+    @staticmethod
+    async def _response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
+        status_line = await reader.readline()
+        if not status_line:
+            raise _StaleConnection()
+        status = int(status_line.split()[1])
+        length, chunked, keep_alive = 0, False, True
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value
+            elif name == b"connection":
+                keep_alive = value != b"close"
+        if not chunked:
+            return status, await reader.readexactly(length), keep_alive
+        body = b""
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            body += await reader.readexactly(size)
+            await reader.readline()
+        await reader.readline()
+        return status, body, keep_alive
+
+
+async def _send(client: RawClient, route: str, body: tuple[bytes, str],
                 plan: str | None) -> tuple[int, str | None, float | None]:
-    """POST /vqa; (status, the plan that served it, the service's latency_ms). Status 0: no answer."""
+    """POST one request; (status, the plan that served it, the service's latency_ms). Status 0: no answer."""
     data, content_type = _with_field(body, "plan", plan) if plan else body
     try:
-        response = await client.post("/vqa", content=data, headers={"content-type": content_type})
-    except httpx.HTTPError:
+        status, answer = await client.post(route, data, content_type)
+    except ConnectionError:
         return 0, None, None
-    if response.status_code != 200:
-        return response.status_code, None, None
-    body = response.json()
-    return 200, body["plan"]["name"], body["latency_ms"]
+    if status != 200:
+        return status, None, None
+    parsed = json.loads(answer)
+    return 200, parsed["plan"]["name"], parsed["latency_ms"]
 
 
 def _with_field(body: tuple[bytes, str], name: str, value: str) -> tuple[bytes, str]:
@@ -107,17 +194,17 @@ def _with_field(body: tuple[bytes, str], name: str, value: str) -> tuple[bytes, 
     return field + data, content_type
 
 
-async def closed_loop(url: str, bodies, concurrency: int, seconds: float, plan: str | None) -> list[Outcome]:
+async def closed_loop(url: str, route: str, bodies, concurrency: int, seconds: float, plan: str | None) -> list[Outcome]:
     """``concurrency`` clients, each sending its next request as soon as the last one is answered."""
     outcomes: list[Outcome] = []
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=concurrency)) as client:
+    async with RawClient(url, concurrency) as client:
         start = time.perf_counter()
 
         async def user(index: int) -> None:
             i = index
             while time.perf_counter() - start < seconds:
                 sent = time.perf_counter()
-                status, served, server_ms = await _send(client, bodies[i % len(bodies)], plan)
+                status, served, server_ms = await _send(client, route, bodies[i % len(bodies)], plan)
                 outcomes.append(Outcome(sent - start, time.perf_counter() - sent, status, served, server_ms))
                 i += concurrency
 
@@ -125,17 +212,16 @@ async def closed_loop(url: str, bodies, concurrency: int, seconds: float, plan: 
     return outcomes
 
 
-async def open_loop(url: str, bodies, rate: float, seconds: float, label: str) -> list[Outcome]:
+async def open_loop(url: str, route: str, bodies, rate: float, seconds: float, label: str) -> list[Outcome]:
     """Requests scheduled every 1/rate s for ``seconds``, each sent on time however many are pending."""
     count = int(rate * seconds)
     outcomes: list[Outcome] = []
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with RawClient(url, MAX_CONNECTIONS) as client:
         progress = tqdm(total=count, desc=label, unit="req", leave=False)
         start = time.perf_counter()
 
         async def one(i: int, scheduled: float) -> None:
-            status, served, server_ms = await _send(client, bodies[i % len(bodies)], None)
+            status, served, server_ms = await _send(client, route, bodies[i % len(bodies)], None)
             outcomes.append(Outcome(scheduled - start, time.perf_counter() - scheduled, status, served, server_ms))
             progress.update()
 
@@ -202,7 +288,7 @@ def _round(value: float) -> float | None:
     return None if math.isnan(value) else (value if math.isinf(value) else round(value, 1))
 
 
-def shift_counts(url: str) -> dict[str, float]:
+def shift_counts(url: str, task: str) -> dict[str, float]:
     """das_plan_shifts_total for the task, keyed "direction from->to"."""
     with httpx.Client(base_url=url, timeout=30) as client:
         text = client.get("/metrics").text
@@ -210,20 +296,20 @@ def shift_counts(url: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         if family.name == "das_plan_shifts":
             for s in family.samples:
-                if s.name == "das_plan_shifts_total" and s.labels["task"] == TASK and s.value:
+                if s.name == "das_plan_shifts_total" and s.labels["task"] == task and s.value:
                     counts[f"{s.labels['direction']} {s.labels['from_plan']}->{s.labels['to_plan']}"] = s.value
     return counts
 
 
 # -- the plan store ---------------------------------------------------------------------------------------
-def make_store(root: Path, active: str) -> Path:
-    """A copy of the shipped VQA plans with ``active`` active (the backbone is read in place)."""
+def make_store(root: Path, task: str, active: str) -> Path:
+    """A copy of the shipped plans of ``task`` with ``active`` active (the backbone is read in place)."""
     store = root / "plans"
-    names = sorted(p.parent.name for p in (SHIPPED_STORE / TASK).glob("*/plan.json"))
+    names = sorted(p.parent.name for p in (SHIPPED_STORE / task).glob("*/plan.json"))
     if active not in names:
-        raise SystemExit(f"--active must be one of the shipped {TASK} plans: {', '.join(names)}")
-    shutil.copytree(SHIPPED_STORE / TASK, store / TASK)
-    write_state(store, {"loaded": {TASK: names}, "active": {TASK: active}})
+        raise SystemExit(f"--active must be one of the shipped {task} plans: {', '.join(names)}")
+    shutil.copytree(SHIPPED_STORE / task, store / task)
+    write_state(store, {"loaded": {task: names}, "active": {task: active}})
     return store
 
 
@@ -232,6 +318,25 @@ def write_state(store: Path, state: dict[str, Any]) -> None:
     tmp = store / f".{STATE_FILE}.loadtest.tmp"
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, store / STATE_FILE)
+
+
+def wait_idle(url: str, route: str, body: tuple[bytes, str], plan: str, fast_s: float, pause_s: float,
+              timeout_s: float = 300) -> None:
+    """Wait ``pause_s``, then until a lone request is answered within ``fast_s`` (the queue is empty)."""
+    time.sleep(pause_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        started = time.perf_counter()
+        status, _, _ = asyncio.run(_probe(url, route, body, plan))
+        if status == 200 and time.perf_counter() - started < fast_s:
+            return
+        time.sleep(1)
+    raise SystemExit(f"the service was still busy {timeout_s:.0f} s after the load stopped")
+
+
+async def _probe(url: str, route: str, body: tuple[bytes, str], plan: str):
+    async with RawClient(url, 1, timeout_s=120) as client:
+        return await _send(client, route, body, plan)
 
 
 def wait_for(predicate, what: str, timeout_s: float = 30) -> None:
@@ -244,14 +349,19 @@ def wait_for(predicate, what: str, timeout_s: float = 30) -> None:
 
 # -- the run ----------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    bodies = payloads()
+    task, route = args.task, ROUTES[args.task]
+    bodies = payloads(task, args.candidates)
     with tempfile.TemporaryDirectory(prefix="das-adaptive-") as tmp:
-        store = make_store(Path(tmp), args.active)
+        store = make_store(Path(tmp), task, args.active)
         args.out.mkdir(parents=True, exist_ok=True)
+        threads = str(args.torch_threads)
+        # its own BENTOML_HOME: every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
+        # starts, so one started elsewhere on this machine would wipe this run's counters (shifts)
         with running_service(args.out / "serve.log", workers=1, ready_timeout_s=args.start_timeout_s,
-                             DAS_PLANS=str(store), DAS_DEVICE="cpu") as service:
+                             DAS_PLANS=str(store), DAS_DEVICE="cpu", OMP_NUM_THREADS=threads,
+                             MKL_NUM_THREADS=threads, BENTOML_HOME=str(Path(tmp) / "bentoml-home")) as service:
             url = service.url
-            listing = http_get_json(f"{url}/plans/")["tasks"][TASK]
+            listing = http_get_json(f"{url}/plans/")["tasks"][task]
             plans = {p["name"]: p for p in listing["plans"]}
             scores = {name: p["score"] for name, p in plans.items()}
             cheapest = min(plans, key=lambda n: plans[n]["flops_ratio"])
@@ -259,12 +369,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                          for n, p in sorted(plans.items(), key=lambda kv: -kv[1]["flops_ratio"])
                                          if p["score"] is not None), flush=True)
 
-            asyncio.run(closed_loop(url, bodies, 2, 3, args.active))  # warm-up
+            asyncio.run(closed_loop(url, route, bodies, 2, 3, args.active))  # warm-up
             print("calibrating ...", flush=True)
-            single = asyncio.run(closed_loop(url, bodies, 1, args.calibrate_s / 2, args.active))
+            single = asyncio.run(closed_loop(url, route, bodies, 1, args.calibrate_s / 2, args.active))
             unloaded_p95 = percentile(latencies_ms(single), 0.95)
-            fixed_cap = asyncio.run(closed_loop(url, bodies, args.concurrency, args.calibrate_s, args.active))
-            cheap_cap = asyncio.run(closed_loop(url, bodies, args.concurrency, args.calibrate_s, cheapest))
+            fixed_cap = asyncio.run(closed_loop(url, route, bodies, args.concurrency, args.calibrate_s, args.active))
+            cheap_cap = asyncio.run(closed_loop(url, route, bodies, args.concurrency, args.calibrate_s, cheapest))
             capacity = sum(o.status == 200 for o in fixed_cap) / args.calibrate_s
             cheapest_capacity = sum(o.status == 200 for o in cheap_cap) / args.calibrate_s
             slo_ms = args.slo_ms or round(args.slo_factor * unloaded_p95)
@@ -282,20 +392,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for mode in ("fixed", "adaptive"):
                 if mode == "adaptive":
                     state = json.loads((store / STATE_FILE).read_text())
-                    state["adaptive"] = {TASK: {"slo_p95_ms": slo_ms, "window_s": args.window_s,
+                    state["adaptive"] = {task: {"slo_p95_ms": slo_ms, "window_s": args.window_s,
                                                 "min_samples": args.min_samples, "cooldown_s": args.cooldown_s}}
                     write_state(store, state)
-                    wait_for(lambda: "adaptive" in http_get_json(f"{url}/plans/")["tasks"][TASK],
+                    wait_for(lambda: "adaptive" in http_get_json(f"{url}/plans/")["tasks"][task],
                              "the service to read the adaptive settings")
-                outcomes = asyncio.run(open_loop(url, bodies, rate, args.duration, f"{mode} at {rate:.0f} req/s"))
+                outcomes = asyncio.run(open_loop(url, route, bodies, rate, args.duration, f"{mode} at {rate:.0f} req/s"))
                 results[mode] = phase_summary(outcomes, args.duration, scores, slo_ms, args.settle_s)
-                time.sleep(args.drain_s)  # let the queue empty before the next phase
-            results["adaptive"]["shifts"] = shift_counts(url)
+                # the service keeps working on requests whose clients gave up: start the next run on an idle one
+                wait_idle(url, route, bodies[0], args.active, 3 * unloaded_p95 / 1000, args.drain_s)
+            results["adaptive"]["shifts"] = shift_counts(url, task)
 
     fixed_score = scores[args.active]
     adaptive_score = results["adaptive"]["mean_score"]
     return {
-        "task": TASK, "active_plan": args.active, "duration_s": args.duration, "overload": args.overload,
+        "task": task, "route": route, "candidates": args.candidates if task == "retrieval" else None, "active_plan": args.active, "duration_s": args.duration, "overload": args.overload,
         "calibration": calibration, "fixed": results["fixed"], "adaptive": results["adaptive"],
         "scores": scores,
         "accuracy_cost": None if adaptive_score is None or fixed_score is None else {
@@ -309,12 +420,16 @@ def markdown(report: dict[str, Any]) -> str:
     cal, fixed, adaptive = report["calibration"], report["fixed"], report["adaptive"]
     settle = next(k for k in fixed if k.startswith("p95_ms_after_"))
     lines = [
-        f"# Load-adaptive plans under {report['overload']:g}x overload ({report['task']}, active plan "
-        f"{report['active_plan']})", "",
+        f"# Load-adaptive plans under {report['overload']:g}x overload ({report['route']}"
+        + (f", {report['candidates']} candidates" if report["candidates"] else "") + f", active plan {report['active_plan']})",
+        "",
         f"Calibration: {report['active_plan']} answers one request at a time with p95 {cal['unloaded_p95_ms']} ms "
         f"and serves {cal['capacity_rps']} req/s at {cal['capacity_concurrency']} in flight; the cheapest plan "
         f"({cal['cheapest_plan']}) serves {cal['cheapest_capacity_rps']} req/s. SLO: p95 <= {cal['slo_p95_ms']} ms. "
-        f"Offered load: {cal['offered_rps']} req/s for {report['duration_s']} s per mode (open loop).", "",
+        f"Offered load: {cal['offered_rps']} req/s for {report['duration_s']} s per mode (open loop)."
+        + ("" if cal["offered_rps"] <= cal["cheapest_capacity_rps"] else
+           f" **That is more than even {cal['cheapest_plan']} can serve: no plan can hold the SLO at this load; "
+           "adaptive mode can only slow the queue's growth.**"), "",
         f"| mode | p50 ms | p95 ms | p99 ms | {settle.replace('_', ' ')} | SLO held | failed | req/s served | "
         "service's p95 ms | plans served | mean score |",
         "|---|--:|--:|--:|--:|---|--:|--:|--:|---|--:|",
@@ -326,7 +441,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{row['server_p95_ms']} | {share} | {row['mean_score']} |")
     cost = report["accuracy_cost"]
     if cost:
-        lines += ["", f"Accuracy cost (plan.json VQA scores, val split): {cost['adaptive_mean_score']} served on average "
+        lines += ["", f"Accuracy cost (plan.json {report['task']} scores, val split): {cost['adaptive_mean_score']} served on average "
                       f"vs {cost['fixed_plan_score']} for the fixed plan ({cost['relative_change']:+.1%})."]
     lines += ["", f"Plan shifts (das_plan_shifts_total): {adaptive.get('shifts') or 'none'}", "",
               "Timeline of the adaptive run (p95 ms and plans per 5 s of send time):", ""]
@@ -342,13 +457,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog="Takes about 3 x --calibrate-s + 2 x (--duration + --drain-s) + the service's start-up. "
                "Writes <out>/adaptive.json, <out>/adaptive.md and <out>/serve.log.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", choices=sorted(ROUTES), default="vqa",
+                        help="vqa: POST /vqa; retrieval: POST /retrieval/texts with --candidates captions per request")
+    parser.add_argument("--candidates", type=positive_int, default=32,
+                        help="captions per retrieval request (more: more model work per HTTP request)")
     parser.add_argument("--active", default="adapters", help="the fixed plan, and the adaptive mode's active plan")
     parser.add_argument("--overload", type=positive_float, default=2.0,
                         help="offered load as a multiple of the fixed plan's measured capacity")
     parser.add_argument("--duration", type=positive_float, default=25.0, help="seconds of open-loop load per mode")
     parser.add_argument("--calibrate-s", type=positive_float, default=6.0, help="seconds per capacity measurement")
-    parser.add_argument("--concurrency", type=positive_int, default=16,
-                        help="requests in flight while measuring capacity (the batcher's default batch size)")
+    parser.add_argument("--concurrency", type=positive_int, default=64,
+                        help="requests in flight while measuring capacity (enough to keep the batcher's batches "
+                             "of 16 full)")
     parser.add_argument("--slo-ms", type=positive_float, default=None,
                         help="the p95 SLO; default: --slo-factor x the fixed plan's p95 one request at a time")
     parser.add_argument("--slo-factor", type=positive_float, default=4.0, help="see --slo-ms")
@@ -357,7 +477,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cooldown-s", type=positive_float, default=5.0, help="adaptive setting cooldown_s")
     parser.add_argument("--settle-s", type=positive_float, default=5.0,
                         help="also report p95 over requests sent after this many seconds of each run")
-    parser.add_argument("--drain-s", type=positive_float, default=3.0, help="pause after each run")
+    parser.add_argument("--drain-s", type=positive_float, default=3.0,
+                        help="pause after each run, before waiting for the service to answer a lone request fast")
+    parser.add_argument("--torch-threads", type=positive_int, default=1,
+                        help="the service's torch threads (OMP_NUM_THREADS): 1 leaves the second of 2 cores to "
+                             "the HTTP event loop and the load generator; more threads than free cores collapse "
+                             "throughput on a busy machine")
     parser.add_argument("--start-timeout-s", type=positive_float, default=600,
                         help="how long the service may take to start (minutes on a busy 2-core machine)")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS / "adaptive", help="where the summary goes")

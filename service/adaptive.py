@@ -6,7 +6,7 @@ Opt-in per task in the plan store's store.json (see the README)::
 
     "adaptive": {"vqa": {"slo_p95_ms": 200,          # required: the latency objective, > 0
                          "window_s": 10,             # p95 over requests finished in the last window_s
-                         "min_samples": 20,          # fewer requests in the window: no step down
+                         "min_samples": 20,          # fewer in the window: step down only if all (>= 3) are slow
                          "recover_ratio": 0.5,       # step up once p95 < recover_ratio * SLO ...
                          "cooldown_s": 10,           # ... for cooldown_s without a break
                          "fallbacks": ["skip2"]}}    # optional: the only plans it may step down to
@@ -28,6 +28,7 @@ from typing import Any
 
 from models.plan import NAME_PATTERN, TASKS
 
+SPARSE_MIN_SAMPLES = 3  # with fewer than min_samples in the window, this many all over the SLO still step down
 MAX_COOLDOWN_BACKOFF = 8  # a step up that fails fast doubles the next cool-down, up to this factor
 MAX_WINDOW_SAMPLES = 2048  # memory and sort-time bound per task; at high rates the window is the most recent ones
 
@@ -115,7 +116,8 @@ class LoadController:
     (``PlanRegistry.ladder``). Rules:
 
     * step down one rung when at least ``min_samples`` requests finished within ``window_s`` and
-      their p95 is over the SLO;
+      their p95 is over the SLO, or when fewer did (a service so slow that few requests finish) but
+      at least ``SPARSE_MIN_SAMPLES`` did and every one of them was over the SLO;
     * step up one rung when the p95 (or, with fewer than ``min_samples``, every sample) stays
       under ``recover_ratio * SLO`` for ``cooldown_s`` without a break — the gap between the two
       thresholds and the cool-down keep it from flapping; an empty window changes nothing;
@@ -171,7 +173,8 @@ class LoadController:
             slo = self.settings.slo_p95_ms / 1000
             enough = len(latencies) >= self.settings.min_samples
             p95 = _p95(latencies)
-            if enough and p95 > slo and self.level < len(ladder) - 1:
+            slow = p95 > slo if enough else len(latencies) >= SPARSE_MIN_SAMPLES and min(latencies) > slo
+            if slow and self.level < len(ladder) - 1:
                 return self._step(ladder, +1, now)
             calm = (p95 if enough else max(latencies)) < self.settings.recover_ratio * slo
             if not calm or self.level == 0:

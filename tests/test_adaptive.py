@@ -8,7 +8,7 @@ import math
 import pytest
 
 from service.adaptive import (
-    MAX_COOLDOWN_BACKOFF, AdaptiveConfigError, AdaptiveSettings, LoadController, LoadShifter, Shift,
+    MAX_COOLDOWN_BACKOFF, SPARSE_MIN_SAMPLES, AdaptiveConfigError, AdaptiveSettings, LoadController, LoadShifter, Shift,
     parse_adaptive_config,
 )
 
@@ -45,11 +45,15 @@ def test_p95_ignores_the_slowest_five_percent():
     assert ctl.choose(LADDER, 1.0)[0] == "skip2"
 
 
-def test_too_few_samples_never_step_down():
-    ctl = controller(min_samples=5)
-    feed(ctl, 10.0, 4, now=1.0)
+def test_few_samples_step_down_only_when_every_one_is_slow():
+    ctl = controller(min_samples=20)
+    feed(ctl, 10.0, SPARSE_MIN_SAMPLES - 1, now=1.0)
     assert ctl.p95_ms(1.0) is None
-    assert ctl.choose(LADDER, 1.0) == ("adapters", None)
+    assert ctl.choose(LADDER, 1.0) == ("adapters", None)  # too few to judge
+    feed(ctl, 0.05, 1, now=1.0)
+    assert ctl.choose(LADDER, 1.0) == ("adapters", None)  # one was fast
+    feed(ctl, 10.0, SPARSE_MIN_SAMPLES, now=20.0)  # the window now holds only slow ones: so slow few finish
+    assert ctl.choose(LADDER, 20.0) == ("skip2", Shift("vqa", "down", "adapters", "skip2"))
 
 
 def test_only_requests_whose_plan_was_chosen_after_a_step_are_judged():
