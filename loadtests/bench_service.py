@@ -176,29 +176,35 @@ def request_payload(image_size: int, seed: int = 0) -> tuple[bytes, str]:
 # ---------------------------------------------------------------------------------------------
 # Running a service
 # ---------------------------------------------------------------------------------------------
+ServiceSpec = tuple[str, str, Path, dict[str, str]]  # name, bentoml target, working directory, added env
+
+
 @contextlib.contextmanager
-def running(name: str, target: str, cwd: Path, env: dict[str, str], log_dir: Path,
-            start_timeout: float) -> Iterator[str]:
-    """`bentoml serve TARGET` (run from ``cwd``) in its own process group, with ``env`` added to this
-    environment; yields its base URL once /readyz answers, stops it on exit."""
+def running(services: list[ServiceSpec], log_dir: Path, start_timeout: float) -> Iterator[dict[str, str]]:
+    """Start a `bentoml serve` per service, all at once (they load in parallel), each in its own
+    process group; yield {name: base URL} once every one answers /readyz; stop them all on exit."""
     from loadtests.harness import _wait_ready, free_port, stop_process_tree
 
-    port = free_port()
-    log_path = log_dir / f"{name}.log"
     bentoml = Path(sys.executable).parent / "bentoml"
-    full_env = dict(os.environ, HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true", **env)
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=cwd, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    started: list[tuple[str, subprocess.Popen, str, Path]] = []
     try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url, process, log_path, start_timeout)
-        yield url
+        for name, target, cwd, env in services:
+            port = free_port()
+            log_path = log_dir / f"{name}.log"
+            with open(log_path, "w") as log:
+                process = subprocess.Popen(
+                    [str(bentoml), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+                    cwd=cwd, env=dict(os.environ, HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true", **env),
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            started.append((name, process, f"http://127.0.0.1:{port}", log_path))
+        for _, process, url, log_path in started:
+            _wait_ready(url, process, log_path, start_timeout)
+        yield {name: url for name, _, url, _ in started}
     finally:
-        if not stop_process_tree(process):
-            _log(f"note: {name} needed SIGKILL to stop (see {log_path})")
+        for name, process, _, log_path in started:
+            if not stop_process_tree(process):
+                _log(f"note: {name} needed SIGKILL to stop (see {log_path})")
 
 
 def _files(png: bytes) -> dict[str, tuple[str, bytes, str]]:
@@ -442,10 +448,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         overhead: list[dict[str, Any]] = []
         with tqdm(total=steps, desc="bench-service", unit="step", file=sys.stderr, dynamic_ncols=True,
                   mininterval=2.0) as progress, contextlib.ExitStack() as stack:
-            urls, probes = {}, {}
-            for name, target, cwd, env, plan in services:  # all up; only one is loaded at any time
-                progress.set_postfix_str(f"starting {name}")
-                urls[name] = stack.enter_context(running(name, target, cwd, env, log_dir, args.start_timeout))
+            progress.set_postfix_str("starting the services")
+            # all up at once; only one is under load at any time
+            urls = stack.enter_context(running([spec[:4] for spec in services], log_dir, args.start_timeout))
+            probes = {}
+            for name, _, _, _, plan in services:
                 probes[name] = probe(urls[name], png, question)
                 if plan is not None and probes[name]["plan"]["name"] != plan:
                     raise RuntimeError(f"{name}: expected plan {plan!r}, the service ran {probes[name]['plan']}")
@@ -464,7 +471,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 name = "das-full-wait0"
                 progress.set_postfix_str(f"starting {name}")
                 env = {**das_env, "DAS_PLANS": str(full_store), "DAS_MAX_LATENCY_MS": "0"}
-                with running(name, DAS_SERVICE, REPO, env, log_dir, args.start_timeout) as url:
+                with running([(name, DAS_SERVICE, REPO, env)], log_dir, args.start_timeout) as started:
+                    url = started[name]
                     probe(url, png, question)
                     overhead.append({"service": name, "batching_wait_ms": "0",
                                      **measure_overhead(url, setup, png, question, args.overhead_requests,
