@@ -44,7 +44,7 @@ def test_loadtest_reports_every_endpoint(tmp_path):
 def test_hotswap_under_load_keeps_plan_versions_in_their_window(tmp_path):
     swaps, warmup_swaps, plan_name = 3, 1, f"swap-{uuid.uuid4().hex[:8]}"
     summary = _run("loadtests.hotswap", tmp_path, "--swaps", str(swaps), "--warmup-swaps", str(warmup_swaps),
-                   "--warmup", "2", "--dwell", "2", "--users", "3", "--spawn-rate", "3", "--plan-name", plan_name)
+                   "--warmup", "2", "--warmup-max", "2", "--dwell", "2", "--users", "3", "--spawn-rate", "3", "--plan-name", plan_name)
     assert summary["passed"], summary["checks"]
     assert {c["name"].split(" after")[0] for c in summary["checks"] if c["passed"]} >= {
         "zero failed requests", "Locust finished without errors", "every endpoint in the mix was hit",
