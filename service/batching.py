@@ -1,8 +1,12 @@
-"""Adaptive micro-batching inside one worker.
+"""Work-conserving micro-batching inside one worker.
 
-Requests for the same (task, plan name, plan version) that arrive within ``max_latency_ms`` of each
-other run as one model batch (up to ``max_batch_size``). A batch never mixes plans or versions. One
-executor thread runs the model, so torch is not oversubscribed; a bounded queue answers overload
+One executor thread runs the model, so torch is not oversubscribed. When it is idle, a request's
+batch starts at once; while a batch runs, requests for the same key (task, plan name, version,
+weights) gather and run together as the next batch as soon as the thread frees up, up to
+``max_batch_size``. Batching thus costs a lone request nothing and grows with the load by itself. A
+batch never mixes keys; of several waiting keys, the one with the oldest request runs next, so no
+key starves. ``max_latency_ms`` (default 0) optionally makes a batch wait that long for batch-mates
+when it would start on an idle model (a full batch never waits). A bounded queue answers overload
 with :class:`Overloaded` (HTTP 503 + Retry-After) instead of queueing without bound.
 """
 
@@ -10,9 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
+from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+RunBatch = Callable[[Sequence[Any]], Sequence[Any]]
 
 
 class Overloaded(Exception):
@@ -23,85 +31,134 @@ class Overloaded(Exception):
 class _Pending:
     item: Any
     future: asyncio.Future
+    arrived: float  # loop.time() at submit: the optional idle wait counts from the oldest request
+    order: int  # arrival order across keys: oldest-first between keys
+
+
+@dataclass
+class _Queue:
+    run_batch: RunBatch  # every submit of one key runs the same model path; the first one's is kept
+    limit: int  # most items per batch (1 for run_alone)
+    reported: bool  # passed to on_batch (run_alone calls are not batches of a plan key)
+    items: deque[_Pending] = field(default_factory=deque)
 
 
 class MicroBatcher:
-    def __init__(self, max_batch_size: int = 16, max_latency_ms: float = 10.0, max_queue: int = 256,
+    def __init__(self, max_batch_size: int = 16, max_latency_ms: float = 0.0, max_queue: int = 256,
                  on_batch: Callable[[Hashable, int], None] | None = None) -> None:
+        if max_batch_size < 1 or max_latency_ms < 0 or max_queue < 1:
+            raise ValueError("need max_batch_size >= 1, max_latency_ms >= 0 and max_queue >= 1")
         self.max_batch_size = max_batch_size
         self.max_latency = max_latency_ms / 1000.0
         self.max_queue = max_queue
         self.on_batch = on_batch
-        self._queues: dict[Hashable, list[_Pending]] = {}
-        self._runners: dict[Hashable, Callable[[Sequence[Any]], Sequence[Any]]] = {}
-        self._pending = 0
+        self._queues: dict[Hashable, _Queue] = {}  # only keys with waiting requests
+        self._pending = 0  # waiting + running requests (the queue bound)
+        self._busy = False  # a batch is on the model thread
+        self._timer: asyncio.TimerHandle | None = None  # the optional idle wait
+        self._arrivals = itertools.count()
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="das-model")
-        self._wakeups: dict[Hashable, asyncio.Task] = {}
 
     @property
     def pending(self) -> int:
         return self._pending
 
-    async def run_alone(self, fn: Callable[[], Any]) -> Any:
-        """Run one call on the model thread (no batching), still counted against the queue bound."""
-        if self._pending >= self.max_queue:
-            raise Overloaded()
-        self._pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        finally:
-            self._pending -= 1
-
-    async def submit(self, key: Hashable, item: Any, run_batch: Callable[[Sequence[Any]], Sequence[Any]]) -> Any:
+    async def submit(self, key: Hashable, item: Any, run_batch: RunBatch) -> Any:
         """Queue ``item``; ``run_batch(items)`` returns one result per item, in order."""
+        return await self._enqueue(key, item, run_batch, self.max_batch_size, reported=True)
+
+    async def run_alone(self, fn: Callable[[], Any]) -> Any:
+        """Run one call on the model thread as a batch of its own (no batch-mates, no idle wait),
+        in turn with the batches and counted against the queue bound."""
+        return await self._enqueue(object(), None, lambda _: [fn()], 1, reported=False)
+
+    async def _enqueue(self, key: Hashable, item: Any, run_batch: RunBatch, limit: int, reported: bool) -> Any:
         if self._pending >= self.max_queue:
             raise Overloaded()
         loop = asyncio.get_running_loop()
-        pending = _Pending(item, loop.create_future())
+        pending = _Pending(item, loop.create_future(), loop.time(), next(self._arrivals))
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue(run_batch, limit, reported)
+        queue.items.append(pending)
         self._pending += 1
-        queue = self._queues.setdefault(key, [])
-        queue.append(pending)
-        self._runners[key] = run_batch
-        if len(queue) >= self.max_batch_size:
-            self._flush(key)
-        elif key not in self._wakeups:
-            self._wakeups[key] = loop.create_task(self._flush_later(key))
         try:
+            self._dispatch(idle_wait=True)
             return await pending.future
         finally:
             self._pending -= 1
 
-    async def _flush_later(self, key: Hashable) -> None:
-        await asyncio.sleep(self.max_latency)
-        self._wakeups.pop(key, None)
-        self._flush(key)
-
-    def _flush(self, key: Hashable) -> None:
-        queue = self._queues.pop(key, [])
-        if not queue:
+    def _dispatch(self, idle_wait: bool) -> None:
+        """Start the next batch if the model thread is free. ``idle_wait``: the model was idle when
+        called (a new request), so the optional ``max_latency`` wait applies; after a batch it does
+        not (the waiting requests already waited for that batch)."""
+        if self._busy:
+            return  # the running batch dispatches the next one when it finishes
+        for key in [k for k, q in self._queues.items() if not _drop_cancelled(q)]:
+            del self._queues[key]  # callers gone (client disconnected)
+        if not self._queues:
             return
-        wakeup = self._wakeups.pop(key, None)
-        if wakeup is not None and wakeup is not asyncio.current_task():
-            wakeup.cancel()
-        run_batch = self._runners[key]
-        asyncio.get_running_loop().create_task(self._run(key, queue, run_batch))
+        full = [k for k, q in self._queues.items() if len(q.items) >= q.limit]
+        waiting = full or list(self._queues)
+        key = min(waiting, key=lambda k: self._queues[k].items[0].order)
+        if idle_wait and not full and self.max_latency > 0:
+            if self._timer is None:  # already armed for an older request otherwise
+                deadline = self._queues[key].items[0].arrived + self.max_latency
+                self._timer = asyncio.get_running_loop().call_at(deadline, self._on_timer)
+            return
+        self._start(key)
 
-    async def _run(self, key: Hashable, batch: list[_Pending], run_batch) -> None:
-        if self.on_batch is not None:
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch(idle_wait=False)
+
+    def _start(self, key: Hashable) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        queue = self._queues[key]
+        batch = [queue.items.popleft() for _ in range(min(queue.limit, len(queue.items)))]
+        if not queue.items:
+            del self._queues[key]
+        if queue.reported and self.on_batch is not None:
             try:
                 self.on_batch(key, len(batch))
             except Exception:  # an observer must never stall the batch
                 pass
+        self._busy = True
+        loop = asyncio.get_running_loop()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                self._executor, run_batch, [p.item for p in batch])
-            results = list(results)
+            running = loop.run_in_executor(self._executor, queue.run_batch, [p.item for p in batch])
+        except Exception as exc:  # e.g. the executor is shut down: fail this batch, not the loop
+            running = loop.create_future()
+            running.set_exception(exc)
+        running.add_done_callback(lambda done: self._finish(batch, done))
+
+    def _finish(self, batch: list[_Pending], done: asyncio.Future) -> None:
+        self._busy = False
+        if done.cancelled():  # the loop is shutting down
+            for pending in batch:
+                pending.future.cancel()
+            return
+        try:
+            results = list(done.result())
             if len(results) != len(batch):  # zip would leave the extra callers waiting forever
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
-            for pending, result in zip(batch, results):
-                if not pending.future.done():
-                    pending.future.set_result(result)
         except Exception as exc:  # hand the failure to every waiting request
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
+        else:
+            for pending, result in zip(batch, results):
+                if not pending.future.done():
+                    pending.future.set_result(result)
+        self._dispatch(idle_wait=False)
+
+
+def _drop_cancelled(queue: _Queue) -> bool:
+    """Remove requests whose caller went away; True if any request is left."""
+    while queue.items and queue.items[0].future.done():
+        queue.items.popleft()
+    if any(p.future.done() for p in queue.items):
+        queue.items = deque(p for p in queue.items if not p.future.done())
+    return bool(queue.items)

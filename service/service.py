@@ -107,7 +107,7 @@ class DASService:
         self.metrics = ServiceMetrics()
         self.batcher = MicroBatcher(
             max_batch_size=_env_int("DAS_MAX_BATCH_SIZE", 16),
-            max_latency_ms=_env_int("DAS_MAX_LATENCY_MS", 10),
+            max_latency_ms=_env_int("DAS_MAX_LATENCY_MS", 0),  # work-conserving: no wait by default
             max_queue=_env_int("DAS_MAX_QUEUE", 256),
             on_batch=lambda key, size: self.metrics.batch_size.labels(key[0]).observe(size),
         )

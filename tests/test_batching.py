@@ -1,4 +1,5 @@
-"""MicroBatcher: grouping by key, result routing, failures, the queue bound (pure Python)."""
+"""MicroBatcher: work-conserving batching by key, fairness, result routing, failures, the queue
+bound (pure Python, real asyncio and a real model thread; ordering is pinned with gates, not clocks)."""
 
 from __future__ import annotations
 
@@ -11,57 +12,119 @@ from service.batching import MicroBatcher, Overloaded
 
 
 class Recorder:
-    """A fake model: records each batch it runs; answers (tag, item) per item, in order."""
+    """A fake model: records each batch as it starts; answers (tag, item) per item, in order."""
 
     def __init__(self, tag: str = "r", fail: bool = False, gate: threading.Event | None = None) -> None:
         self.tag, self.fail, self.gate = tag, fail, gate
         self.batches: list[list] = []
+        self.started = threading.Event()
         self.lock = threading.Lock()
 
     def __call__(self, items):
-        if self.gate is not None:
-            assert self.gate.wait(10), "gate never opened"
         with self.lock:
             self.batches.append(list(items))
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(10), "gate never opened"
         if self.fail:
             raise ValueError(f"boom in a batch of {len(items)}")
         return [(self.tag, item) for item in items]
 
 
-def test_same_key_requests_are_grouped():
+async def hold_model(batcher: MicroBatcher):
+    """Occupy the model thread until the returned gate is set; returns (gate, the holding call)."""
+    gate, started = threading.Event(), threading.Event()
+
+    def block():
+        started.set()
+        assert gate.wait(10), "gate never opened"
+        return "held"
+
+    holder = asyncio.ensure_future(batcher.run_alone(block))
+    assert await asyncio.to_thread(started.wait, 10), "the model thread never started"
+    return gate, holder
+
+
+async def until_pending(batcher: MicroBatcher, n: int) -> None:
+    """Let queued submit() calls run until the batcher holds n requests."""
+    for _ in range(1000):
+        if batcher.pending == n:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"pending stayed {batcher.pending}, wanted {n}")
+
+
+def test_a_lone_request_starts_at_once_and_later_ones_form_the_next_batch():
+    gate = threading.Event()
+
+    async def main():
+        batcher = MicroBatcher(max_batch_size=2)
+        model = Recorder(gate=gate)
+        first = asyncio.ensure_future(batcher.submit("k", "a", model))
+        # nothing else is queued and no timer will fire: the model starts on the lone request
+        assert await asyncio.to_thread(model.started.wait, 10)
+        snapshot = [list(b) for b in model.batches]
+        later = [asyncio.ensure_future(batcher.submit("k", x, model)) for x in "bcd"]
+        await until_pending(batcher, 4)
+        assert model.batches == [["a"]]  # the others wait for the running batch
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, *later), 10)
+        return batcher, model, snapshot, results
+
+    try:
+        batcher, model, snapshot, results = asyncio.run(main())
+    finally:
+        gate.set()
+    assert snapshot == [["a"]]
+    assert results == [("r", x) for x in "abcd"]
+    assert model.batches == [["a"], ["b", "c"], ["d"]]  # arrivals during a batch run next, max 2 a batch
+    assert batcher.pending == 0 and MicroBatcher().max_latency == 0  # no idle wait by default
+
+
+def test_same_key_requests_are_grouped_under_load():
     sizes = []
 
     async def main():
-        batcher = MicroBatcher(max_batch_size=4, max_latency_ms=50, on_batch=lambda key, n: sizes.append((key, n)))
+        batcher = MicroBatcher(max_batch_size=4, on_batch=lambda key, n: sizes.append((key, n)))
         model = Recorder()
-        results = await asyncio.gather(*(batcher.submit("k", i, model) for i in range(10)))
-        return batcher, model, results
+        gate, holder = await hold_model(batcher)
+        calls = [asyncio.ensure_future(batcher.submit("k", i, model)) for i in range(10)]
+        await until_pending(batcher, 11)
+        gate.set()
+        return batcher, model, await asyncio.gather(*calls), await holder
 
-    batcher, model, results = asyncio.run(main())
-    assert results == [("r", i) for i in range(10)]
-    assert sorted(item for batch in model.batches for item in batch) == list(range(10))
-    assert all(1 <= len(batch) <= 4 for batch in model.batches)
-    assert max(len(batch) for batch in model.batches) > 1
-    assert sorted(len(b) for b in model.batches) == [2, 4, 4]
-    assert sorted(sizes) == sorted(("k", len(b)) for b in model.batches)
+    batcher, model, results, held = asyncio.run(main())
+    assert results == [("r", i) for i in range(10)] and held == "held"
+    assert model.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert sizes == [("k", 4), ("k", 4), ("k", 2)]  # run_alone calls are not reported as batches
     assert batcher.pending == 0
 
 
-def test_a_lone_request_runs_after_the_latency_window():
+def test_keys_are_never_mixed_and_the_oldest_request_goes_first():
     async def main():
-        batcher = MicroBatcher(max_batch_size=8, max_latency_ms=5)
+        batcher = MicroBatcher(max_batch_size=2)
         model = Recorder()
-        return await asyncio.wait_for(batcher.submit("k", "only", model), 5), model
+        gate, holder = await hold_model(batcher)
+        arrivals = [("a", 1), ("b", 1), ("a", 2), ("b", 2), ("a", 3)]
+        calls = []
+        for key, i in arrivals:
+            calls.append(asyncio.ensure_future(batcher.submit(key, (key, i), model)))
+            await until_pending(batcher, len(calls) + 1)  # arrival order is exactly this list
+        gate.set()
+        await holder
+        return model, await asyncio.gather(*calls), arrivals
 
-    result, model = asyncio.run(main())
-    assert result == ("r", "only") and model.batches == [["only"]]
+    model, results, arrivals = asyncio.run(main())
+    assert results == [("r", item) for item in arrivals]
+    # a's oldest request is oldest, then b's (older than a's third), then a's third
+    assert model.batches == [[("a", 1), ("a", 2)], [("b", 1), ("b", 2)], [("a", 3)]]
 
 
 def test_keys_are_never_mixed_and_results_go_back_to_their_caller():
     sizes = []
 
     async def main():
-        batcher = MicroBatcher(max_batch_size=3, max_latency_ms=30, on_batch=lambda key, n: sizes.append((key, n)))
+        batcher = MicroBatcher(max_batch_size=3, on_batch=lambda key, n: sizes.append((key, n)))
         models = {key: Recorder(tag=str(key)) for key in (("vqa", "a", 1), ("vqa", "a", 2), ("vqa", "b", 1))}
         keys = list(models)
         calls = []
@@ -69,7 +132,7 @@ def test_keys_are_never_mixed_and_results_go_back_to_their_caller():
             key = keys[i % 3]
             calls.append((key, i, batcher.submit(key, (key, i), models[key])))
             if i % 5 == 4:
-                await asyncio.sleep(0)  # interleave with the batcher's tasks
+                await asyncio.sleep(0)  # interleave with the batcher's callbacks
         results = await asyncio.gather(*(call for _, _, call in calls))
         return models, [(key, i) for key, i, _ in calls], results
 
@@ -86,18 +149,20 @@ def test_keys_are_never_mixed_and_results_go_back_to_their_caller():
             assert indices == sorted(indices)  # arrival order kept inside a batch
         assert sorted(i for batch in model.batches for _, i in batch) == [i for k, i in sent if k == key]
     assert len(sizes) == batch_count and sum(n for _, n in sizes) == 21
-    assert any(n > 1 for _, n in sizes)
+    assert any(n > 1 for _, n in sizes)  # the calls that arrived while the first batch ran were grouped
 
 
 def test_an_exception_reaches_every_caller_of_the_batch():
     async def main():
-        batcher = MicroBatcher(max_batch_size=4, max_latency_ms=30)
+        batcher = MicroBatcher(max_batch_size=4)
         bad, good = Recorder(fail=True), Recorder()
-        outcomes = await asyncio.gather(
-            *(batcher.submit("bad", i, bad) for i in range(4)),
-            *(batcher.submit("good", i, good) for i in range(2)),
-            return_exceptions=True,
-        )
+        gate, holder = await hold_model(batcher)
+        calls = [asyncio.ensure_future(batcher.submit("bad", i, bad)) for i in range(4)]
+        calls += [asyncio.ensure_future(batcher.submit("good", i, good)) for i in range(2)]
+        await until_pending(batcher, 7)
+        gate.set()
+        await holder
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
         again = await batcher.submit("bad", 99, Recorder())  # the batcher keeps working afterwards
         return batcher, bad, outcomes, again
 
@@ -111,16 +176,35 @@ def test_an_exception_reaches_every_caller_of_the_batch():
 
 def test_a_wrong_number_of_results_fails_the_batch_instead_of_hanging():
     async def main():
-        batcher = MicroBatcher(max_batch_size=3, max_latency_ms=10)
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*(batcher.submit("k", i, lambda items: ["just one"]) for i in range(3)),
-                           return_exceptions=True),
-            5,
-        )
-        return batcher, outcomes
+        batcher = MicroBatcher(max_batch_size=3)
+        gate, holder = await hold_model(batcher)
+        calls = [asyncio.ensure_future(batcher.submit("k", i, lambda items: ["just one"])) for i in range(3)]
+        await until_pending(batcher, 4)
+        gate.set()
+        await holder
+        return batcher, await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
 
     batcher, outcomes = asyncio.run(main())
     assert all(isinstance(o, RuntimeError) and "1 results for 3 items" in str(o) for o in outcomes), outcomes
+    assert batcher.pending == 0
+
+
+def test_a_caller_that_goes_away_is_not_run():
+    async def main():
+        batcher = MicroBatcher(max_batch_size=4)
+        model = Recorder()
+        gate, holder = await hold_model(batcher)
+        gone = asyncio.ensure_future(batcher.submit("k", "gone", model))
+        kept = asyncio.ensure_future(batcher.submit("k", "kept", model))
+        await until_pending(batcher, 3)
+        gone.cancel()  # e.g. the client disconnected
+        await until_pending(batcher, 2)
+        gate.set()
+        await holder
+        return batcher, model, await kept
+
+    batcher, model, kept = asyncio.run(main())
+    assert kept == ("r", "kept") and model.batches == [["kept"]]
     assert batcher.pending == 0
 
 
@@ -128,11 +212,10 @@ def test_the_queue_bound_raises_overloaded():
     gate = threading.Event()
 
     async def main():
-        batcher = MicroBatcher(max_batch_size=2, max_latency_ms=1, max_queue=3)
+        batcher = MicroBatcher(max_batch_size=2, max_queue=3)
         model = Recorder(gate=gate)
         waiting = [asyncio.ensure_future(batcher.submit("k", i, model)) for i in range(3)]
-        await asyncio.sleep(0.05)  # all three queued or running (the model is blocked)
-        assert batcher.pending == 3
+        await until_pending(batcher, 3)  # one running (blocked in the model), two queued
         with pytest.raises(Overloaded):
             await batcher.submit("k", 3, model)
         with pytest.raises(Overloaded):
@@ -140,7 +223,7 @@ def test_the_queue_bound_raises_overloaded():
         with pytest.raises(Overloaded):
             await batcher.run_alone(lambda: "alone")
         gate.set()
-        results = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+        results = await asyncio.wait_for(asyncio.gather(*waiting), 10)
         after = await batcher.submit("k", 4, model)  # room again
         alone = await batcher.run_alone(lambda: "alone")
         return batcher, results, after, alone
@@ -154,16 +237,66 @@ def test_the_queue_bound_raises_overloaded():
     assert batcher.pending == 0
 
 
+def test_the_optional_idle_wait_gathers_batch_mates_and_never_holds_a_full_batch():
+    async def main():
+        batcher = MicroBatcher(max_batch_size=3, max_latency_ms=600_000)  # a wait no test would outlive
+        model = Recorder()
+        calls = []
+        for i in range(3):
+            calls.append(asyncio.ensure_future(batcher.submit("k", i, model)))
+            await until_pending(batcher, i + 1)
+        return model, await asyncio.wait_for(asyncio.gather(*calls), 10)  # full: runs without the wait
+
+    model, results = asyncio.run(main())
+    assert results == [("r", 0), ("r", 1), ("r", 2)]
+    assert model.batches == [[0, 1, 2]]  # the first request waited for its batch-mates
+
+
+def test_the_idle_wait_does_not_apply_after_a_batch():
+    async def main():
+        batcher = MicroBatcher(max_batch_size=8, max_latency_ms=600_000)
+        model = Recorder()
+        gate, holder = await hold_model(batcher)  # run_alone never waits
+        calls = [asyncio.ensure_future(batcher.submit("k", i, model)) for i in range(2)]
+        await until_pending(batcher, 3)
+        gate.set()
+        await holder
+        return model, await asyncio.wait_for(asyncio.gather(*calls), 10)  # not full, yet they run
+
+    model, results = asyncio.run(main())
+    assert results == [("r", 0), ("r", 1)] and model.batches == [[0, 1]]
+
+
+def test_a_short_idle_wait_still_runs_a_lone_request():
+    async def main():
+        batcher = MicroBatcher(max_batch_size=8, max_latency_ms=5)
+        model = Recorder()
+        return await asyncio.wait_for(batcher.submit("k", "only", model), 10), model
+
+    result, model = asyncio.run(main())
+    assert result == ("r", "only") and model.batches == [["only"]]
+
+
 def test_on_batch_gets_key_and_size():
     seen = []
 
     async def main():
-        batcher = MicroBatcher(max_batch_size=5, max_latency_ms=30, on_batch=lambda key, n: seen.append((key, n)))
+        batcher = MicroBatcher(max_batch_size=5, on_batch=lambda key, n: seen.append((key, n)))
         model = Recorder()
-        await asyncio.gather(*(batcher.submit(("vqa", "p", 1), i, model) for i in range(5)))
+        gate, holder = await hold_model(batcher)
+        calls = [asyncio.ensure_future(batcher.submit(("vqa", "p", 1), i, model)) for i in range(5)]
+        await until_pending(batcher, 6)
+        gate.set()
+        await asyncio.gather(holder, *calls)
         await batcher.submit(("vqa", "p", 1), 5, model)
         return model
 
     model = asyncio.run(main())
     assert seen == [(("vqa", "p", 1), 5), (("vqa", "p", 1), 1)]
     assert [len(b) for b in model.batches] == [5, 1]
+
+
+def test_bad_settings_are_refused():
+    for bad in ({"max_batch_size": 0}, {"max_latency_ms": -1}, {"max_queue": 0}):
+        with pytest.raises(ValueError):
+            MicroBatcher(**bad)
