@@ -6,6 +6,7 @@ seeds, deterministically, and writes the results table and the accuracy-vs-FLOPs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import random
@@ -21,9 +22,11 @@ from models.cli import layer_list
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_PLANS = REPO_ROOT / "plans"
 SHIPPED_BACKBONE = SHIPPED_PLANS / "backbone"
+SHIPPED_METER_PLANS = SHIPPED_PLANS / "meter"  # the tiny METER: its own store (backbone, plans, store.json)
 TASKS = ("vqa", "nlvr2", "retrieval")
-README_BEGIN = "<!-- plans-table:begin -->"
-README_END = "<!-- plans-table:end -->"
+README_MARKERS = {"vilt": ("<!-- plans-table:begin -->", "<!-- plans-table:end -->"),
+                  "meter": ("<!-- meter-plans-table:begin -->", "<!-- meter-plans-table:end -->")}
+README_BEGIN, README_END = README_MARKERS["vilt"]
 
 
 def _train_config(args: argparse.Namespace):
@@ -48,7 +51,8 @@ def _load(backbone_dir: str | None):
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from models.pretrain import PretrainConfig, pretrain_backbone
 
-    config = PretrainConfig(epochs=args.epochs, seed=args.seed, hidden_size=args.hidden_size, num_layers=args.layers,
+    config = PretrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, hidden_size=args.hidden_size,
+                            num_layers=args.layers, vision_layers=args.vision_layers, text_layers=args.text_layers,
                             num_heads=args.heads, intermediate_size=4 * args.hidden_size, image_size=args.image_size)
     extra = {task: Path(d) for task, d in (("vqa", args.vqa_data), ("nlvr2", args.nlvr2_data)) if d}
     summary = pretrain_backbone(args.data, args.out, config, extra_text_dirs=extra)
@@ -119,11 +123,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 class PipelineSettings:
     """Sizes for a full regeneration (~90 min on 2 CPU cores) or a --quick smoke run."""
 
+    arch: str = "vilt"  # models.pretrain.ARCHS
     n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
     image_size: int = 96
     pretrain_epochs: float = 1.2  # over every caption pair: retrieval captions + captioned train scenes of all tasks
     hidden_size: int = 128
-    layers: int = 8
+    layers: int = 8  # ViLT: encoder layers; METER: fusion layers per stream
+    vision_layers: int = 2  # METER only: uni-modal encoder depths
+    text_layers: int = 2
     heads: int = 4
     train_epochs: float = 1.5
     # fewer training examples: at 1.5 epochs NLVR2 stayed near chance and retrieval's skip adapters
@@ -133,6 +140,7 @@ class PipelineSettings:
     search_update_every: int = 10
     baseline_epochs: float = 0.5
     skip_levels: tuple[int, ...] = (2, 4)
+    search_k: int | None = None  # skip_num of the search (default: the first skip level)
     random_baselines: int = 3
     batch_size: int = 32
     max_eval: int | None = 1000
@@ -143,6 +151,16 @@ class PipelineSettings:
                    heads=2, train_epochs=1.0, train_epochs_by_task={}, search_epochs=3.0, search_update_every=2, baseline_epochs=0.5,
                    skip_levels=(1, 2),
                    random_baselines=3, batch_size=8, max_eval=32)
+
+    @classmethod
+    def meter(cls, quick: bool = False) -> PipelineSettings:
+        """The tiny METER: 2-layer encoders, 6 fusion layers per stream (12 arms, as METER), searched
+        with skip_num 4 as in the DAS reference. Its FLOPs per request are close to the tiny ViLT's."""
+        if quick:
+            return dataclasses.replace(cls.quick(), arch="meter", layers=2, vision_layers=1, text_layers=1,
+                                       skip_levels=(2,), search_k=2)
+        return cls(arch="meter", layers=6, vision_layers=2, text_layers=2, skip_levels=(4, 6), search_k=4,
+                   pretrain_epochs=1.0, random_baselines=2)
 
 
 def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 0, progress: bool = True,
@@ -165,10 +183,11 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
         log("[pretrain] reusing the backbone already in the output (resume)")
         pretrain_summary = json.loads(pretrain_file.read_text())
     else:
-        log("[pretrain] ITM + MLM on the synthetic image-caption pairs")
+        log(f"[pretrain] {settings.arch}: ITM + MLM on the synthetic image-caption pairs")
         pretrain_summary = pretrain_backbone(
             data["retrieval"], backbone_dir,
-            PretrainConfig(hidden_size=settings.hidden_size, num_layers=settings.layers, num_heads=settings.heads,
+            PretrainConfig(arch=settings.arch, hidden_size=settings.hidden_size, num_layers=settings.layers,
+                           vision_layers=settings.vision_layers, text_layers=settings.text_layers, num_heads=settings.heads,
                            intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
                            epochs=settings.pretrain_epochs, seed=seed),
             extra_text_dirs={"vqa": data["vqa"], "nlvr2": data["nlvr2"]}, progress=progress,
@@ -211,7 +230,7 @@ def _run_task(task, backbone, data_dir: Path, out: Path, work: Path, settings: P
     from models.search import SearchConfig, das_search, write_search_outputs
     from models.train import TrainConfig, primary_score, train_plan
 
-    search_k = settings.skip_levels[0]
+    search_k = settings.search_k or settings.skip_levels[0]
 
     def search() -> dict[str, Any]:
         log(f"[search] {task}")
@@ -286,7 +305,7 @@ def results_table(report: dict[str, Any]) -> str:
             metric = "mean(IR,TR) R@1" if task == "retrieval" else PRIMARY_METRIC[task]
             params = r.get("trainable_params", "")
             lines.append(
-                f"| {task} | {name} | {r['skipped_layers'] or '-'} | {metric} {score:.3f} | {score / reference:.1%} | "
+                f"| {task} | {name} | {r['skipped_layers'] or '-'} | {metric} {score:.3f} | {(score / reference if reference else float('nan')):.1%} | "
                 f"{r['flops_reduced'] / 1e9:.4f} | {r['flops_saved_ratio']:.1%} | {params} |"
             )
     lines.append("")
@@ -301,7 +320,7 @@ def results_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(report: dict[str, Any], path: Path) -> None:
+def pareto_plot(report: dict[str, Any], path: Path, title: str = "embedded default") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -320,17 +339,18 @@ def pareto_plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("GFLOPs per request (test mean)")
         ax.set_ylabel("score" if task != "retrieval" else "mean R@1")
         ax.grid(alpha=0.3)
-    fig.suptitle("DAS plans: accuracy vs FLOPs (embedded default)")
+    fig.suptitle(f"DAS plans: accuracy vs FLOPs ({title})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def update_readme(table: str, readme: Path = REPO_ROOT / "README.md") -> None:
+def update_readme(table: str, readme: Path = REPO_ROOT / "README.md", arch: str = "vilt") -> None:
     text = readme.read_text()
-    block = f"{README_BEGIN}\n{table}\n{README_END}"
-    if README_BEGIN in text and README_END in text:
-        start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    begin, finish = README_MARKERS[arch]
+    block = f"{begin}\n{table}\n{finish}"
+    if begin in text and finish in text:
+        start, end = text.index(begin), text.index(finish) + len(finish)
         text = text[:start] + block + text[end:]
     else:
         text = text.rstrip() + "\n\n## Shipped plans\n\n" + block + "\n"
@@ -338,8 +358,12 @@ def update_readme(table: str, readme: Path = REPO_ROOT / "README.md") -> None:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    settings = PipelineSettings.quick() if args.quick else PipelineSettings()
-    out, work = Path(args.out), Path(args.work)
+    if args.arch == "meter":
+        settings = PipelineSettings.meter(quick=args.quick)
+    else:
+        settings = PipelineSettings.quick() if args.quick else PipelineSettings()
+    default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
+    out, work = Path(args.out or default_out), Path(args.work or REPO_ROOT / "build" / default_work)
     if out.exists() and any(out.iterdir()) and not (args.force or args.resume):
         print(f"error: {out} is not empty (use --force to regenerate into it, --resume to continue)", file=sys.stderr)
         return 2
@@ -351,10 +375,14 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     report = run_pipeline(out, work, settings, seed=args.seed, progress=not args.quiet)
     (out / "pipeline-report.json").write_text(json.dumps(report, indent=2) + "\n")
     table = results_table(report)
-    (out / "RESULTS.md").write_text(f"# Shipped plans\n\nGenerated by `das pipeline` in {report['minutes']} min.\n\n{table}\n\n![accuracy vs FLOPs](pareto.png)\n")
-    pareto_plot(report, out / "pareto.png")
+    title = {"vilt": "Shipped plans", "meter": "Shipped plans: tiny METER"}[args.arch]
+    command = "das pipeline" + (" --arch meter" if args.arch == "meter" else "")
+    (out / "RESULTS.md").write_text(f"# {title}\n\nGenerated by `{command}` in {report['minutes']} min.\n\n{table}\n\n"
+                                    "![accuracy vs FLOPs](pareto.png)\n")
+    pareto_plot(report, out / "pareto.png", "embedded default" if args.arch == "vilt" else "embedded tiny METER")
     if args.update_readme:
-        update_readme(table + "\n\n![accuracy vs FLOPs per task](plans/pareto.png)")
+        picture = (out / "pareto.png").resolve().relative_to(REPO_ROOT) if out.resolve().is_relative_to(REPO_ROOT) else out / "pareto.png"
+        update_readme(table + f"\n\n![accuracy vs FLOPs per task]({picture})", arch=args.arch)
     print(table)
     return 0
 
@@ -378,16 +406,21 @@ def _training_options(parser: argparse.ArgumentParser, epochs: float) -> None:
 
 def register(commands: argparse._SubParsersAction) -> None:
     pretrain = commands.add_parser(
-        "pretrain", help="pre-train a small ViLT (ITM + MLM) on image-caption data",
-        description="Pre-train a ViLT from scratch with image-text matching and masked language modelling on a "
-                    "retrieval dataset (Flickr30K layout); save it in the Hugging Face layout with its processor.")
+        "pretrain", help="pre-train a small ViLT or METER (ITM + MLM) on image-caption data",
+        description="Pre-train a ViLT or a METER from scratch with image-text matching and masked language modelling "
+                    "on a retrieval dataset (Flickr30K layout); save it in the Hugging Face layout with its tokenizer "
+                    "and image processor.")
     pretrain.add_argument("--data", required=True, help="retrieval dataset directory (image-caption pairs)")
     pretrain.add_argument("--vqa-data", help="also take vocabulary words from this VQA dataset")
     pretrain.add_argument("--nlvr2-data", help="also take vocabulary words from this NLVR2 dataset")
     pretrain.add_argument("--out", required=True, help="output checkpoint directory")
     pretrain.add_argument("--epochs", type=float, default=3.0, help="epochs over the caption pairs (default 3)")
     pretrain.add_argument("--hidden-size", type=int, default=128, help="hidden size (default 128)")
-    pretrain.add_argument("--layers", type=int, default=8, help="encoder layers (default 8)")
+    pretrain.add_argument("--arch", choices=["vilt", "meter"], default="vilt", help="architecture (default vilt)")
+    pretrain.add_argument("--layers", type=int, default=8,
+                          help="ViLT: encoder layers; METER: fusion layers per stream (default 8)")
+    pretrain.add_argument("--vision-layers", type=int, default=2, help="METER: vision encoder layers (default 2)")
+    pretrain.add_argument("--text-layers", type=int, default=2, help="METER: text encoder layers (default 2)")
     pretrain.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     pretrain.add_argument("--image-size", type=int, default=64, help="image size (default 64)")
     pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -436,8 +469,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                     "skip levels, compare the search with random skip sets, evaluate, and write RESULTS.md, "
                     "pareto.png and store.json. Deterministic given --seed. About 90 min on 2 CPU cores; "
                     "--quick runs a micro version in a minute or two.")
-    pipeline.add_argument("--out", default=str(SHIPPED_PLANS), help="plan store to write (default plans/)")
-    pipeline.add_argument("--work", default=str(REPO_ROOT / "build" / "pipeline"), help="scratch directory for data and search logs")
+    pipeline.add_argument("--arch", choices=["vilt", "meter"], default="vilt",
+                          help="backbone architecture: vilt (the embedded default) or meter (the tiny METER: 2-layer "
+                               "encoders, 6 fusion layers per stream, searched with skip_num 4)")
+    pipeline.add_argument("--out", help="plan store to write (default plans/ for vilt, plans/meter/ for meter)")
+    pipeline.add_argument("--work", help="scratch directory for data and search logs (default build/pipeline, or "
+                                         "build/pipeline-meter)")
     pipeline.add_argument("--quick", action="store_true", help="micro sizes, for tests and smoke runs")
     pipeline.add_argument("--force", action="store_true", help="overwrite an existing plan store")
     pipeline.add_argument("--resume", action="store_true",

@@ -1,4 +1,5 @@
-"""Pre-training a small ViLT from scratch with ViLT's own objectives, for the embedded default.
+"""Pre-training a small ViLT or METER from scratch with ViLT's / METER's own objectives, for the
+embedded defaults.
 
 Objectives: image-text matching (ITM: a caption or a random other image's caption, binary loss on
 the pooled vector; the ITM head is saved as the retrieval head ``rank_output``) and masked language
@@ -7,11 +8,20 @@ dataset in the Flickr30K layout, plus, for synthetic data sets (``das data synth
 ``scenes.jsonl``), captions of every other task's *train* images, written from their scenes. Where the
 scene is known, half of the ITM negatives are hard: the true caption with one attribute changed, which
 is what teaches fine-grained grounding (colour, shape, relation) rather than "some caption of some
-other picture". The forward pass is the runtime's own (``ViltBackbone.sequence_output`` with an empty
-plan), trained end to end.
+other picture". The forward pass is the runtime's own (the backbone's ``encode`` and
+``sequence_output`` with an empty plan), trained end to end, every part of it.
 
-The result is saved in the Hugging Face layout as a ``ViltForImageAndTextRetrieval`` checkpoint with
-its processor (a WordPiece vocabulary built from the data's words), loadable like any checkpoint.
+The architecture is ``PretrainConfig.arch``:
+
+* ``vilt``: saved in the Hugging Face layout as a ``ViltForImageAndTextRetrieval`` checkpoint with its
+  processor (a WordPiece vocabulary built from the data's words);
+* ``meter``: CLIP-style vision and RoBERTa-style text encoders (``vision_layers`` / ``text_layers``
+  deep) and ``num_layers`` co-attention fusion layers per stream, saved in ``models/meter_checkpoint``'s
+  layout with a byte-level BPE tokenizer built from the data's words. MLM predicts the masked words from
+  the text stream's fusion output; ITM reads both poolers. METER itself starts from pre-trained CLIP and
+  RoBERTa; here nothing pre-trained exists, so the encoders are trained from scratch with the rest.
+
+Both load like any checkpoint (``models.backbone.load_backbone``).
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ from tqdm.auto import tqdm
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 from transformers.models.vilt.modeling_vilt import ViltMLMHead
 
+ARCHS = ("vilt", "meter")
+
 from models.checkpoints import build_processor
 from models.das import PlanModules
 from models.datasets import read_task
@@ -42,8 +54,11 @@ from models.vilt import ViltBackbone
 
 @dataclass
 class PretrainConfig:
+    arch: str = "vilt"  # see ARCHS
     hidden_size: int = 128
-    num_layers: int = 8
+    num_layers: int = 8  # ViLT: encoder layers; METER: fusion layers per stream (2x this many DAS arms)
+    vision_layers: int = 2  # METER only: the uni-modal encoders' depth
+    text_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 512
     image_size: int = 64
@@ -170,26 +185,20 @@ def pretrain_backbone(
     texts = task_texts("retrieval", retrieval_data)
     for task, directory in (extra_text_dirs or {}).items():
         texts += task_texts(task, Path(directory))
-    processor = build_processor(out_dir, words_in(texts), shortest_edge=config.image_size, max_text_len=config.max_text_len)
-    vilt_config = ViltConfig(
-        hidden_size=config.hidden_size, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        intermediate_size=config.intermediate_size, image_size=config.image_size, patch_size=config.patch_size,
-        max_position_embeddings=config.max_text_len, vocab_size=len(processor.tokenizer), max_image_length=-1,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
+    if config.arch not in ARCHS:
+        raise ValueError(f"unknown architecture {config.arch!r} (use {', '.join(ARCHS)})")
     torch.manual_seed(config.seed)
-    backbone = ViltBackbone(vilt_config, processor)
-    with torch.no_grad():  # transformers leaves these at zero; ViLT initialises them like ViT
-        embeddings = backbone.vilt.embeddings
-        nn.init.trunc_normal_(embeddings.position_embeddings, std=0.02)
-        nn.init.trunc_normal_(embeddings.cls_token, std=0.02)
+    backbone, new_itm_head, save = (_new_vilt if config.arch == "vilt" else _new_meter)(config, words_in(texts), out_dir)
+    tokenizer = backbone.tokenizer if config.arch == "meter" else backbone.processor.tokenizer
     backbone.requires_grad_(True).train()
-    mlm_head = ViltMLMHead(vilt_config)
-    itm_head = nn.Linear(config.hidden_size, 1)
-    parameters = list(backbone.vilt.parameters()) + list(mlm_head.parameters()) + list(itm_head.parameters())
+    # ViLT's MLM head (dense, GELU, LayerNorm, decoder) reads only these four settings
+    mlm_head = ViltMLMHead(ViltConfig(hidden_size=config.hidden_size, vocab_size=len(tokenizer), hidden_act="gelu",
+                                      layer_norm_eps=1e-12))
+    itm_head = new_itm_head()
+    parameters = [p for p in backbone.parameters()] + list(mlm_head.parameters()) + list(itm_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     pairs = pretraining_pairs(retrieval_data, scene_dirs, config.captions_per_scene, config.seed)
-    maskable = content_token_mask(processor.tokenizer, [p.caption for p in pairs])
+    maskable = content_token_mask(tokenizer, [p.caption for p in pairs])
     steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(config.seed)
@@ -214,7 +223,7 @@ def pretrain_backbone(
         captions = [p.caption if keep else negative(p) for p, keep in zip(batch_pairs, matched)]
         matched = [keep or caption == p.caption for keep, caption, p in zip(matched, captions, batch_pairs)]
         batch = backbone.preprocess([images(p.image_path) for p in batch_pairs], captions)
-        masked_ids, mlm_labels = mask_tokens(batch.input_ids, batch.attention_mask, processor.tokenizer,
+        masked_ids, mlm_labels = mask_tokens(batch.input_ids, batch.attention_mask, tokenizer,
                                              config.mlm_probability, generator, maskable)
         # ITM sees the unmasked text, MLM the masked one (as ViLT computes them in separate passes)
         pooled = backbone.encode(batch, empty_plan)
@@ -235,9 +244,79 @@ def pretrain_backbone(
         history["mlm_loss"].append(mlm_loss.item())
         history["itm_accuracy"].append(((itm_logits > 0).float() == itm_target).float().mean().item())
         bar.set_postfix(itm=f"{itm_loss.item():.3f}", mlm=f"{mlm_loss.item():.3f}")
-    model = ViltForImageAndTextRetrieval(vilt_config)
-    model.vilt.load_state_dict(backbone.vilt.state_dict())
-    model.rank_output.load_state_dict(itm_head.state_dict())
-    model.save_pretrained(str(out_dir))
+    save(backbone, itm_head)
     tail = max(1, steps // 10)
     return {key: sum(values[-tail:]) / tail for key, values in history.items()}
+
+
+def _new_vilt(config: PretrainConfig, words: list[str], out_dir: Path):
+    """A fresh ViltBackbone (processor saved into ``out_dir``), a factory of its ITM head, and how to save both."""
+    processor = build_processor(out_dir, words, shortest_edge=config.image_size, max_text_len=config.max_text_len)
+    vilt_config = ViltConfig(
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        intermediate_size=config.intermediate_size, image_size=config.image_size, patch_size=config.patch_size,
+        max_position_embeddings=config.max_text_len, vocab_size=len(processor.tokenizer), max_image_length=-1,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    backbone = ViltBackbone(vilt_config, processor)
+    with torch.no_grad():  # transformers leaves these at zero; ViLT initialises them like ViT
+        embeddings = backbone.vilt.embeddings
+        nn.init.trunc_normal_(embeddings.position_embeddings, std=0.02)
+        nn.init.trunc_normal_(embeddings.cls_token, std=0.02)
+
+    def save(trained: ViltBackbone, itm_head: nn.Module) -> None:
+        model = ViltForImageAndTextRetrieval(vilt_config)
+        model.vilt.load_state_dict(trained.vilt.state_dict())
+        model.rank_output.load_state_dict(itm_head.state_dict())  # the ITM head is ViLT's retrieval head
+        model.save_pretrained(str(out_dir))
+
+    return backbone, lambda: nn.Linear(config.hidden_size, 1), save
+
+
+def _new_meter(config: PretrainConfig, words: list[str], out_dir: Path):
+    """A fresh MeterBackbone with a BPE tokenizer, a factory of its ITM head (METER's rank_output), and how
+    to save both."""
+    from models.meter import MeterBackbone, MeterConfig, retrieval_head
+    from models.meter_checkpoint import build_roberta_tokenizer, write_meter_directory
+
+    tokenizer = build_roberta_tokenizer(words, max_length=config.max_text_len)
+    hidden, heads, intermediate = config.hidden_size, config.num_heads, config.intermediate_size
+    meter_config = MeterConfig(
+        vision=dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=config.vision_layers,
+                    num_attention_heads=heads, image_size=config.image_size, patch_size=config.patch_size,
+                    num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        # RoBERTa numbers positions from pad_token_id + 1, hence the two extra position embeddings
+        text=dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=config.text_layers,
+                  num_attention_heads=heads, intermediate_size=intermediate, hidden_act="gelu",
+                  max_position_embeddings=config.max_text_len + 2, type_vocab_size=1, layer_norm_eps=1e-5,
+                  pad_token_id=1, bos_token_id=0, eos_token_id=2, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0),
+        hidden_size=hidden, num_fusion_layers=config.num_layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_text_len=config.max_text_len,
+    )
+    backbone = MeterBackbone(meter_config, tokenizer)
+    fusion_parts = [backbone.text_projection, backbone.image_projection, backbone.token_type_embeddings,
+                    backbone.text_fusion_layers, backbone.image_fusion_layers, backbone.pooler]
+    for part in fusion_parts:  # BERT's initialisation, as METER's init_weights (torch's defaults are far wider)
+        part.apply(_bert_init)
+
+    def new_itm_head() -> nn.Module:
+        head = retrieval_head(hidden)
+        head.apply(_bert_init)
+        return head
+
+    def save(trained: MeterBackbone, head: nn.Module) -> None:
+        trained.heads["retrieval"] = head  # the ITM head is METER's retrieval head (rank_output)
+        write_meter_directory(out_dir, meter_config, trained.state_dict(), tokenizer)
+
+    return backbone, new_itm_head, save
+
+
+def _bert_init(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -110,6 +110,29 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
     assert len(report["tasks"]["vqa"]["search_vs_random"]["random"]) == 3
 
 
+def test_quick_meter_pipeline_pretrains_and_writes_a_servable_store(tmp_path, capsys):
+    """`das pipeline --arch meter`: a METER pre-trained from scratch (ITM + MLM), searched with its own
+    arms (both streams' fusion layers), plans that validate against it and not against a ViLT."""
+    out, work = tmp_path / "meter", tmp_path / "work"
+    assert main(["pipeline", "--arch", "meter", "--quick", "--quiet", "--out", str(out), "--work", str(work)]) == 0
+    table = capsys.readouterr().out
+    assert "| vqa | skip2 |" in table
+    backbone = load_backbone(out / "backbone", device="cpu")
+    assert backbone.architecture == "meter" and backbone.num_layers == 4  # 2 fusion layers per stream
+    assert "retrieval" in backbone.task_heads(), "the ITM head must be saved as METER's retrieval head"
+    pretrain = json.loads((work / "pretrain.json").read_text())
+    assert {"itm_loss", "mlm_loss", "itm_accuracy"} <= set(pretrain)
+    vilt = load_backbone(SHIPPED / "backbone", device="cpu")
+    for task in ("vqa", "nlvr2", "retrieval"):
+        for name in ("adapters", "skip2"):
+            spec = validate_plan(out / task / name, backbone)
+            # adapters alone add a little; skipping 2 of 4 arms must save more than that
+            assert 0 < spec.metrics["flops_reduced"] < spec.metrics["flops_full"] or name == "adapters"
+            with pytest.raises(Exception, match="(?i)fingerprint|backbone"):
+                validate_plan(out / task / name, vilt)
+    assert "tiny METER" in (out / "RESULTS.md").read_text()
+
+
 SHIPPED_PLANS = sorted(p.parent for p in SHIPPED.glob("*/*/plan.json"))
 
 
