@@ -3,7 +3,7 @@
 Thin by design: each endpoint turns HTTP input into a call on ``models.runtime.DASRuntime`` with a
 plan from ``service.registry.PlanRegistry``, and the result back into JSON. Configuration comes
 from environment variables (see the README): DAS_BACKBONE, DAS_PLANS, DAS_DEVICE, DAS_DTYPE,
-DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS.
+DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS, DAS_MAX_QUEUE, DAS_TORCH_THREADS.
 """
 
 from __future__ import annotations
@@ -64,6 +64,31 @@ def _env_int(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be an integer, got {os.environ[name]!r}") from None
 
 
+def _torch_threads_setting() -> int | None:
+    """DAS_TORCH_THREADS: torch threads per worker, or None (unset) for torch's default (one per core).
+    The default oversubscribes a busy or shared host, or one with several workers: set it to about
+    cores / workers there. Checked at import so that `bentoml serve` stops at once on a bad value."""
+    if not os.environ.get("DAS_TORCH_THREADS", "").strip():
+        return None
+    threads = _env_int("DAS_TORCH_THREADS", 0)
+    if threads < 1:
+        raise SystemExit(f"DAS_TORCH_THREADS must be an integer >= 1, got {os.environ['DAS_TORCH_THREADS']!r}")
+    return threads
+
+
+def _set_torch_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)  # process-wide: the model thread picks it up too
+    with contextlib.suppress(RuntimeError):  # refused once inter-op work has started; intra-op is what counts
+        torch.set_num_interop_threads(threads)
+
+
+TORCH_THREADS = _torch_threads_setting()
+
+
 def _error(ctx: bentoml.Context, message: str, status: int, **headers: str) -> JSONResponse:
     """A JSON error body. BentoML copies ctx.response.status_code onto the response of APIs that
     take a context, so the status is set there too."""
@@ -96,6 +121,7 @@ class DASService:
     """One frozen backbone, per-task DAS plans, hot-swappable."""
 
     def __init__(self) -> None:
+        _set_torch_threads(TORCH_THREADS)  # before any torch work in this worker
         from models.backbone import load_backbone
         from models.runtime import DASRuntime
         from service.metrics import ServiceMetrics

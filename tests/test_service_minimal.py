@@ -1,13 +1,17 @@
-"""A checkpoint with only a VQA head and an empty plan store; overload answers 503 + Retry-After."""
+"""A checkpoint with only a VQA head and an empty plan store; overload answers 503 + Retry-After;
+bad worker settings stop the service with a clear message."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 
 import pytest
 
 from conftest import make_checkpoint, random_image
-from test_service_integration import _png, serve
+from test_service_integration import REPO, _png, serve
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +22,7 @@ def client(tmp_path_factory):
     make_checkpoint(root / "backbone", "vqa")
     # a queue of 1 and a slow batch window make overload easy to reach
     with serve(root, DAS_BACKBONE=str(root / "backbone"), DAS_PLANS=str(root / "plans"), DAS_WORKERS="1",
-               DAS_MAX_QUEUE="1", DAS_MAX_LATENCY_MS="300") as client:
+               DAS_MAX_QUEUE="1", DAS_MAX_LATENCY_MS="300", DAS_TORCH_THREADS="1") as client:
         yield client
 
 
@@ -52,3 +56,11 @@ def test_overload_answers_503_with_retry_after(client):
         if r.status_code == 503:
             assert r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"]
     assert call(0).status_code == 200  # and it recovers
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_a_bad_torch_threads_setting_stops_with_a_clear_message(value):
+    result = subprocess.run([sys.executable, "-c", "import service.service"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, DAS_TORCH_THREADS=value))
+    assert result.returncode != 0
+    assert "DAS_TORCH_THREADS must be an integer" in result.stderr and repr(value) in result.stderr, result.stderr
