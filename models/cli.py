@@ -124,6 +124,8 @@ def cmd_flops(args: argparse.Namespace) -> int:
               f"0..{arms - 1})", file=sys.stderr)
         return EXIT_REFUSED
     labels = len(spec.labels) if spec.labels else None
+    if args.image_size is None:  # the resolution the backbone was trained at
+        args.image_size = (config.image_size, config.image_size)
     report = cls.config_flops_at(config, task, spec, args.text_len, args.image_size, labels)
     result = report.to_dict()
     result.update(task=task, text_len=args.text_len, image_size=list(args.image_size),
@@ -190,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--parallel-bottleneck", type=int, default=0,
                        help="parallel adapter bottleneck in kept layers; 0 = none (default)")
     flops.add_argument("--text-len", type=int, default=16, help="text tokens incl. [CLS]/[SEP] (default 16)")
-    flops.add_argument("--image-size", type=_image_size, default=(384, 384),
-                       help="resized image size, 384 or HxW like 384x576 (default 384)")
+    flops.add_argument("--image-size", type=_image_size, default=None,
+                       help="resized image size, 384 or HxW like 384x576 (default: the backbone's own image size, "
+                            "e.g. 384 for ViLT-B/32, 96 for the embedded default)")
     flops.add_argument("--json", action="store_true", help="print one JSON object")
     flops.set_defaults(func=cmd_flops)
 

@@ -381,6 +381,16 @@ def test_cli_flops_human_readable(checkpoints, capsys):
     assert "skipped -> adapter" in out and "saved" in out and "(sequence 25)" in out
 
 
+def test_cli_flops_defaults_to_the_backbones_own_image_size(checkpoints, capsys):
+    directory, _ = checkpoints["vqa"]
+    size = json.loads((Path(directory) / "config.json").read_text())["image_size"]
+    assert main(["flops", "--backbone", str(directory), "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["flops", "--backbone", str(directory), "--image-size", str(size), "--json"]) == 0
+    explicit = json.loads(capsys.readouterr().out)
+    assert default["image_size"] == [size, size] and default["full_flops"] == explicit["full_flops"]
+
+
 @pytest.mark.parametrize("skip", ["0,4", "-1", "9"])
 def test_cli_flops_out_of_range_layer(checkpoints, capsys, skip):
     directory, _ = checkpoints["vqa"]
