@@ -198,6 +198,13 @@ class PlanCost:
     score: float | None  # the task's primary score (models.train.primary_score) from plan.json; None: unknown
 
 
+def default_store_for(backbone_dir: str | os.PathLike, fallback: str | os.PathLike) -> Path:
+    """The plan store to serve when none is named: the backbone directory's parent when it is a plan store
+    (holds store.json: the shipped layout, ``plans/backbone`` and ``plans/meter/backbone``), else ``fallback``."""
+    parent = Path(backbone_dir).resolve().parent
+    return parent if (parent / STATE_FILE).is_file() else Path(fallback)
+
+
 def reference_input(backbone, plan: Plan) -> dict[str, Any]:
     """The input size a plan's FLOPs are quoted at: its metrics' reference_input, else 16 text tokens
     and a square image at the backbone's resolution."""

@@ -30,7 +30,14 @@ from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
 from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware
 from service.inputs import InputError, check_text, load_image, text_list
-from service.registry import PlanRegistry, PlanStore, RegistryError, check_flops_budget, reference_input
+from service.registry import (
+    PlanRegistry,
+    PlanStore,
+    RegistryError,
+    check_flops_budget,
+    default_store_for,
+    reference_input,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PLANS = REPO_ROOT / "plans"
@@ -129,7 +136,9 @@ class DASService:
         backbone_dir = os.environ.get("DAS_BACKBONE", str(DEFAULT_BACKBONE))
         self.backbone = load_backbone(backbone_dir, os.environ.get("DAS_DEVICE", "auto"), os.environ.get("DAS_DTYPE", "float32"))
         self.runtime = DASRuntime(self.backbone)
-        self.registry = PlanRegistry(self.backbone, PlanStore(os.environ.get("DAS_PLANS", str(DEFAULT_PLANS))))
+        # no DAS_PLANS: the store the backbone ships in (DAS_BACKBONE=plans/meter/backbone serves plans/meter)
+        plans_dir = os.environ.get("DAS_PLANS") or default_store_for(backbone_dir, DEFAULT_PLANS)
+        self.registry = PlanRegistry(self.backbone, PlanStore(plans_dir))
         self.metrics = ServiceMetrics()
         self.batcher = MicroBatcher(
             max_batch_size=_env_int("DAS_MAX_BATCH_SIZE", 16),

@@ -24,7 +24,7 @@ from models.plan import (
     save_plan,
 )
 from models.vilt import ViltBackbone
-from service.registry import STATE_FILE, PlanRegistry, PlanStore, RegistryError
+from service.registry import STATE_FILE, PlanRegistry, PlanStore, RegistryError, default_store_for
 from conftest import random_image
 
 
@@ -542,3 +542,13 @@ def test_unknown_task_in_store_paths_is_a_registry_error(loaded):
         with pytest.raises(RegistryError) as info:
             operation()
         assert info.value.status == 404
+
+
+def test_the_default_store_is_the_one_the_backbone_ships_in(tmp_path):
+    shipped = tmp_path / "plans" / "meter"
+    (shipped / "backbone").mkdir(parents=True)
+    fallback = tmp_path / "plans"
+    assert default_store_for(shipped / "backbone", fallback) == fallback  # no store.json beside it
+    (shipped / STATE_FILE).write_text("{}")
+    assert default_store_for(shipped / "backbone", fallback) == shipped.resolve()
+    assert default_store_for(tmp_path / "elsewhere" / "ckpt", fallback) == fallback
