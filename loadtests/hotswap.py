@@ -187,8 +187,9 @@ def check_responses(log_path: Path, timeline: PlanTimeline, swapped_name: str) -
 # -- the scenario -------------------------------------------------------------------------------------
 def copy_store(source: Path, target: Path) -> Path:
     """The plan store (store.json and the plan directories) without the backbone, which is served from
-    its own place, and without the result plots and reports."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("backbone", "*.png", "*.md", "pipeline-report.json"))
+    its own place, without the tiny METER's store nested in plans/, and without the result plots and reports."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("backbone", "meter", "*.png", "*.md",
+                                                                 "pipeline-report.json"))
     return target
 
 
