@@ -3,7 +3,8 @@
 Thin by design: each endpoint turns HTTP input into a call on ``models.runtime.DASRuntime`` with a
 plan from ``service.registry.PlanRegistry``, and the result back into JSON. Configuration comes
 from environment variables (see the README): DAS_BACKBONE, DAS_PLANS, DAS_DEVICE, DAS_DTYPE,
-DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS, DAS_MAX_QUEUE, DAS_TORCH_THREADS.
+DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS, DAS_MAX_QUEUE, DAS_TORCH_THREADS,
+DAS_MAX_CONCURRENCY.
 """
 
 from __future__ import annotations
@@ -94,6 +95,13 @@ def _set_torch_threads(threads: int | None) -> None:
 
 
 TORCH_THREADS = _torch_threads_setting()
+WORKERS = _env_int("DAS_WORKERS", 1)
+# In-flight HTTP requests per worker (0: no cap). Past it BentoML answers 429 at once, before the
+# body is read. 64 = the running batch plus three full batches waiting (DAS_MAX_BATCH_SIZE 16):
+# more in flight adds only queueing latency and upload memory, not throughput.
+MAX_CONCURRENCY = _env_int("DAS_MAX_CONCURRENCY", 64)
+if WORKERS < 1 or MAX_CONCURRENCY < 0:
+    raise SystemExit(f"need DAS_WORKERS >= 1 and DAS_MAX_CONCURRENCY >= 0, got {WORKERS} and {MAX_CONCURRENCY}")
 
 
 def _error(ctx: bentoml.Context, message: str, status: int, **headers: str) -> JSONResponse:
@@ -121,8 +129,9 @@ plans_app = Starlette(routes=[Route("/", _list_plans, methods=["GET"])])
 @bentoml.asgi_app(plans_app, path="/plans")
 @bentoml.service(
     name="das-serve",
-    workers=_env_int("DAS_WORKERS", 1),
-    traffic={"timeout": 120},
+    workers=WORKERS,
+    # BentoML's max_concurrency is per service and split evenly over the workers
+    traffic={"timeout": 120, **({"max_concurrency": MAX_CONCURRENCY * WORKERS} if MAX_CONCURRENCY else {})},
 )
 class DASService:
     """One frozen backbone, per-task DAS plans, hot-swappable."""

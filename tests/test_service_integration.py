@@ -89,7 +89,7 @@ def serve(root: Path, **settings: str):
         )
         try:
             client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-            deadline = time.time() + 120
+            deadline = time.time() + 300  # a start on a loaded 2-core host can take minutes; a crash ends it at once
             while True:
                 try:
                     if client.get("/readyz").status_code == 200:

@@ -1,17 +1,23 @@
-"""A checkpoint with only a VQA head and an empty plan store; overload answers 503 + Retry-After;
-bad worker settings stop the service with a clear message."""
+"""A checkpoint with only a VQA head and an empty plan store; overload answers 503 + Retry-After (a
+full batch queue) or 429 (over the in-flight cap); bad worker settings stop the service with a clear
+message."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import make_checkpoint, random_image
 from test_service_integration import REPO, _png, serve
+
+
+CAP = 4  # in-flight requests
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +28,8 @@ def client(tmp_path_factory):
     make_checkpoint(root / "backbone", "vqa")
     # a queue of 1 and a slow batch window make overload easy to reach
     with serve(root, DAS_BACKBONE=str(root / "backbone"), DAS_PLANS=str(root / "plans"), DAS_WORKERS="1",
-               DAS_MAX_QUEUE="1", DAS_MAX_LATENCY_MS="300", DAS_TORCH_THREADS="1") as client:
+               DAS_MAX_QUEUE="1", DAS_MAX_LATENCY_MS="300", DAS_TORCH_THREADS="1",
+               DAS_MAX_CONCURRENCY=str(CAP)) as client:
         yield client
 
 
@@ -51,11 +58,40 @@ def test_overload_answers_503_with_retry_after(client):
         responses = list(pool.map(call, range(8)))
     statuses = [r.status_code for r in responses]
     assert 200 in statuses and 503 in statuses, statuses
-    assert set(statuses) <= {200, 503}
+    assert set(statuses) <= {200, 503, 429}  # 429: over the in-flight cap, before the queue
     for r in responses:
         if r.status_code == 503:
             assert r.headers["retry-after"] == "1" and "overloaded" in r.json()["error"]
     assert call(0).status_code == 200  # and it recovers
+
+
+def _held_upload(port: int) -> socket.socket:
+    """A request whose body never finishes arriving: it stays in flight until the socket closes."""
+    held = socket.create_connection(("127.0.0.1", port))
+    held.sendall(b"POST /vqa HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                 b"Content-Length: 100000\r\n\r\n--b\r\n")
+    return held
+
+
+def _status_within(client, path: str, wanted: int, seconds: float = 60) -> int:
+    deadline = time.time() + seconds
+    while (status := client.get(path).status_code) != wanted and time.time() < deadline:
+        time.sleep(0.2)
+    return status
+
+
+def test_requests_over_the_in_flight_cap_get_429(client):
+    held = [_held_upload(client.base_url.port) for _ in range(CAP)]
+    try:
+        assert _status_within(client, "/plans/", 429) == 429  # once the server has taken all CAP uploads
+        refused = client.get("/plans/")
+        assert refused.status_code == 429 and refused.json() == {"error": "Too many requests"}
+        assert client.get("/metrics").status_code == 200  # probes and metrics are never refused
+        assert client.get("/readyz").status_code == 200
+    finally:
+        for connection in held:
+            connection.close()
+    assert _status_within(client, "/plans/", 200) == 200  # closed uploads give their slots back
 
 
 @pytest.mark.parametrize("value", ["0", "two"])
