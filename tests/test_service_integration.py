@@ -68,7 +68,8 @@ def server(tmp_path_factory):
                own_parts=("token_type_embeddings",))
     _save_plan(backbone, store, "retrieval", "own", skipped=(3,), own_head=True)
     (store / "store.json").write_text(json.dumps({"loaded": {"vqa": ["skip1", "skip2"], "nlvr2": ["own"]}}))
-    with serve(root, DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_WORKERS="2",
+    # 2 workers on a 2-core CI host: one torch thread each (cores / workers, as the README advises)
+    with serve(root, DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_WORKERS="2", DAS_TORCH_THREADS="1",
                DAS_MAX_IMAGE_PIXELS=str(PIXEL_LIMIT), DAS_MAX_CANDIDATES="8") as client:
         yield {"client": client, "store": store, "backbone_dir": backbone_dir, "model": model, "backbone": backbone}
 
