@@ -2,6 +2,11 @@
 values in file fields (BentoML would otherwise treat such a string as a URL and fetch it), and keeps
 every value of repeated list fields (`-F texts=a -F texts=b`; BentoML keeps only the last) in
 ``scope[FORM_LISTS_KEY]`` for the endpoint.
+
+BentoML parses the multipart body again (it cannot take a parsed form). The guard's parse is cheap
+next to the rest of a request: 0.1 ms for a 27 KiB VQA upload, 0.2 ms at 433 KiB, 0.4 ms with 20
+retrieval texts (2026-11-23, in process); a header-only scan would save about 0.1 ms of that. Only
+uploads over 1 MiB cost more (1 ms or more: both parses spool them to disk).
 """
 
 from __future__ import annotations
