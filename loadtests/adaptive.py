@@ -360,6 +360,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # starts, so one started elsewhere on this machine would wipe this run's counters (shifts)
         with running_service(args.out / "serve.log", workers=1, ready_timeout_s=args.start_timeout_s,
                              DAS_PLANS=str(store), DAS_DEVICE="cpu", OMP_NUM_THREADS=threads,
+                             # the overload must show as queueing (what the controller reacts to), not as
+                             # 429s from the service's in-flight cap (64 by default)
+                             DAS_MAX_CONCURRENCY=str(MAX_CONNECTIONS),
                              MKL_NUM_THREADS=threads, BENTOML_HOME=str(Path(tmp) / "bentoml-home")) as service:
             url = service.url
             listing = http_get_json(f"{url}/plans/")["tasks"][task]
