@@ -4,7 +4,7 @@ Thin by design: each endpoint turns HTTP input into a call on ``models.runtime.D
 plan from ``service.registry.PlanRegistry``, and the result back into JSON. Configuration comes
 from environment variables (see the README): DAS_BACKBONE, DAS_PLANS, DAS_DEVICE, DAS_DTYPE,
 DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS, DAS_MAX_QUEUE, DAS_TORCH_THREADS,
-DAS_MAX_CONCURRENCY.
+DAS_MAX_CONCURRENCY, DAS_MALLOC_THRESHOLD.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
 from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware
 from service.inputs import InputError, check_text, load_image, text_list
+from service.memory import MAX_MMAP_THRESHOLD, pin_malloc_thresholds
 from service.registry import (
     PlanRegistry,
     PlanStore,
@@ -95,6 +96,10 @@ def _set_torch_threads(threads: int | None) -> None:
 
 
 TORCH_THREADS = _torch_threads_setting()
+# glibc mmap threshold pinned per worker (service/memory.py: keeps RSS flat under varied input sizes); 0 = glibc's own
+MALLOC_THRESHOLD = _env_int("DAS_MALLOC_THRESHOLD", 1024 * 1024)
+if not 0 <= MALLOC_THRESHOLD <= MAX_MMAP_THRESHOLD:
+    raise SystemExit(f"DAS_MALLOC_THRESHOLD must be 0 (off) or 1..{MAX_MMAP_THRESHOLD} bytes, got {MALLOC_THRESHOLD}")
 WORKERS = _env_int("DAS_WORKERS", 1)
 # In-flight HTTP requests per worker (0: no cap). Past it BentoML answers 429 at once, before the
 # body is read. 64 = the running batch plus three full batches waiting (DAS_MAX_BATCH_SIZE 16):
@@ -138,6 +143,8 @@ class DASService:
 
     def __init__(self) -> None:
         _set_torch_threads(TORCH_THREADS)  # before any torch work in this worker
+        if MALLOC_THRESHOLD:
+            pin_malloc_thresholds(MALLOC_THRESHOLD)
         from models.backbone import load_backbone
         from models.runtime import DASRuntime
         from service.metrics import ServiceMetrics
