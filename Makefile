@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve plans bench bench-runtime loadtest loadtest-hotswap clean help
+.PHONY: install test serve plans plans-meter bench bench-runtime loadtest loadtest-hotswap clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
@@ -38,6 +38,9 @@ serve: $(STAMP)  ## serve the embedded default backbone and plans on localhost:3
 
 plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, plans; ~90 min on 2 cores)
 	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force --update-readme
+
+plans-meter: $(STAMP)  ## regenerate the tiny METER and its plans in plans/meter/ (~80 min on 2 cores)
+	$(VENV)/bin/das pipeline --arch meter --out plans/meter --work build/pipeline-meter --force --update-readme
 
 bench-runtime: $(STAMP)  ## model-level latency vs FLOPs benchmark (ViLT-B/32 size, random init)
 	$(VENV)/bin/das bench --out bench-results

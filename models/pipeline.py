@@ -193,7 +193,7 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
     backbone_dir = out / "backbone"
     pretrain_file = work / "pretrain.json"
     if (backbone_dir / "config.json").is_file() and pretrain_file.is_file():
-        log("[pretrain] reusing the backbone already in the output (resume)")
+        log("[resume] pretrain: reusing the backbone already in the output")
         pretrain_summary = json.loads(pretrain_file.read_text())
     else:
         log(f"[pretrain] {settings.arch}: ITM + MLM on the synthetic image-caption pairs")

@@ -107,3 +107,36 @@ def test_meter_service_answers_with_plans_and_refuses_a_vilt_plan(meter_server):
                for family in text_string_to_metric_families(client.get("/metrics").text)
                for s in family.samples if s.name == "das_requests_total"}
     assert samples[("vqa", "skip2", "ok")] >= 1 and samples[("nlvr2", "own", "ok")] >= 1
+
+
+def test_the_shipped_tiny_meter_is_served_from_its_own_store(tmp_path):
+    """DAS_BACKBONE=plans/meter/backbone alone: the service serves the store beside it (plans/meter/),
+    every task through its active METER plan, with the answers the runtime gives in process."""
+    from pathlib import Path
+
+    from models.backbone import load_backbone
+
+    shipped = Path(__file__).resolve().parent.parent / "plans" / "meter"
+    state = json.loads((shipped / "store.json").read_text())
+    backbone = load_backbone(shipped / "backbone", device="cpu")
+    runtime = DASRuntime(backbone)
+    image, question = random_image(96, 96, seed=5), "what color is the circle?"
+    with serve(tmp_path, DAS_BACKBONE=str(shipped / "backbone"), DAS_WORKERS="1") as client:
+        overview = client.get("/plans/").json()
+        assert not overview["load_errors"], overview["load_errors"]
+        for task in ("vqa", "nlvr2", "retrieval"):
+            names = {p["name"] for p in overview["tasks"][task]["plans"]}
+            assert set(state["loaded"][task]) <= names
+        body = client.post("/vqa", files={"image": ("q.png", _png(image), "image/png")},
+                           data={"question": question, "top_k": "3"}).json()
+        active = state["active"]["vqa"]
+        assert body["plan"]["name"] == active
+        (expected,) = runtime.vqa(load_plan(shipped / "vqa" / active, backbone), [image], [question], top_k=3)
+        assert [a["answer"] for a in body["answers"]] == [a.answer for a in expected.answers]
+        nlvr2 = client.post("/nlvr2", files={"image_left": ("l.png", _png(image), "image/png"),
+                                             "image_right": ("r.png", _png(random_image(80, 60, seed=6)), "image/png")},
+                            data={"statement": "the left image has more circles than the right image"})
+        assert nlvr2.status_code == 200 and nlvr2.json()["plan"]["name"] == state["active"]["nlvr2"]
+        ranking = client.post("/retrieval/texts", files={"image": ("i.png", _png(image), "image/png")},
+                              data={"texts": ["a red circle", "two blue squares"]})
+        assert ranking.status_code == 200 and ranking.json()["plan"]["name"] == state["active"]["retrieval"]

@@ -145,3 +145,21 @@ def test_shipped_plans_validate_against_the_shipped_backbone():
         validate_plan(plan_dir, backbone)
     size = sum(f.stat().st_size for f in SHIPPED.rglob("*") if f.is_file())
     assert size <= 40 * 1024 * 1024, f"shipped plans and backbone take {size} bytes"
+
+
+def test_the_shipped_tiny_meter_and_its_plans():
+    """plans/meter/: the tiny METER (DAS_BACKBONE=plans/meter/backbone), a plan per task and skip level
+    that validates against it, and a store whose active plans are loaded ones."""
+    meter_store = SHIPPED / "meter"
+    backbone = load_backbone(meter_store / "backbone", device="cpu")
+    assert backbone.architecture == "meter" and backbone.num_layers == 12
+    state = json.loads((meter_store / "store.json").read_text())
+    plan_dirs = sorted(p.parent for p in meter_store.glob("*/*/plan.json"))
+    assert {read_plan_spec(p).task for p in plan_dirs} == {"vqa", "nlvr2", "retrieval"}
+    for plan_dir in plan_dirs:
+        spec = validate_plan(plan_dir, backbone)
+        assert plan_dir.name in state["loaded"][spec.task]
+        if spec.skipped_layers:
+            assert len(spec.skipped_layers) == 4 and spec.metrics["flops_reduced"] < spec.metrics["flops_full"]
+    for task, name in state["active"].items():
+        assert name in state["loaded"][task]
