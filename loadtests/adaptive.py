@@ -22,6 +22,13 @@ says when the offered load is beyond even the cheapest plan's measured capacity:
 hold the SLO and the adaptive mode can only slow the queue's growth.
 
     python -m loadtests.adaptive --duration 25
+
+``--model base`` serves a ViLT-B/32-size VQA checkpoint (random init, made in the temporary folder)
+with the built-in ``full`` plan active and plans of random skip adapters skipping 4 and 8 of its 12
+layers, evenly spread: a model whose forward pass dominates each request, as a production one does.
+Its plans carry no accuracy metrics, so that run reports no accuracy cost (the embedded run does).
+
+    python -m loadtests.adaptive --model base --calibrate-s 40 --duration 90 --window-s 15
 """
 
 from __future__ import annotations
@@ -303,6 +310,28 @@ def shift_counts(url: str, task: str) -> dict[str, float]:
 
 
 # -- the plan store ---------------------------------------------------------------------------------------
+BASE_SKIPS = (4, 8)  # --model base: layers of 12 its cheaper plans skip (0.69x and 0.38x the full plan's FLOPs)
+
+
+def make_base_store(root: Path) -> tuple[Path, Path]:
+    """--model base: a ViLT-B/32-size VQA checkpoint (random init) and a store with the built-in full plan
+    active and random-adapter plans skipping BASE_SKIPS layers. Returns (backbone dir, store)."""
+    from models.backbone import load_backbone
+    from models.bench import WORDS, bench_config, build_plans
+    from models.checkpoints import save_vilt_checkpoint
+    from models.plan import save_plan
+
+    backbone_dir, store = root / "checkpoint", root / "plans"
+    save_vilt_checkpoint(backbone_dir, bench_config("base"), "vqa", WORDS, seed=0)
+    backbone = load_backbone(backbone_dir, "cpu")
+    # skip adapters of bottleneck hidden / 4 (192), as `das bench` uses at this size
+    _, *skips = build_plans(backbone, list(BASE_SKIPS), "even", skip_bottleneck=backbone.config.hidden_size // 4)
+    for plan in skips:
+        save_plan(store / "vqa" / plan.name, plan.spec, plan.modules)
+    write_state(store, {"loaded": {"vqa": [plan.name for plan in skips]}, "active": {"vqa": "full"}})
+    return backbone_dir, store
+
+
 def make_store(root: Path, task: str, active: str) -> Path:
     """A copy of the shipped plans of ``task`` with ``active`` active (the backbone is read in place)."""
     store = root / "plans"
@@ -353,7 +382,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     task, route = args.task, ROUTES[args.task]
     bodies = payloads(task, args.candidates)
     with tempfile.TemporaryDirectory(prefix="das-adaptive-") as tmp:
-        store = make_store(Path(tmp), task, args.active)
+        backbone_env = {}
+        if args.model == "base":
+            if task != "vqa":
+                raise SystemExit("--model base loads VQA only")
+            args.active = args.active or "full"
+            backbone_dir, store = make_base_store(Path(tmp))
+            backbone_env = {"DAS_BACKBONE": str(backbone_dir)}
+        else:
+            args.active = args.active or "adapters"
+            store = make_store(Path(tmp), task, args.active)
         args.out.mkdir(parents=True, exist_ok=True)
         threads = str(args.torch_threads)
         # its own BENTOML_HOME: every `bentoml serve` empties $BENTOML_HOME/prometheus_multiproc_dir when it
@@ -363,22 +401,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              # the overload must show as queueing (what the controller reacts to), not as
                              # 429s from the service's in-flight cap (64 by default)
                              DAS_MAX_CONCURRENCY=str(MAX_CONNECTIONS),
-                             MKL_NUM_THREADS=threads, BENTOML_HOME=str(Path(tmp) / "bentoml-home")) as service:
+                             MKL_NUM_THREADS=threads, BENTOML_HOME=str(Path(tmp) / "bentoml-home"),
+                             **backbone_env) as service:
             url = service.url
             listing = http_get_json(f"{url}/plans/")["tasks"][task]
             plans = {p["name"]: p for p in listing["plans"]}
             scores = {name: p["score"] for name, p in plans.items()}
             cheapest = min(plans, key=lambda n: plans[n]["flops_ratio"])
-            print("plans: " + ", ".join(f"{n} (flops ratio {p['flops_ratio']:.3f}, score {p['score']:.3f})"
-                                         for n, p in sorted(plans.items(), key=lambda kv: -kv[1]["flops_ratio"])
-                                         if p["score"] is not None), flush=True)
+            print("plans: " + ", ".join(f"{n} (flops ratio {p['flops_ratio']:.3f}, score "
+                                         f"{'-' if p['score'] is None else format(p['score'], '.3f')})"
+                                         for n, p in sorted(plans.items(), key=lambda kv: -kv[1]["flops_ratio"])),
+                  flush=True)
 
             asyncio.run(closed_loop(url, route, bodies, 2, 3, args.active))  # warm-up
             print("calibrating ...", flush=True)
             single = asyncio.run(closed_loop(url, route, bodies, 1, args.calibrate_s / 2, args.active))
             unloaded_p95 = percentile(latencies_ms(single), 0.95)
             fixed_cap = asyncio.run(closed_loop(url, route, bodies, args.concurrency, args.calibrate_s, args.active))
+            # the requests still in flight when a measurement ends keep the model busy: the next one starts idle
+            wait_idle(url, route, bodies[0], args.active, 3 * unloaded_p95 / 1000, args.drain_s)
             cheap_cap = asyncio.run(closed_loop(url, route, bodies, args.concurrency, args.calibrate_s, cheapest))
+            wait_idle(url, route, bodies[0], args.active, 3 * unloaded_p95 / 1000, args.drain_s)
             capacity = sum(o.status == 200 for o in fixed_cap) / args.calibrate_s
             cheapest_capacity = sum(o.status == 200 for o in cheap_cap) / args.calibrate_s
             slo_ms = args.slo_ms or round(args.slo_factor * unloaded_p95)
@@ -410,7 +453,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fixed_score = scores[args.active]
     adaptive_score = results["adaptive"]["mean_score"]
     return {
-        "task": task, "route": route, "candidates": args.candidates if task == "retrieval" else None, "active_plan": args.active, "duration_s": args.duration, "overload": args.overload,
+        "task": task, "route": route, "model": args.model,
+        "candidates": args.candidates if task == "retrieval" else None, "active_plan": args.active,
+        "duration_s": args.duration, "overload": args.overload,
         "calibration": calibration, "fixed": results["fixed"], "adaptive": results["adaptive"],
         "scores": scores,
         "accuracy_cost": None if adaptive_score is None or fixed_score is None else {
@@ -425,7 +470,8 @@ def markdown(report: dict[str, Any]) -> str:
     settle = next(k for k in fixed if k.startswith("p95_ms_after_"))
     lines = [
         f"# Load-adaptive plans under {report['overload']:g}x overload ({report['route']}"
-        + (f", {report['candidates']} candidates" if report["candidates"] else "") + f", active plan {report['active_plan']})",
+        + (f", {report['candidates']} candidates" if report["candidates"] else "") + f", active plan {report['active_plan']}"
+        + (", ViLT-B/32 size, random init" if report.get("model") == "base" else "") + ")",
         "",
         f"Calibration: {report['active_plan']} answers one request at a time with p95 {cal['unloaded_p95_ms']} ms "
         f"and serves {cal['capacity_rps']} req/s at {cal['capacity_concurrency']} in flight; the cheapest plan "
@@ -465,7 +511,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="vqa: POST /vqa; retrieval: POST /retrieval/texts with --candidates captions per request")
     parser.add_argument("--candidates", type=positive_int, default=32,
                         help="captions per retrieval request (more: more model work per HTTP request)")
-    parser.add_argument("--active", default="adapters", help="the fixed plan, and the adaptive mode's active plan")
+    parser.add_argument("--model", choices=["embedded", "base"], default="embedded",
+                        help="embedded: copies of the shipped plans; base: a ViLT-B/32-size checkpoint (random init) "
+                             "with random-adapter plans skipping 4 and 8 layers (see above)")
+    parser.add_argument("--active", default=None,
+                        help="the fixed plan, and the adaptive mode's active plan (default: adapters; full with "
+                             "--model base)")
     parser.add_argument("--overload", type=positive_float, default=2.0,
                         help="offered load as a multiple of the fixed plan's measured capacity")
     parser.add_argument("--duration", type=positive_float, default=25.0, help="seconds of open-loop load per mode")
