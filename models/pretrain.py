@@ -43,13 +43,13 @@ from tqdm.auto import tqdm
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 from transformers.models.vilt.modeling_vilt import ViltMLMHead
 
-ARCHS = ("vilt", "meter")
-
 from models.checkpoints import build_processor
 from models.das import PlanModules
 from models.datasets import read_task
 from models.train import ImageCache
 from models.vilt import ViltBackbone
+
+ARCHS = ("vilt", "meter")
 
 
 @dataclass
@@ -195,7 +195,7 @@ def pretrain_backbone(
     mlm_head = ViltMLMHead(ViltConfig(hidden_size=config.hidden_size, vocab_size=len(tokenizer), hidden_act="gelu",
                                       layer_norm_eps=1e-12))
     itm_head = new_itm_head()
-    parameters = [p for p in backbone.parameters()] + list(mlm_head.parameters()) + list(itm_head.parameters())
+    parameters = list(backbone.parameters()) + list(mlm_head.parameters()) + list(itm_head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     pairs = pretraining_pairs(retrieval_data, scene_dirs, config.captions_per_scene, config.seed)
     maskable = content_token_mask(tokenizer, [p.caption for p in pairs])
