@@ -115,6 +115,10 @@ class LoadController:
     The ladder is the active plan followed by the cheaper loaded plans, most expensive first
     (``PlanRegistry.ladder``). Rules:
 
+    * step down one rung at once when the worker's backlog (how long a request arriving now would
+      wait for the model, ``backlog_s``) is over the SLO: with a long queue, finished requests tell
+      of overload only after they waited through it, seconds late for a large model. At most one
+      such step per SLO period, so each step's effect can show before the next;
     * step down one rung when at least ``min_samples`` requests finished within ``window_s`` and
       their p95 is over the SLO, or when fewer did (a service so slow that few requests finish) but
       at least ``SPARSE_MIN_SAMPLES`` did and every one of them was over the SLO;
@@ -141,6 +145,7 @@ class LoadController:
         self._calm_since: float | None = None
         self._last_up: float | None = None  # when the last step up happened, while it is on probation
         self.backoff = 1  # multiplies cooldown_s
+        self._last_backlog_step = -math.inf
 
     def observe(self, seconds: float, chosen_at: float, now: float) -> None:
         """A request of the task whose plan was chosen at ``chosen_at`` finished at ``now``, ``seconds``
@@ -161,22 +166,27 @@ class LoadController:
             self._samples.popleft()
         return [seconds for _, seconds in self._samples]
 
-    def choose(self, ladder: Sequence[str], now: float) -> tuple[str, Shift | None]:
-        """The plan for a new default request, and the shift this decision made (if any)."""
+    def choose(self, ladder: Sequence[str], now: float, backlog_s: float = 0.0) -> tuple[str, Shift | None]:
+        """The plan for a new default request, and the shift this decision made (if any). ``backlog_s``:
+        how long a request arriving now would wait for the model."""
         if not ladder:
             raise ValueError("the plan ladder is empty")
         self.level = min(self.level, len(ladder) - 1)  # plans may have been unloaded since
         if self._last_up is not None and now - self._last_up >= self.settings.cooldown_s:
             self._last_up, self.backoff = None, 1  # the last step up held
+        slo = self.settings.slo_p95_ms / 1000
+        if backlog_s > slo and self.level < len(ladder) - 1 and now - self._last_backlog_step >= slo:
+            self._last_backlog_step = now
+            return self._step(ladder, +1, now)
         latencies = self._window(now)
         if latencies:  # no finished request in the window says nothing either way: keep the state
-            slo = self.settings.slo_p95_ms / 1000
             enough = len(latencies) >= self.settings.min_samples
             p95 = _p95(latencies)
             slow = p95 > slo if enough else len(latencies) >= SPARSE_MIN_SAMPLES and min(latencies) > slo
             if slow and self.level < len(ladder) - 1:
                 return self._step(ladder, +1, now)
             calm = (p95 if enough else max(latencies)) < self.settings.recover_ratio * slo
+            calm = calm and backlog_s < self.settings.recover_ratio * slo  # no step up onto a long queue
             if not calm or self.level == 0:
                 self._calm_since = None
             elif self._calm_since is None:
@@ -242,14 +252,14 @@ class LoadShifter:
             if controller is not None:
                 controller.observe(seconds, chosen_at, now)
 
-    def choose(self, task: str, ladder: Sequence[str], now: float) -> str | None:
+    def choose(self, task: str, ladder: Sequence[str], now: float, backlog_s: float = 0.0) -> str | None:
         """The plan for a new default request of ``task``; None if the task is not adaptive."""
         with self._lock:
             controller = self._controllers.get(task)
             if controller is None:
                 return None
             before = controller.serving
-            name, shift = controller.choose(ladder, now)
+            name, shift = controller.choose(ladder, now, backlog_s)
         if shift is not None and self.on_shift is not None:
             self.on_shift(shift)
         if name != before:

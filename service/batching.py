@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -57,11 +58,23 @@ class MicroBatcher:
         self._busy = False  # a batch is on the model thread
         self._timer: asyncio.TimerHandle | None = None  # the optional idle wait
         self._arrivals = itertools.count()
+        self._seconds_per_item: float | None = None  # EWMA of model-thread time per request
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="das-model")
 
     @property
     def pending(self) -> int:
         return self._pending
+
+    @property
+    def seconds_per_item(self) -> float | None:
+        """Recent model-thread time per request (batch time / batch size, smoothed), None before any batch."""
+        return self._seconds_per_item
+
+    def backlog_seconds(self) -> float:
+        """About how long a request arriving now waits for the model: the requests already waiting or
+        running times the recent time per request. Known at arrival, unlike any latency, so it is the
+        early sign of overload (service.adaptive)."""
+        return self._pending * (self._seconds_per_item or 0.0)
 
     async def submit(self, key: Hashable, item: Any, run_batch: RunBatch) -> Any:
         """Queue ``item``; ``run_batch(items)`` returns one result per item, in order."""
@@ -126,16 +139,20 @@ class MicroBatcher:
             except Exception:  # an observer must never stall the batch
                 pass
         self._busy = True
+        started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             running = loop.run_in_executor(self._executor, queue.run_batch, [p.item for p in batch])
         except Exception as exc:  # e.g. the executor is shut down: fail this batch, not the loop
             running = loop.create_future()
             running.set_exception(exc)
-        running.add_done_callback(lambda done: self._finish(batch, done))
+        running.add_done_callback(lambda done: self._finish(batch, done, started))
 
-    def _finish(self, batch: list[_Pending], done: asyncio.Future) -> None:
+    def _finish(self, batch: list[_Pending], done: asyncio.Future, started: float) -> None:
         self._busy = False
+        per_item = (time.perf_counter() - started) / len(batch)
+        previous = self._seconds_per_item
+        self._seconds_per_item = per_item if previous is None else 0.7 * previous + 0.3 * per_item
         if done.cancelled():  # the loop is shutting down
             for pending in batch:
                 pending.future.cancel()

@@ -215,7 +215,7 @@ class DASService:
         if plan_name:
             return self.registry.get(task, plan_name), "request"
         ladder = self.registry.ladder(task)
-        adaptive = self.shifter.choose(task, ladder, now) if ladder else None
+        adaptive = self.shifter.choose(task, ladder, now, self.batcher.backlog_seconds()) if ladder else None
         if adaptive is not None and adaptive != ladder[0]:
             with contextlib.suppress(RegistryError):  # unloaded a moment ago: the active plan serves
                 return self.registry.get(task, adaptive), "load"

@@ -270,3 +270,27 @@ def test_shifter_reports_shifts_and_keeps_state_across_unchanged_settings():
     shifter.configure({})
     assert serving[-1] == ("vqa", "adapters", None)
     assert shifter.choose("vqa", LADDER, 1.0) is None and shifter.status(1.0) == {}
+
+
+# -- the backlog: overload seen at arrival --------------------------------------------------------------
+def test_a_backlog_over_the_slo_steps_down_before_any_request_finishes():
+    ctl = controller()  # SLO 100 ms
+    assert ctl.choose(LADDER, 1.0, backlog_s=0.05) == ("adapters", None)
+    assert ctl.choose(LADDER, 1.0, backlog_s=0.5) == ("skip2", Shift("vqa", "down", "adapters", "skip2"))
+    # the queue built under the dearer plan is still there: one step per SLO period, not one per request
+    assert ctl.choose(LADDER, 1.05, backlog_s=0.5) == ("skip2", None)
+    assert ctl.choose(LADDER, 1.1, backlog_s=0.5) == ("skip4", Shift("vqa", "down", "skip2", "skip4"))
+    assert ctl.choose(LADDER, 1.3, backlog_s=5.0) == ("skip4", None)  # the cheapest rung: nowhere lower
+
+
+def test_no_step_up_onto_a_long_queue():
+    ctl = controller(cooldown_s=1)
+    feed(ctl, 0.3, 5, now=1.0)
+    assert ctl.choose(LADDER, 1.0)[0] == "skip2"
+    for now in (2.0, 3.0, 4.0):  # finished requests are fast, but requests are still piling up
+        feed(ctl, 0.01, 5, now=now)
+        assert ctl.choose(LADDER, now, backlog_s=0.08) == ("skip2", None)
+    for now in (5.0, 6.0, 7.0):
+        feed(ctl, 0.01, 5, now=now)
+        name, _ = ctl.choose(LADDER, now, backlog_s=0.0)
+    assert name == "adapters"

@@ -300,3 +300,22 @@ def test_bad_settings_are_refused():
     for bad in ({"max_batch_size": 0}, {"max_latency_ms": -1}, {"max_queue": 0}):
         with pytest.raises(ValueError):
             MicroBatcher(**bad)
+
+
+def test_backlog_is_the_waiting_requests_times_the_recent_time_per_request():
+    async def main():
+        batcher = MicroBatcher(max_batch_size=4)
+        assert batcher.seconds_per_item is None and batcher.backlog_seconds() == 0.0
+        model = Recorder()
+        await asyncio.gather(*(batcher.submit("k", i, model) for i in range(3)))
+        per_item = batcher.seconds_per_item
+        assert per_item is not None and per_item > 0
+        gate, holder = await hold_model(batcher)
+        queued = [asyncio.ensure_future(batcher.submit("k", i, model)) for i in range(5)]
+        await until_pending(batcher, 6)  # the held call and five waiting
+        assert batcher.backlog_seconds() == pytest.approx(6 * per_item)
+        gate.set()
+        await asyncio.gather(holder, *queued)
+        assert batcher.pending == 0 and batcher.backlog_seconds() == 0.0
+
+    asyncio.run(main())
