@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import WORDS, random_image
 from models.meter import MeterBackbone, MeterConfig
 from models.meter_checkpoint import save_meter_checkpoint
-from models.plan import AdapterShapes, BackboneRef, PlanSpec, builtin_full_plan, load_plan, save_plan
+from models.plan import builtin_full_plan, load_plan
 from models.runtime import DASRuntime
-from test_service_integration import _png, serve
+from test_service_integration import _png, _save_plan, serve
 
 VQA_LABELS = ["red", "blue", "green", "yes", "no"]
 
@@ -33,28 +32,17 @@ def tiny_meter_config() -> MeterConfig:
     )
 
 
-def _save(backbone, store, task, name, skipped=(), seed=0, **fields):
-    spec = PlanSpec(task=task, name=name, version=1, backbone=BackboneRef(backbone.architecture, backbone.fingerprint),
-                    skipped_layers=tuple(skipped), adapters=AdapterShapes(8 if skipped else None, 4), **fields)
-    torch.manual_seed(seed)
-    modules = backbone.build_plan_modules(spec, init_from_backbone=True)
-    with torch.no_grad():
-        for p in modules.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_plan(store / task / name, spec, modules, overwrite=True)
-
-
 @pytest.fixture(scope="module")
 def meter_server(tmp_path_factory, backbones):
     root = tmp_path_factory.mktemp("meter-service")
     backbone_dir, store = root / "backbone", root / "plans"
     save_meter_checkpoint(backbone_dir, tiny_meter_config(), ["vqa", "nlvr2", "retrieval"], WORDS, seed=0)
     backbone = MeterBackbone.from_pretrained(backbone_dir)
-    _save(backbone, store, "vqa", "skip2", skipped=(1, 2))  # text-side layer 1 and image-side layer 0
-    _save(backbone, store, "nlvr2", "own", skipped=(3,), own_head=True, labels=("False", "True"),
+    _save_plan(backbone, store, "vqa", "skip2", skipped=(1, 2), parallel_bottleneck=4)  # text-side layer 1 and image-side layer 0
+    _save_plan(backbone, store, "nlvr2", "own", skipped=(3,), parallel_bottleneck=4, own_head=True, labels=("False", "True"),
           own_parts=("pooler", "token_type_embeddings"))
     vilt = backbones["vqa"]
-    _save(vilt, store, "vqa", "vilt", skipped=(1,))  # made for the ViLT backbone: must be refused
+    _save_plan(vilt, store, "vqa", "vilt", skipped=(1,), parallel_bottleneck=4)  # made for the ViLT backbone: must be refused
     (store / "store.json").write_text(json.dumps({"loaded": {"vqa": ["skip2", "vilt"], "nlvr2": ["own"]},
                                                   "active": {"vqa": "skip2"}}))
     with serve(root, DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_WORKERS="1") as client:

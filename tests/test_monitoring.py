@@ -17,9 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import make_checkpoint, random_image
-from models.vilt import ViltBackbone
-from test_service_integration import AUTH, _free_port, _png, _save_plan, serve
+from conftest import random_image
+from test_service_integration import AUTH, _free_port, _png, serve, two_plan_vqa_store
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus.yml"
@@ -137,12 +136,7 @@ def wait_until(condition, timeout: float, message):
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory):
     root = tmp_path_factory.mktemp("monitoring")
-    backbone_dir, store = root / "backbone", root / "plans"
-    backbone_dir.mkdir()
-    make_checkpoint(backbone_dir, "vqa")
-    backbone = ViltBackbone.from_pretrained(backbone_dir)
-    _save_plan(backbone, store, "vqa", "skip1", skipped=(1,))
-    _save_plan(backbone, store, "vqa", "skip2", skipped=(1, 2), seed=1)
+    backbone_dir, store, _ = two_plan_vqa_store(root)
     # Load-adaptive mode with an SLO no request meets: default requests step down from the active
     # plan (skip1) to skip2 at once, so das_plan_shifts_total and das_served_plan are exported.
     adaptive = {"vqa": {"slo_p95_ms": 0.001, "min_samples": 1, "window_s": 60}}

@@ -11,9 +11,8 @@ import time
 import pytest
 import yaml
 
-from conftest import make_checkpoint, random_image
-from models.vilt import ViltBackbone
-from test_service_integration import AUTH, REPO, _png, _save_plan, serve
+from conftest import random_image
+from test_service_integration import AUTH, REPO, _png, serve, two_plan_vqa_store
 
 CONVERGE_S = 10  # generous bound on a shared CI machine; each worker re-reads the store every 0.5 s
 
@@ -21,12 +20,7 @@ CONVERGE_S = 10  # generous bound on a shared CI machine; each worker re-reads t
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     root = tmp_path_factory.mktemp("scale-out")
-    backbone_dir, store = root / "backbone", root / "plans"
-    backbone_dir.mkdir()
-    make_checkpoint(backbone_dir, "vqa")
-    backbone = ViltBackbone.from_pretrained(backbone_dir)
-    _save_plan(backbone, store, "vqa", "skip1", skipped=(1,))
-    _save_plan(backbone, store, "vqa", "skip2", skipped=(1, 2), seed=1)
+    backbone_dir, store, _ = two_plan_vqa_store(root)
     (store / "store.json").write_text(json.dumps({"loaded": {"vqa": ["skip1", "skip2"]}}))
     settings = dict(DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_WORKERS="1")
     managers = [serve(root, **settings) for _ in range(2)]

@@ -11,20 +11,14 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import make_checkpoint, random_image
-from models.vilt import ViltBackbone
-from test_service_integration import _assert_client_error, _png, _save_plan, _vqa, serve
+from conftest import random_image
+from test_service_integration import _assert_client_error, _png, _save_plan, _vqa, serve, two_plan_vqa_store
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
-    backbone_dir, store = root / "backbone", root / "plans"
-    backbone_dir.mkdir()
-    make_checkpoint(backbone_dir, "vqa")
-    backbone = ViltBackbone.from_pretrained(backbone_dir)
-    _save_plan(backbone, store, "vqa", "skip1", skipped=(1,), metrics={"vqa_score": 0.6})
-    _save_plan(backbone, store, "vqa", "skip2", skipped=(1, 2), seed=1, metrics={"vqa_score": 0.4})
+    backbone_dir, store, backbone = two_plan_vqa_store(root, {"vqa_score": 0.6}, {"vqa_score": 0.4})
     _save_plan(backbone, store, "retrieval", "own", skipped=(3,), own_head=True)
     _save_plan(backbone, store, "nlvr2", "own", own_head=True, labels=("False", "True"),
                own_parts=("token_type_embeddings",))

@@ -44,15 +44,31 @@ def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def _save_plan(backbone, store: Path, task: str, name: str, skipped=(), version: int = 1, seed: int = 0, **spec_kwargs):
-    spec = PlanSpec(task=task, name=name, version=version, backbone=BackboneRef("vilt", backbone.fingerprint),
-                    skipped_layers=tuple(skipped), adapters=AdapterShapes(8 if skipped else None, None), **spec_kwargs)
+def _save_plan(backbone, store: Path, task: str, name: str, skipped=(), version: int = 1, seed: int = 0,
+               parallel_bottleneck: int | None = None, **spec_kwargs):
+    """A plan for any backbone (ViLT or METER), adapters perturbed from their init so it changes outputs."""
+    spec = PlanSpec(task=task, name=name, version=version,
+                    backbone=BackboneRef(backbone.architecture, backbone.fingerprint), skipped_layers=tuple(skipped),
+                    adapters=AdapterShapes(8 if skipped else None, parallel_bottleneck), **spec_kwargs)
     torch.manual_seed(seed)
     modules = backbone.build_plan_modules(spec, init_from_backbone=True)
     with torch.no_grad():
         for p in modules.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return save_plan(store / task / name, spec, modules, overwrite=True)
+
+
+def two_plan_vqa_store(root: Path, skip1_metrics: dict | None = None, skip2_metrics: dict | None = None):
+    """A tiny VQA checkpoint in root/backbone and a store root/plans with plans skip1 (layer 1) and skip2
+    (layers 1, 2); store.json is the caller's. Returns (backbone dir, store, backbone)."""
+    backbone_dir, store = root / "backbone", root / "plans"
+    backbone_dir.mkdir()
+    make_checkpoint(backbone_dir, "vqa")
+    backbone = ViltBackbone.from_pretrained(backbone_dir)
+    _save_plan(backbone, store, "vqa", "skip1", skipped=(1,), **({"metrics": skip1_metrics} if skip1_metrics else {}))
+    _save_plan(backbone, store, "vqa", "skip2", skipped=(1, 2), seed=1,
+               **({"metrics": skip2_metrics} if skip2_metrics else {}))
+    return backbone_dir, store, backbone
 
 
 @pytest.fixture(scope="module")
