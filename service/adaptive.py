@@ -8,7 +8,8 @@ Opt-in per task in the plan store's store.json (see the README)::
                          "window_s": 10,             # p95 over requests finished in the last window_s
                          "min_samples": 20,          # fewer in the window: step down only if all (>= 3) are slow
                          "recover_ratio": 0.5,       # step up once p95 < recover_ratio * SLO ...
-                         "cooldown_s": 10,           # ... for cooldown_s without a break
+                         "cooldown_s": 10,           # ... for cooldown_s without a break, and the
+                         "max_utilization": 0.8,     # dearer plan would keep the model busy at most 80%
                          "fallbacks": ["skip2"]}}    # optional: the only plans it may step down to
 
 The decision logic is :class:`LoadController`: pure, clock injected, no I/O, so its behaviour is
@@ -44,6 +45,7 @@ class AdaptiveSettings:
     min_samples: int = 20
     recover_ratio: float = 0.5
     cooldown_s: float = 10.0
+    max_utilization: float = 0.8  # step up only if the dearer plan is projected to keep the model at most this busy
     fallbacks: tuple[str, ...] | None = None  # None: every cheaper loaded plan
 
     def __post_init__(self) -> None:
@@ -60,6 +62,8 @@ class AdaptiveSettings:
             raise AdaptiveConfigError(f"min_samples must be an integer >= 1, got {self.min_samples!r}")
         if not 0 < number("recover_ratio", self.recover_ratio) < 1:
             raise AdaptiveConfigError(f"recover_ratio must be between 0 and 1 (exclusive), got {self.recover_ratio!r}")
+        if not 0 < number("max_utilization", self.max_utilization) <= 1:
+            raise AdaptiveConfigError(f"max_utilization must be in (0, 1], got {self.max_utilization!r}")
         if number("cooldown_s", self.cooldown_s) < 0:
             raise AdaptiveConfigError(f"cooldown_s must be >= 0, got {self.cooldown_s!r}")
         if self.fallbacks is not None:
@@ -125,6 +129,12 @@ class LoadController:
     * step up one rung when the p95 (or, with fewer than ``min_samples``, every sample) stays
       under ``recover_ratio * SLO`` for ``cooldown_s`` without a break — the gap between the two
       thresholds and the cool-down keep it from flapping; an empty window changes nothing;
+    * and, when the caller knows how busy the model is and what the rungs cost, only if the dearer
+      rung would leave headroom: utilization over the window x (its FLOPs / the current rung's) at
+      most ``max_utilization``. Low latency on a cheap plan says nothing about whether the dearer
+      one can keep up: without this check a sustained overload steps up, queues, and steps down
+      again every cool-down. FLOPs overstate a plan's time when fixed per-request costs matter, so
+      the projection errs on the side of staying down;
     * after a step only requests whose plan was chosen at or after it are judged, so the queue
       built up under the previous plan does not push it down a second time by itself;
     * a step up followed by a step down within ``cooldown_s`` (the dearer plan could not keep up:
@@ -146,6 +156,7 @@ class LoadController:
         self._last_up: float | None = None  # when the last step up happened, while it is on probation
         self.backoff = 1  # multiplies cooldown_s
         self._last_backlog_step = -math.inf
+        self.projected_utilization: float | None = None  # the dearer rung's, when a step up was last weighed
 
     def observe(self, seconds: float, chosen_at: float, now: float) -> None:
         """A request of the task whose plan was chosen at ``chosen_at`` finished at ``now``, ``seconds``
@@ -166,9 +177,13 @@ class LoadController:
             self._samples.popleft()
         return [seconds for _, seconds in self._samples]
 
-    def choose(self, ladder: Sequence[str], now: float, backlog_s: float = 0.0) -> tuple[str, Shift | None]:
+    def choose(self, ladder: Sequence[str], now: float, backlog_s: float = 0.0,
+               utilization: Callable[[float], float] | None = None,
+               costs: Sequence[float] | None = None) -> tuple[str, Shift | None]:
         """The plan for a new default request, and the shift this decision made (if any). ``backlog_s``:
-        how long a request arriving now would wait for the model."""
+        how long a request arriving now would wait for the model; ``utilization(window_s)``: the share
+        of the last window_s seconds the model was busy; ``costs``: each rung's FLOPs ratio, in ladder
+        order. Without the last two, steps up are judged by latency alone."""
         if not ladder:
             raise ValueError("the plan ladder is empty")
         self.level = min(self.level, len(ladder) - 1)  # plans may have been unloaded since
@@ -187,6 +202,7 @@ class LoadController:
                 return self._step(ladder, +1, now)
             calm = (p95 if enough else max(latencies)) < self.settings.recover_ratio * slo
             calm = calm and backlog_s < self.settings.recover_ratio * slo  # no step up onto a long queue
+            calm = calm and self._dearer_fits(ladder, utilization, costs)
             if not calm or self.level == 0:
                 self._calm_since = None
             elif self._calm_since is None:
@@ -195,6 +211,17 @@ class LoadController:
                 return self._step(ladder, -1, now)
         self.serving = ladder[self.level]
         return self.serving, None
+
+    def _dearer_fits(self, ladder: Sequence[str], utilization: Callable[[float], float] | None,
+                     costs: Sequence[float] | None) -> bool:
+        """Would the next dearer rung keep the model at most max_utilization busy at today's load?"""
+        if self.level == 0 or utilization is None or costs is None or len(costs) != len(ladder):
+            return True
+        current, dearer = costs[self.level], costs[self.level - 1]
+        if not current > 0:
+            return True
+        self.projected_utilization = utilization(self.settings.window_s) * dearer / current
+        return self.projected_utilization <= self.settings.max_utilization
 
     def _step(self, ladder: Sequence[str], delta: int, now: float) -> tuple[str, Shift]:
         before = ladder[self.level]
@@ -252,14 +279,17 @@ class LoadShifter:
             if controller is not None:
                 controller.observe(seconds, chosen_at, now)
 
-    def choose(self, task: str, ladder: Sequence[str], now: float, backlog_s: float = 0.0) -> str | None:
-        """The plan for a new default request of ``task``; None if the task is not adaptive."""
+    def choose(self, task: str, ladder: Sequence[str], now: float, backlog_s: float = 0.0,
+               utilization: Callable[[float], float] | None = None,
+               costs: Sequence[float] | None = None) -> str | None:
+        """The plan for a new default request of ``task``; None if the task is not adaptive
+        (arguments as :meth:`LoadController.choose`)."""
         with self._lock:
             controller = self._controllers.get(task)
             if controller is None:
                 return None
             before = controller.serving
-            name, shift = controller.choose(ladder, now, backlog_s)
+            name, shift = controller.choose(ladder, now, backlog_s, utilization, costs)
         if shift is not None and self.on_shift is not None:
             self.on_shift(shift)
         if name != before:
@@ -276,7 +306,9 @@ class LoadShifter:
             return {
                 task: {"slo_p95_ms": c.settings.slo_p95_ms, "serving": c.serving, "steps_down": c.level,
                        "p95_ms": None if (p := c.p95_ms(now)) is None else round(p, 3),
-                       "cooldown_backoff": c.backoff}
+                       "cooldown_backoff": c.backoff,
+                       "projected_utilization_up": None if c.projected_utilization is None
+                       else round(c.projected_utilization, 3)}
                 for task, c in self._controllers.items()
             }
 

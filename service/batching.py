@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RunBatch = Callable[[Sequence[Any]], Sequence[Any]]
+MAX_BATCH_SPANS = 4096  # finished batches remembered for busy_fraction (a bound on memory, not on the window)
 
 
 class Overloaded(Exception):
@@ -59,6 +60,8 @@ class MicroBatcher:
         self._timer: asyncio.TimerHandle | None = None  # the optional idle wait
         self._arrivals = itertools.count()
         self._seconds_per_item: float | None = None  # EWMA of model-thread time per request
+        self._batch_spans: deque[tuple[float, float]] = deque(maxlen=MAX_BATCH_SPANS)  # (started, finished)
+        self._running_since: float | None = None  # perf_counter() when the running batch started
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="das-model")
 
     @property
@@ -75,6 +78,19 @@ class MicroBatcher:
         running times the recent time per request. Known at arrival, unlike any latency, so it is the
         early sign of overload (service.adaptive)."""
         return self._pending * (self._seconds_per_item or 0.0)
+
+    def busy_fraction(self, window_s: float, now: float | None = None) -> float:
+        """The share of the last ``window_s`` seconds the model thread spent running batches (0-1):
+        how close this worker is to its capacity on the current mix of plans (service.adaptive
+        steps up to a dearer plan only when that plan would leave headroom)."""
+        now = time.perf_counter() if now is None else now
+        start = now - window_s
+        while self._batch_spans and self._batch_spans[0][1] <= start:
+            self._batch_spans.popleft()
+        busy = sum(min(end, now) - max(began, start) for began, end in self._batch_spans if end > start)
+        if self._running_since is not None:
+            busy += now - max(self._running_since, start)
+        return min(1.0, max(0.0, busy / window_s))
 
     async def submit(self, key: Hashable, item: Any, run_batch: RunBatch) -> Any:
         """Queue ``item``; ``run_batch(items)`` returns one result per item, in order."""
@@ -139,7 +155,7 @@ class MicroBatcher:
             except Exception:  # an observer must never stall the batch
                 pass
         self._busy = True
-        started = time.perf_counter()
+        started = self._running_since = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
             running = loop.run_in_executor(self._executor, queue.run_batch, [p.item for p in batch])
@@ -150,7 +166,9 @@ class MicroBatcher:
 
     def _finish(self, batch: list[_Pending], done: asyncio.Future, started: float) -> None:
         self._busy = False
-        per_item = (time.perf_counter() - started) / len(batch)
+        finished, self._running_since = time.perf_counter(), None
+        self._batch_spans.append((started, finished))
+        per_item = (finished - started) / len(batch)
         previous = self._seconds_per_item
         self._seconds_per_item = per_item if previous is None else 0.7 * previous + 0.3 * per_item
         if done.cancelled():  # the loop is shutting down

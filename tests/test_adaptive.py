@@ -294,3 +294,40 @@ def test_no_step_up_onto_a_long_queue():
         feed(ctl, 0.01, 5, now=now)
         name, _ = ctl.choose(LADDER, now, backlog_s=0.0)
     assert name == "adapters"
+
+
+def test_steps_up_only_when_the_dearer_plan_would_leave_headroom():
+    costs = [1.0, 0.5, 0.25]  # FLOPs ratios of LADDER's rungs
+    ctl = controller(cooldown_s=1, max_utilization=0.8)
+    for now in (1.0, 1.5):  # down to skip4
+        feed(ctl, 0.3, 5, now=now)
+        ctl.choose(LADDER, now)
+    assert ctl.serving == "skip4"
+    busy = {"share": 0.6}  # skip4 keeps the model 60% busy: skip2 would need 120%
+    windows = []
+
+    def utilization(window_s: float) -> float:
+        windows.append(window_s)
+        return busy["share"]
+
+    for now in (2.0, 3.0, 4.0, 5.0):  # requests are fast, the queue is empty: latency alone would step up
+        feed(ctl, 0.01, 5, now=now)
+        assert ctl.choose(LADDER, now, 0.0, utilization, costs) == ("skip4", None)
+    assert ctl.projected_utilization == pytest.approx(1.2) and windows[-1] == 10  # over the controller's window
+    busy["share"] = 0.35  # the load fell: skip2 would run at 70%
+    shifts = []
+    for now in (6.0, 7.0, 8.0):
+        feed(ctl, 0.01, 5, now=now)
+        shifts.append(ctl.choose(LADDER, now, 0.0, utilization, costs)[1])
+    assert Shift("vqa", "up", "skip4", "skip2") in shifts
+    # unknown costs (or no utilization): latency decides alone, as before
+    for now in (9.0, 10.0, 11.0):
+        feed(ctl, 0.01, 5, now=now)
+        name, _ = ctl.choose(LADDER, now, 0.0, utilization, None)
+    assert name == "adapters"
+
+
+def test_max_utilization_must_be_a_share():
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(AdaptiveConfigError, match="max_utilization"):
+            AdaptiveSettings(slo_p95_ms=100, max_utilization=bad)

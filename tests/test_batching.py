@@ -319,3 +319,23 @@ def test_backlog_is_the_waiting_requests_times_the_recent_time_per_request():
         assert batcher.pending == 0 and batcher.backlog_seconds() == 0.0
 
     asyncio.run(main())
+
+
+def test_busy_fraction_is_the_share_of_the_window_spent_running_batches():
+    import time
+
+    async def main():
+        batcher = MicroBatcher(max_batch_size=4)
+        assert batcher.busy_fraction(1.0) == 0.0  # nothing has run
+        gate, holder = await hold_model(batcher)
+        await asyncio.sleep(0.02)
+        assert batcher.busy_fraction(0.01) == 1.0  # a batch has been running all of the last 10 ms
+        gate.set()
+        await holder
+        done = time.perf_counter()
+        ran = batcher.busy_fraction(1000.0, now=done) * 1000.0  # the held batch's seconds on the model
+        assert ran >= 0.02
+        assert batcher.busy_fraction(2 * 1000.0, now=done) == pytest.approx(ran / 2000.0)  # a wider window
+        assert batcher.busy_fraction(0.5, now=done + 10) == 0.0  # a window after the batch is idle
+
+    asyncio.run(main())
