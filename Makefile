@@ -53,11 +53,17 @@ BENCH_DEVICE ?= auto
 BENCH_DTYPE ?= float32
 BENCH_THREADS ?=
 BENCH_ON := --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) $(if $(BENCH_THREADS),--threads $(BENCH_THREADS))
-bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), service level vs a plain BentoML service, HTTP overhead -> bench-results/
+# the service level runs twice: at ViLT-B/32 size (random init; the model dominates a request, as in
+# production; BENCH_SERVICE_BASE= to leave it out) and on the embedded default (fixed costs dominate)
+BENCH_SERVICE_BASE ?= 1
+bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), service level vs a plain BentoML service (both sizes), HTTP overhead -> bench-results/
 	$(VENV)/bin/das bench --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 2 --warmup 0 --extra-rounds 0)
 	$(VENV)/bin/das bench --size embedded --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 5 --warmup 1 --extra-rounds 0)
+	$(if $(BENCH_SERVICE_BASE),$(VENV)/bin/python loadtests/bench_service.py --model base --concurrency 1,2,4,8 \
+	  --out bench-results/service-base $(BENCH_ON) $(if $(BENCH_SHORT),--short))
 	$(VENV)/bin/python loadtests/bench_service.py --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--short) \
-	  --model-results bench-results/bench-runtime.json bench-results/bench-runtime-embedded.json
+	  --model-results bench-results/bench-runtime.json bench-results/bench-runtime-embedded.json \
+	  $(if $(BENCH_SERVICE_BASE),--service-results bench-results/service-base/bench-service.json)
 
 # Load tests (loadtests/README.md): bounded and localhost only; reports go to loadtests/results/.
 #   make loadtest USERS=8 SPAWN_RATE=4 DURATION=1m      make loadtest-hotswap SWAPS=20

@@ -37,7 +37,9 @@ the budget and that had no errors. Targets (PASS/MISS):
       fraction the skip plan's responses report (flops.saved_ratio)
   HTTP overhead: end-to-end p50 of single sequential requests to das-full vs the in-process call
       for the same input (PNG decode + models.runtime.DASRuntime.vqa: preprocessing, forward,
-      top-k), pairs interleaved; overhead = e2e / in-process - 1 <= 15%. Measured with the service's
+      top-k), pairs interleaved; overhead = e2e / in-process - 1 <= 15%. Each pair also times one
+      request to a no-op BentoML service with the same inputs (loadtests/baseline/floor_service.py):
+      BentoML's own cost, so the report says how much of the overhead DAS adds. Measured with the service's
       settings (DAS_MAX_LATENCY_MS, default 0: a lone request runs at once) and, with
       --zero-wait-overhead, again on a das-full started with DAS_MAX_LATENCY_MS=0 (useful only when
       the inherited environment sets a wait).
@@ -78,6 +80,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: make the models 
 
 BASELINE_DIR = REPO / "loadtests" / "baseline"
 BASELINE_SERVICE = "baseline_service:ViltVQABaseline"
+FLOOR_SERVICE = "floor_service:BentoMLFloor"  # no model: BentoML's own cost for the same inputs
 DAS_SERVICE = "service.service:DASService"
 OVERHEAD_TARGET = 0.15
 FULL_VS_BASELINE_TARGET = 1.0
@@ -353,9 +356,11 @@ def throughput_at_budget(levels: list[dict[str, Any]], budget_ms: float) -> floa
 # HTTP overhead
 # ---------------------------------------------------------------------------------------------
 def measure_overhead(url: str, setup: Setup, png: bytes, question: str, pairs: int, max_seconds: float,
-                     progress) -> dict[str, Any]:
+                     progress, floor_url: str | None = None) -> dict[str, Any]:
     """Interleaved pairs: one request to the service (nothing else in flight), one in-process call
-    (PNG decode + DASRuntime.vqa with the same plan). Medians of each, and their ratio."""
+    (PNG decode + DASRuntime.vqa with the same plan). Medians of each, and their ratio. With
+    ``floor_url`` (the no-op BentoML service), each pair also gets one request to it: BentoML's own
+    cost for the same inputs, and what DAS adds = e2e - in-process - floor."""
     import httpx
     from PIL import Image
 
@@ -369,9 +374,9 @@ def measure_overhead(url: str, setup: Setup, png: bytes, question: str, pairs: i
 
     for _ in range(3):  # warm up the in-process path
         in_process()
-    e2e, local = [], []
+    e2e, local, floor = [], [], []
     started = time.monotonic()
-    with httpx.Client(base_url=url, timeout=300) as client:
+    with httpx.Client(base_url=url, timeout=300) as client, httpx.Client(base_url=floor_url or url, timeout=300) as floor_client:
         for i in range(pairs):
             t0 = time.perf_counter()
             response = client.post("/vqa", files=_files(png), data=_data(question))
@@ -382,14 +387,23 @@ def measure_overhead(url: str, setup: Setup, png: bytes, question: str, pairs: i
             t2 = time.perf_counter()
             e2e.append((t1 - t0) * 1e3)
             local.append((t2 - t1) * 1e3)
+            if floor_url:
+                response = floor_client.post("/vqa", files=_files(png), data=_data(question))
+                if response.status_code != 200:
+                    raise RuntimeError(f"{floor_url}/vqa answered {response.status_code}: {response.text[:500]}")
+                floor.append((time.perf_counter() - t2) * 1e3)
             progress.update(1)
             if time.monotonic() - started > max_seconds and i >= 4:
                 progress.update(pairs - i - 1)
                 break
     e2e_p50, local_p50 = statistics.median(e2e), statistics.median(local)
     overhead = e2e_p50 / local_p50 - 1
+    floor_p50 = statistics.median(floor) if floor else None
     return {
         "pairs": len(e2e), "e2e_p50_ms": round(e2e_p50, 3), "inprocess_p50_ms": round(local_p50, 3),
+        # BentoML alone (a no-op endpoint with the same inputs), and what DAS adds beyond it and the model call
+        "bentoml_floor_p50_ms": None if floor_p50 is None else round(floor_p50, 3),
+        "das_added_ms": None if floor_p50 is None else round(e2e_p50 - local_p50 - floor_p50, 3),
         "e2e_p95_ms": round(percentile(e2e, 95), 3), "inprocess_p95_ms": round(percentile(local, 95), 3),
         "overhead": round(overhead, 4), "target": OVERHEAD_TARGET,
         "result": "PASS" if overhead <= OVERHEAD_TARGET else "MISS",
@@ -451,7 +465,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   mininterval=2.0) as progress, contextlib.ExitStack() as stack:
             progress.set_postfix_str("starting the services")
             # all up at once; only one is under load at any time
-            urls = stack.enter_context(running([spec[:4] for spec in services], log_dir, args.start_timeout))
+            floor = ("bentoml-floor", FLOOR_SERVICE, BASELINE_DIR, thread_env)
+            urls = stack.enter_context(running([spec[:4] for spec in services] + [floor], log_dir, args.start_timeout))
             probes = {}
             for name, _, _, _, plan in services:
                 probes[name] = probe(urls[name], png, question)
@@ -459,8 +474,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     raise RuntimeError(f"{name}: expected plan {plan!r}, the service ran {probes[name]['plan']}")
             overhead.append({"service": "das-full", "batching_wait_ms": inherited.get("DAS_MAX_LATENCY_MS", "default"),
                              **measure_overhead(urls["das-full"], setup, png, question, args.overhead_requests,
-                                                args.overhead_seconds, progress)})
-            measured = interleaved_sweep(urls, png, question, levels, args.rounds, args.warmup, args.duration,
+                                                args.overhead_seconds, progress, floor_url=urls[floor[0]])})
+            measured = interleaved_sweep({name: urls[name] for name, *_ in services}, png, question, levels, args.rounds, args.warmup, args.duration,
                                          args.min_requests, progress)
             stack.close()
             rows = [{
@@ -538,7 +553,10 @@ def evaluate(result: dict[str, Any]) -> dict[str, Any]:
     for row in result["overhead"]:
         targets.append({
             "name": f"HTTP overhead, {row['service']} (DAS_MAX_LATENCY_MS={row['batching_wait_ms']}): "
-                    f"e2e p50 {row['e2e_p50_ms']:.1f} ms vs in-process {row['inprocess_p50_ms']:.1f} ms",
+                    f"e2e p50 {row['e2e_p50_ms']:.1f} ms vs in-process {row['inprocess_p50_ms']:.1f} ms"
+                    + ("" if row.get("bentoml_floor_p50_ms") is None else
+                       f" (a no-op BentoML endpoint: {row['bentoml_floor_p50_ms']:.1f} ms; DAS adds "
+                       f"{row['das_added_ms']:.1f} ms)"),
             "value": row["overhead"], "shown": f"{row['overhead']:+.1%}", "target": f"<= {OVERHEAD_TARGET:.0%}",
             "result": row["result"],
         })
@@ -644,25 +662,44 @@ def model_targets(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_summary(service: dict[str, Any], model_files: list[Path], out: Path) -> str:
+def service_level(result: dict[str, Any]) -> str:
+    """The summary's level label of a service run: which weights it served."""
+    model = result["settings"]["model"]
+    return f"service ({'ViLT-B/32 size' if model == 'base' else model}, {result['settings']['dtype']})"
+
+
+def write_summary(service: dict[str, Any], model_files: list[Path], out: Path,
+                  service_files: list[Path] = ()) -> str:
+    """bench.json / bench.md: the targets of the das bench files, of earlier service runs
+    (``service_files``, e.g. the ViLT-B/32-size one) and of this run."""
     targets = []
     for path in model_files:
         targets += model_targets(path)
-    targets += [{"level": "service", **t} for t in service["targets"]]
+    for path in service_files:
+        earlier = json.loads(path.read_text())
+        targets += [{"level": service_level(earlier), **t} for t in earlier["targets"]]
+    targets += [{"level": service_level(service), **t} for t in service["targets"]]
     lines = ["| level | measure | value | target | result |", "|---|---|--:|--:|---|"]
     lines += [f"| {t['level']} | {t['name']} | {t['shown']} | {t['target']} | {t['result']} |" for t in targets]
     table = "\n".join(lines)
     summary = {
         "created_at": service["created_at"], "machine": service["machine"], "targets": targets,
-        "files": [str(p) for p in model_files] + [str(out / "bench-service.json")],
+        "files": [str(p) for p in [*model_files, *service_files]] + [str(out / "bench-service.json")],
         "passed": sum(t["result"] == "PASS" for t in targets), "missed": sum(t["result"] == "MISS" for t in targets),
     }
     (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "bench.md").write_text("\n\n".join([
         "# make bench: every target", f"Run {service['created_at']}; {describe(service).splitlines()[0]}",
-        table, "Details: " + ", ".join(f"`{Path(f).name.replace('.json', '.md')}`" for f in summary["files"]) + ".",
+        table, "Details: " + ", ".join(f"`{_relative(Path(f).with_suffix('.md'), out)}`" for f in summary["files"]) + ".",
     ]) + "\n")
     return table
+
+
+def _relative(path: Path, out: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_argument_group("weights")
     source.add_argument("--model", choices=["embedded", "base"], default="embedded",
                         help="embedded: the shipped plans/backbone and its VQA plans (default); base: a random "
-                             "ViLT-B/32-size VQA checkpoint made here (meant for GPUs: about 2 s a request on 2 CPU cores)")
+                             "ViLT-B/32-size VQA checkpoint made here (about 0.65 s a request on one CPU core; make bench "
+                             "runs it with --concurrency 1,2,4,8)")
     source.add_argument("--checkpoint", metavar="DIR",
                         help="a ViLT checkpoint directory with a VQA head and processor files (instead of --model)")
     source.add_argument("--skip-plan", default="skip4", metavar="NAME",
@@ -737,6 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write DIR/bench-service.json and .md (and service logs in DIR/service-logs)")
     out.add_argument("--model-results", nargs="*", default=[], metavar="FILE",
                      help="das bench JSON files to combine with this run into DIR/bench.json and DIR/bench.md")
+    out.add_argument("--service-results", nargs="*", default=[], metavar="FILE",
+                     help="bench-service.json files of earlier runs (e.g. --model base) to add to that summary")
     return parser
 
 
@@ -751,8 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     args.duration = args.duration or (1.5 if args.short else 3.0)
     args.warmup = args.warmup or (0.5 if args.short else 1.0)
     args.overhead_requests = args.overhead_requests or (40 if args.short else 200)
-    if args.model_results and not args.out:
-        raise SystemExit("--model-results needs --out")
+    if (args.model_results or args.service_results) and not args.out:
+        raise SystemExit("--model-results and --service-results need --out")
     result = run(args)
     print(describe(result))
     print()
@@ -763,8 +803,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         write_outputs(result, out)
         print(f"\nwrote {out / 'bench-service.json'} and {out / 'bench-service.md'}")
-        if args.model_results:
-            table = write_summary(result, [Path(p) for p in args.model_results], out)
+        if args.model_results or args.service_results:
+            table = write_summary(result, [Path(p) for p in args.model_results], out,
+                                  [Path(p) for p in args.service_results])
             print("\nEvery target of this run (model and service level):\n")
             print(table)
             print(f"\nwrote {out / 'bench.json'} and {out / 'bench.md'}")

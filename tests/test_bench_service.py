@@ -1,6 +1,7 @@
-"""The service-level benchmark runs end to end at micro settings: three real `bentoml serve` processes
-(the plain transformers baseline, DAS with its full plan, DAS with a skip plan) over a tiny VQA
-checkpoint, and writes every row the README table shows. No timing thresholds: only that the
+"""The service-level benchmark runs end to end at micro settings: four real `bentoml serve` processes
+(the plain transformers baseline, DAS with its full plan, DAS with a skip plan over a tiny VQA
+checkpoint, and a no-op BentoML service for the overhead's floor), and writes every row the README
+table shows. No timing thresholds: only that the
 numbers are there and consistent."""
 
 from __future__ import annotations
@@ -61,12 +62,24 @@ def test_service_benchmark_micro_run_writes_every_row(tmp_path):
     assert overhead["service"] == "das-full" and overhead["pairs"] == 4
     assert overhead["e2e_p50_ms"] > 0 and overhead["inprocess_p50_ms"] > 0
     assert abs(overhead["overhead"] - (overhead["e2e_p50_ms"] / overhead["inprocess_p50_ms"] - 1)) < 1e-3
+    # the no-op BentoML service with the same inputs: BentoML's own share, and what DAS adds beyond it
+    assert overhead["bentoml_floor_p50_ms"] > 0
+    assert abs(overhead["das_added_ms"] - (overhead["e2e_p50_ms"] - overhead["inprocess_p50_ms"]
+                                           - overhead["bentoml_floor_p50_ms"])) < 1e-2
     assert len(result["targets"]) == 3 and all(t["result"] in ("PASS", "MISS") for t in result["targets"])
     assert "| das-skip2 | 3 |" in (out / "bench-service.md").read_text()
-    assert {p.name for p in (out / "service-logs").iterdir()} == {"baseline.log", "das-full.log", "das-skip2.log"}
+    assert {p.name for p in (out / "service-logs").iterdir()} == {"baseline.log", "das-full.log", "das-skip2.log",
+                                                                  "bentoml-floor.log"}
 
     summary = json.loads((out / "bench.json").read_text())
     levels = [t["level"] for t in summary["targets"]]
-    assert levels == ["model (tiny, float32)"] + ["service"] * 3
+    assert levels == ["model (tiny, float32)"] + ["service (checkpoint, float32)"] * 3
     assert summary["passed"] + summary["missed"] == len(summary["targets"])
-    assert "| service |" in (out / "bench.md").read_text()
+    assert "| service (checkpoint, float32) |" in (out / "bench.md").read_text()
+    # an earlier service run (make bench's ViLT-B/32-size one) joins the summary with its own rows
+    combined = tmp_path / "combined"
+    combined.mkdir()
+    bench_service.write_summary(result, [], combined, [out / "bench-service.json"])
+    summary = json.loads((combined / "bench.json").read_text())
+    assert [t["name"] for t in summary["targets"]] == [t["name"] for t in result["targets"]] * 2
+    assert summary["files"][0] == str(out / "bench-service.json")

@@ -91,3 +91,51 @@ def test_plan_timeline_windows():
     assert timeline.allows(_plan("skip4", 2, skipped=(1, 3)), 35.0, 36.0, role="loaded")
     assert not timeline.allows(_plan("skip4", 2, skipped=(1, 3)), 35.0, 36.0)  # never active
     assert not timeline.allows(_plan("skip4", 2, skipped=(1, 3)), 43.0, 44.0, role="loaded")  # unloaded at 40
+
+
+def test_adaptive_capacity_counts_only_answers_inside_the_window():
+    from loadtests.adaptive import Outcome, completed_rate
+
+    outcomes = [Outcome(sent_at=0.0, latency_s=1.0, status=200, plan="a"),  # answered at 1 s: counts
+                Outcome(sent_at=1.0, latency_s=0.5, status=503, plan=None),  # failed: never counts
+                Outcome(sent_at=3.0, latency_s=0.9, status=200, plan="a"),  # answered at 3.9 s: counts
+                Outcome(sent_at=3.5, latency_s=5.0, status=200, plan="a")]  # in flight at the end: not
+    assert completed_rate(outcomes, 4.0) == 2 / 4.0
+
+
+def test_adaptive_base_skips_are_parsed_and_checked():
+    import argparse
+
+    import pytest
+
+    from loadtests.adaptive import BASE_SKIPS, parse_args, skip_counts
+
+    assert skip_counts("10,4, 8,4") == (4, 8, 10)
+    assert parse_args([]).base_skips == BASE_SKIPS == (4, 8, 10)
+    for bad in ("", "0,4", "12", "four"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            skip_counts(bad)
+
+
+def test_adaptive_loadtest_runs_both_modes_against_a_real_service(tmp_path):
+    """`python -m loadtests.adaptive` at micro scale: calibration, a fixed and an adaptive open-loop run
+    against a real `bentoml serve` of the embedded VQA plans, and a consistent summary. Whether the
+    controller shifts in 3 s of load is not asserted: that is what the full-length run measures."""
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests.adaptive", "--duration", "3", "--calibrate-s", "1.5", "--concurrency", "8",
+         "--drain-s", "0.2", "--settle-s", "1", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "adaptive.json").read_text())
+    calibration = report["calibration"]
+    assert calibration["capacity_rps"] > 0 and calibration["cheapest_plan"] == "skip6"
+    assert math.isclose(calibration["offered_rps"], 2 * calibration["capacity_rps"], abs_tol=0.02)  # both rounded
+    assert calibration["slo_p95_ms"] == round(4 * calibration["unloaded_p95_ms"])
+    for mode in ("fixed", "adaptive"):
+        row = report[mode]
+        assert abs(row["requests"] - calibration["offered_rps"] * 3) <= 1  # open loop: the rate, whatever happened
+        assert row["ok"] > 0 and math.isclose(sum(row["plan_share"].values()), 1, abs_tol=1e-3)
+        assert row["slo_held"] == (row["p95_ms"] <= calibration["slo_p95_ms"])
+    assert set(report["fixed"]["plan_share"]) == {"adapters"}  # no adaptive settings: the active plan only
+    assert report["accuracy_cost"]["fixed_plan_score"] == round(report["scores"]["adapters"], 4)
+    assert "adaptive" in (tmp_path / "adaptive.md").read_text()
