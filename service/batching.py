@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 RunBatch = Callable[[Sequence[Any]], Sequence[Any]]
-MAX_BATCH_SPANS = 4096  # finished batches remembered for busy_fraction (a bound on memory, not on the window)
+MAX_BATCH_SPANS = 4096  # busy spans remembered for busy_fraction (a bound on memory)
+SPAN_MERGE_GAP_S = 0.002  # a batch starting this soon after the last one extends its span: a saturated model is one span
 
 
 class Overloaded(Exception):
@@ -167,7 +168,10 @@ class MicroBatcher:
     def _finish(self, batch: list[_Pending], done: asyncio.Future, started: float) -> None:
         self._busy = False
         finished, self._running_since = time.perf_counter(), None
-        self._batch_spans.append((started, finished))
+        if self._batch_spans and started - self._batch_spans[-1][1] < SPAN_MERGE_GAP_S:
+            self._batch_spans[-1] = (self._batch_spans[-1][0], finished)
+        else:
+            self._batch_spans.append((started, finished))
         per_item = (finished - started) / len(batch)
         previous = self._seconds_per_item
         self._seconds_per_item = per_item if previous is None else 0.7 * previous + 0.3 * per_item

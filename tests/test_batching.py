@@ -339,3 +339,19 @@ def test_busy_fraction_is_the_share_of_the_window_spent_running_batches():
         assert batcher.busy_fraction(0.5, now=done + 10) == 0.0  # a window after the batch is idle
 
     asyncio.run(main())
+
+
+def test_back_to_back_batches_are_one_busy_span():
+    """A saturated model keeps one span, however many batches it runs (bounded memory at any rate)."""
+    async def main():
+        batcher = MicroBatcher(max_batch_size=1)
+        model = Recorder()
+        gate, holder = await hold_model(batcher)
+        queued = [asyncio.ensure_future(batcher.submit("k", i, model)) for i in range(20)]
+        await until_pending(batcher, 21)
+        gate.set()
+        await asyncio.gather(holder, *queued)
+        assert len(model.batches) == 20
+        return len(batcher._batch_spans)
+
+    assert asyncio.run(main()) <= 3  # 21 batches, dispatched back to back
