@@ -1,5 +1,5 @@
-"""service/memory.py: pinning glibc's malloc thresholds keeps freed large buffers from staying in the
-worker's memory. Each scenario runs in its own interpreter (malloc settings are per process)."""
+"""service/memory.py: a periodic heap trim (the default) or pinned malloc thresholds keep freed large
+buffers from staying in the worker's memory. Each scenario runs in its own interpreter (malloc settings are per process)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+from service.memory import trim_heap
 pinned = pin_malloc_thresholds(1 << 20) if sys.argv[1] == "pin" else False
 big = libc.malloc(8 << 20); ctypes.memset(big, 1, 8 << 20); libc.free(big)
 base = rss()
@@ -33,7 +34,8 @@ for chunk in chunks:
 peak = rss()
 for chunk in chunks[:-1]:
     libc.free(chunk)
-print(json.dumps({"pinned": pinned, "grown": peak - base, "kept": rss() - base}))
+trimmed = trim_heap() if sys.argv[1] == "trim" else False
+print(json.dumps({"pinned": pinned, "trimmed": trimmed, "grown": peak - base, "kept": rss() - base}))
 """
 
 
@@ -52,6 +54,16 @@ def test_pinned_thresholds_return_freed_buffers_to_the_system():
     assert default["kept"] > 4 * max(pinned["kept"], 1 << 20), default  # the behaviour the pin exists to stop
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def test_a_heap_trim_returns_freed_buffers_without_a_pin():
+    """The service's default (DAS_MALLOC_TRIM_S): glibc's own thresholds, so large activations stay off
+    mmap, and a periodic malloc_trim hands what was freed inside the heap back to the system."""
+    default, trimmed = _run("default"), _run("trim")
+    assert trimmed["trimmed"] is True and trimmed["grown"] > 50 << 20
+    assert trimmed["kept"] < 8 << 20, trimmed  # the last, live buffer sits on top of the freed ones
+    assert default["kept"] > 4 * max(trimmed["kept"], 1 << 20), default
+
+
 @pytest.mark.parametrize("value", [0, -1, MAX_MMAP_THRESHOLD + 1])
 def test_thresholds_out_of_range_are_refused(value):
     with pytest.raises(ValueError, match="malloc threshold"):
@@ -62,3 +74,10 @@ def test_the_service_refuses_a_bad_setting_at_start():
     result = subprocess.run([sys.executable, "-c", "import service.service"], cwd=REPO, capture_output=True,
                             text=True, timeout=600, env=dict(os.environ, DAS_MALLOC_THRESHOLD="-5"))
     assert result.returncode != 0 and "DAS_MALLOC_THRESHOLD must be 0 (off) or 1.." in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "soon"])
+def test_the_service_refuses_a_bad_trim_interval_at_start(value):
+    result = subprocess.run([sys.executable, "-c", "import service.service"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, DAS_MALLOC_TRIM_S=value))
+    assert result.returncode != 0 and "DAS_MALLOC_TRIM_S must be" in result.stderr, result.stderr
