@@ -228,9 +228,11 @@ class LocustRun:
         return cls(process, prefix, log_path)
 
     def stop(self, timeout_s: float = 90) -> int:
-        """Ask Locust to finish (SIGINT: it stops its users, then writes the CSV and HTML reports)."""
+        """Ask Locust to finish (SIGTERM: it stops its users, then writes the CSV and HTML reports).
+        Not SIGINT: after a few minutes of load, Locust 2.47 sometimes never acted on it (no
+        "Shutting down" logged, reports never written), where its own SIGTERM handler always runs."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGTERM)
         return self.wait(timeout_s)
 
     def wait(self, timeout_s: float) -> int:
