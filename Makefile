@@ -59,8 +59,8 @@ BENCH_SERVICE_BASE ?= 1
 bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), service level vs a plain BentoML service (both sizes), HTTP overhead -> bench-results/
 	$(VENV)/bin/das bench --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 2 --warmup 0 --extra-rounds 0)
 	$(VENV)/bin/das bench --size embedded --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 5 --warmup 1 --extra-rounds 0)
-	$(if $(BENCH_SERVICE_BASE),$(VENV)/bin/python loadtests/bench_service.py --model base --concurrency 1,2,4,8 \
-	  --out bench-results/service-base $(BENCH_ON) $(if $(BENCH_SHORT),--short))
+	if [ -n "$(BENCH_SERVICE_BASE)" ]; then $(VENV)/bin/python loadtests/bench_service.py --model base \
+	  --concurrency 1,2,4,8 --out bench-results/service-base $(BENCH_ON) $(if $(BENCH_SHORT),--short); fi
 	$(VENV)/bin/python loadtests/bench_service.py --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--short) \
 	  --model-results bench-results/bench-runtime.json bench-results/bench-runtime-embedded.json \
 	  $(if $(BENCH_SERVICE_BASE),--service-results bench-results/service-base/bench-service.json)

@@ -30,7 +30,7 @@ production one does. The deepest rung matters: holding the SLO at 2x overload ne
 well over twice what the fixed plan serves (skip10: 0.2x the FLOPs).
 Its plans carry no accuracy metrics, so that run reports no accuracy cost (the embedded run does).
 
-    python -m loadtests.adaptive --model base --calibrate-s 40 --duration 90 --window-s 15
+    python -m loadtests.adaptive --model base --calibrate-s 40 --duration 180 --window-s 15
 """
 
 from __future__ import annotations
