@@ -122,7 +122,7 @@ def test_adaptive_loadtest_runs_both_modes_against_a_real_service(tmp_path):
     against a real `bentoml serve` of the embedded VQA plans, and a consistent summary. Whether the
     controller shifts in 3 s of load is not asserted: that is what the full-length run measures."""
     result = subprocess.run(
-        [sys.executable, "-m", "loadtests.adaptive", "--duration", "3", "--calibrate-s", "1.5", "--concurrency", "8",
+        [sys.executable, "-m", "loadtests.adaptive", "--duration", "3", "--calibrate-s", "2", "--concurrency", "8",
          "--drain-s", "0.2", "--settle-s", "1", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
