@@ -130,12 +130,13 @@ def test_adaptive_loadtest_runs_both_modes_against_a_real_service(tmp_path):
     calibration = report["calibration"]
     assert calibration["capacity_rps"] > 0 and calibration["cheapest_plan"] == "skip6"
     assert math.isclose(calibration["offered_rps"], 2 * calibration["capacity_rps"], abs_tol=0.02)  # both rounded
-    assert calibration["slo_p95_ms"] == round(4 * calibration["unloaded_p95_ms"])
+    assert abs(calibration["slo_p95_ms"] - 4 * calibration["unloaded_p95_ms"]) <= 1  # 4x the p95, both rounded
     for mode in ("fixed", "adaptive"):
         row = report[mode]
         assert abs(row["requests"] - calibration["offered_rps"] * 3) <= 1  # open loop: the rate, whatever happened
         assert row["ok"] > 0 and math.isclose(sum(row["plan_share"].values()), 1, abs_tol=1e-3)
-        assert row["slo_held"] == (row["p95_ms"] <= calibration["slo_p95_ms"])
+        if abs(row["p95_ms"] - calibration["slo_p95_ms"]) > 0.1:  # the report rounds p95 to 0.1 ms
+            assert row["slo_held"] == (row["p95_ms"] <= calibration["slo_p95_ms"])
     assert set(report["fixed"]["plan_share"]) == {"adapters"}  # no adaptive settings: the active plan only
     assert report["accuracy_cost"]["fixed_plan_score"] == round(report["scores"]["adapters"], 4)
     assert "adaptive" in (tmp_path / "adaptive.md").read_text()
