@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
@@ -32,7 +33,9 @@ M_MMAP_THRESHOLD = -3
 MAX_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's HEAP_MAX_SIZE / 2 on 64-bit: mallopt refuses more
 
 
-def _libc():
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None where it is not the C library this process uses (or not Linux)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
