@@ -345,6 +345,12 @@ class PlanRegistry:
             settings = self._adaptive.get(task)
             return cheaper_ladder(list(self._costs[task].values()), active, settings.fallbacks if settings else None)
 
+    def ladder_with_ratios(self, task: str) -> tuple[list[str], list[float] | None]:
+        """:meth:`ladder` and each rung's flops ratio, read together (None if a rung has no cost)."""
+        with self._lock:
+            names, costs = self.ladder(task), self._costs.get(task, {})
+            return names, [costs[n].flops_ratio for n in names] if all(n in costs for n in names) else None
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {

@@ -228,13 +228,9 @@ class DASService:
             return self.registry.within_budget(task, max_flops_ratio), "budget"
         if plan_name:
             return self.registry.get(task, plan_name), "request"
-        ladder = self.registry.ladder(task)
-        adaptive = None
-        if ladder and self.shifter.settings(task) is not None:
-            ratios = {cost.name: cost.flops_ratio for cost in self.registry.costs(task)}
-            costs = [ratios[name] for name in ladder] if all(name in ratios for name in ladder) else None
-            adaptive = self.shifter.choose(task, ladder, now, self.batcher.backlog_seconds(),
-                                           self.batcher.busy_fraction, costs)
+        ladder, ratios = self.registry.ladder_with_ratios(task)
+        adaptive = self.shifter.choose(task, ladder, now, self.batcher.backlog_seconds(),
+                                       self.batcher.busy_fraction, ratios) if ladder else None
         if adaptive is not None and adaptive != ladder[0]:
             with contextlib.suppress(RegistryError):  # unloaded a moment ago: the active plan serves
                 return self.registry.get(task, adaptive), "load"

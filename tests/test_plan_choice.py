@@ -135,6 +135,10 @@ def test_adaptive_settings_and_ladder_follow_the_store(store, backbone):  # noqa
     assert registry.adaptive == {"vqa": AdaptiveSettings(slo_p95_ms=150, fallbacks=("skip2", "nometrics"))}
     assert registry.ladder("vqa") == ["full", "skip2", "nometrics"]  # skip1 is not a fallback
     assert registry.ladder("nlvr2") == []
+    costs = {c.name: c.flops_ratio for c in registry.costs("vqa")}
+    assert registry.ladder_with_ratios("vqa") == (["full", "skip2", "nometrics"],
+                                                  [costs["full"], costs["skip2"], costs["nometrics"]])
+    assert registry.ladder_with_ratios("nlvr2") == ([], [])
     registry.activate("vqa", "skip1")
     assert registry.ladder("vqa") == ["skip1", "skip2", "nometrics"]
     written = json.loads((store / STATE_FILE).read_text())
