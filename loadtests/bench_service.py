@@ -374,24 +374,26 @@ def measure_overhead(url: str, setup: Setup, png: bytes, question: str, pairs: i
 
     for _ in range(3):  # warm up the in-process path
         in_process()
+    def request_ms(client: httpx.Client) -> float:
+        started = time.perf_counter()
+        response = client.post("/vqa", files=_files(png), data=_data(question))
+        elapsed = (time.perf_counter() - started) * 1e3
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.request.url} answered {response.status_code}: {response.text[:500]}")
+        return elapsed
+
     e2e, local, floor = [], [], []
     started = time.monotonic()
-    with httpx.Client(base_url=url, timeout=300) as client, httpx.Client(base_url=floor_url or url, timeout=300) as floor_client:
+    with contextlib.ExitStack() as clients:
+        client = clients.enter_context(httpx.Client(base_url=url, timeout=300))
+        floor_client = clients.enter_context(httpx.Client(base_url=floor_url, timeout=300)) if floor_url else None
         for i in range(pairs):
+            e2e.append(request_ms(client))
             t0 = time.perf_counter()
-            response = client.post("/vqa", files=_files(png), data=_data(question))
-            t1 = time.perf_counter()
-            if response.status_code != 200:
-                raise RuntimeError(f"{url}/vqa answered {response.status_code}: {response.text[:500]}")
             in_process()
-            t2 = time.perf_counter()
-            e2e.append((t1 - t0) * 1e3)
-            local.append((t2 - t1) * 1e3)
-            if floor_url:
-                response = floor_client.post("/vqa", files=_files(png), data=_data(question))
-                if response.status_code != 200:
-                    raise RuntimeError(f"{floor_url}/vqa answered {response.status_code}: {response.text[:500]}")
-                floor.append((time.perf_counter() - t2) * 1e3)
+            local.append((time.perf_counter() - t0) * 1e3)
+            if floor_client is not None:
+                floor.append(request_ms(floor_client))
             progress.update(1)
             if time.monotonic() - started > max_seconds and i >= 4:
                 progress.update(pairs - i - 1)
