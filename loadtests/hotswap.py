@@ -318,7 +318,7 @@ def warm_up(service: RunningService, locust: LocustRun, min_s: float, max_s: flo
     """Serve the load until worker memory has settled: at least ``min_s``, then until RSS grew by at
     most ``settled`` (1%) over the last ``window_s`` seconds, at most ``max_s``. Under this mix the
     workers' RSS climbs for a few minutes (allocator growth over the varied input shapes, smaller since
-    the service pins glibc's mmap threshold), so a baseline taken earlier would blame that on the swaps."""
+    the workers trim their heaps), so a baseline taken earlier would blame that on the swaps."""
     started, samples = time.monotonic(), []
     while True:
         _wait_while_loading(locust, min(interval_s, max(0.5, max_s - (time.monotonic() - started))))

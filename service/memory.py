@@ -47,8 +47,7 @@ def _libc() -> ctypes.CDLL | None:
 def trim_heap() -> bool:
     """Return the free memory of every malloc arena to the system, inside the heap as well as at its
     top (glibc's ``malloc_trim(0)``). Returns whether anything was released (False off glibc)."""
-    libc = _libc()
-    malloc_trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
     if malloc_trim is None:
         return False
     malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
@@ -60,8 +59,7 @@ def pin_malloc_thresholds(threshold_bytes: int) -> bool:
     were set (False off glibc, e.g. macOS or musl, where there is nothing to do)."""
     if not 0 < threshold_bytes <= MAX_MMAP_THRESHOLD:
         raise ValueError(f"the malloc threshold must be in 1..{MAX_MMAP_THRESHOLD} bytes, got {threshold_bytes}")
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
