@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 .PHONY: install test serve plans plans-meter bench bench-runtime loadtest loadtest-hotswap clean help
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sed -e 's|$$(TORCH_SPEC)|$(TORCH_SPEC)|' -e 's|$$(HOST)|$(HOST)|' -e 's|$$(PORT)|$(PORT)|' \
+	  | awk -F'\t' '{ printf "  %-17s %s\n", $$1, $$2 }'
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,8 +34,11 @@ $(TOOLS): | $(STAMP)
 test: $(STAMP) $(TOOLS)  ## run the test suite
 	$(VENV)/bin/pytest -q
 
-serve: $(STAMP)  ## serve the embedded default backbone and plans on localhost:3000 (PORT=... to change)
-	HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml serve service.service:DASService --port $${PORT:-3000}
+# localhost only unless asked: HOST=0.0.0.0 exposes the service (the admin API needs DAS_ADMIN_TOKEN anyway)
+HOST ?= 127.0.0.1
+PORT ?= 3000
+serve: $(STAMP)  ## serve the embedded default on $(HOST):$(PORT) (HOST=0.0.0.0 to expose it, PORT=... to move it)
+	HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml serve service.service:DASService --host $(HOST) --port $(PORT)
 
 plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, plans; ~90 min on 2 cores)
 	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force --update-readme
