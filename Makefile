@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve plans plans-meter bench bench-runtime loadtest loadtest-hotswap clean help
+.PHONY: install test serve bento plans plans-meter bench bench-runtime loadtest loadtest-hotswap clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sed -e 's|$$(TORCH_SPEC)|$(TORCH_SPEC)|' -e 's|$$(HOST)|$(HOST)|' -e 's|$$(PORT)|$(PORT)|' \
@@ -39,6 +39,17 @@ HOST ?= 127.0.0.1
 PORT ?= 3000
 serve: $(STAMP)  ## serve the embedded default on $(HOST):$(PORT) (HOST=0.0.0.0 to expose it, PORT=... to move it)
 	HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml serve service.service:DASService --host $(HOST) --port $(PORT)
+
+# The Bento pins the venv's torch build: 2.13.0+cpu comes from PyTorch's CPU wheel index, a plain
+# 2.13.0 from PyPI (there the CUDA build). TORCH_BUILD=2.13.0+cu130 picks another build, TORCH_INDEX
+# a mirror; BENTO_LOCK=0 skips BentoML's lock step (it needs the indexes online). docs/deploy.md
+TORCH_BUILD ?= $(shell $(PY) -c 'import torch; print(torch.__version__)' 2>/dev/null)
+TORCH_INDEX ?=
+BENTO_LOCK ?= 1
+bento: $(STAMP)  ## build the Bento (das-serve) with torch pinned to the venv's build (TORCH_BUILD, TORCH_INDEX to change it)
+	$(PY) deploy/bento/bentofile.py --torch "$(TORCH_BUILD)" $(if $(TORCH_INDEX),--index "$(TORCH_INDEX)") \
+	  $(if $(filter 0,$(BENTO_LOCK)),--no-lock) --out build/bentofile.yaml
+	HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml build -f build/bentofile.yaml .
 
 plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, plans; ~90 min on 2 cores)
 	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force --update-readme
