@@ -244,13 +244,13 @@ class PlanStore:
         except FileNotFoundError:
             return StoreState()
         except OSError as exc:
-            raise StoreStateError(path, f"cannot be read: {exc}", 503) from None
+            raise StoreStateError(path, f"unreadable: {exc}", 503) from None
         try:
             data = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            raise StoreStateError(path, f"is not UTF-8 text: {exc}") from None
+            raise StoreStateError(path, f"not UTF-8 text: {exc}") from None
         except json.JSONDecodeError as exc:
-            raise StoreStateError(path, f"is not valid JSON: {exc}") from None
+            raise StoreStateError(path, f"not valid JSON: {exc}") from None
         return parse_state(data, path)
 
     @contextlib.contextmanager
@@ -525,7 +525,7 @@ class PlanRegistry:
         if current == self.store_error:
             return
         if current is not None:
-            log.warning("plan store state %s is not used: %s; keeping the last good state until it is fixed",
+            log.warning("plan store state %s is not used (%s); the last good state serves until it is fixed",
                         current["file"], current["reason"])
         else:
             log.info("plan store state %s reads correctly again; serving it", self.store_error["file"])

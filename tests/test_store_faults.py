@@ -336,3 +336,67 @@ def test_rollback_unload_activate_hammered_from_two_workers_keep_store_json_cons
         assert worker.store_error is None
     assert served(workers[0]) == served(workers[1])
     assert workers[0].active_name("vqa") == store_json(store_root).get("active", {}).get("vqa", FULL_PLAN_NAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# a real server: a typo in store.json changes nothing served, is reported, and blocks admin writes
+# ---------------------------------------------------------------------------------------------
+def test_a_served_store_with_a_typo_keeps_serving_and_reports_it(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from conftest import random_image
+    from test_service_integration import AUTH, _png, serve, two_plan_vqa_store
+
+    backbone_dir, store, _ = two_plan_vqa_store(tmp_path)
+    state_file = store / STATE_FILE
+    state_file.write_text(json.dumps({"loaded": {"vqa": ["skip1", "skip2"]}, "active": {"vqa": "skip1"}}))
+    image = _png(random_image(64, 64))
+
+    def wait_for(check, what: str, timeout: float = 20):
+        deadline = time.time() + timeout
+        while not (result := check()):
+            assert time.time() < deadline, what
+            time.sleep(0.2)
+        return result
+
+    def store_errors(client) -> float:
+        return sum(sample.value for family in text_string_to_metric_families(client.get("/metrics").text)
+                   if family.name == "das_store_errors" for sample in family.samples
+                   if sample.name == "das_store_errors_total" and sample.labels.get("kind") == "read")
+
+    with serve(tmp_path, DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_WORKERS="1") as client:
+        def vqa_plan() -> str:
+            response = client.post("/vqa", files={"image": ("i.png", image, "image/png")}, data={"question": "what"})
+            assert response.status_code == 200, response.text
+            return response.json()["plan"]["name"]
+
+        assert vqa_plan() == "skip1" and client.get("/plans/").json()["store_error"] is None
+        good = state_file.read_bytes()
+        typo = good.replace(b'"active"', b'"active', 1)
+        state_file.write_bytes(typo)  # a hand edit gone wrong
+        time.sleep(1.5)  # three sync ticks
+
+        assert vqa_plan() == "skip1"
+        overview = client.get("/plans/").json()
+        assert overview["tasks"]["vqa"]["active"] == "skip1"
+        assert {p["name"] for p in overview["tasks"]["vqa"]["plans"]} == {"full", "skip1", "skip2"}
+        assert overview["store_error"]["file"] == str(state_file.resolve())
+        assert "not valid JSON" in overview["store_error"]["reason"]
+        assert overview["load_errors"] == {}
+        wait_for(lambda: store_errors(client) > 0, "das_store_errors_total{kind=read} stays 0")
+
+        response = client.post("/admin/plans/activate", json={"task": "vqa", "name": "skip2"}, headers=AUTH)
+        assert response.status_code == 409, response.text
+        assert str(state_file.resolve()) in response.json()["error"] and "fix this file" in response.json()["error"]
+        assert state_file.read_bytes() == typo
+        assert vqa_plan() == "skip1"
+
+        fixed = store / ".store.json.fixed"
+        fixed.write_bytes(good)
+        os.replace(fixed, state_file)
+        wait_for(lambda: client.get("/plans/").json()["store_error"] is None, "store_error does not clear")
+        response = client.post("/admin/plans/activate", json={"task": "vqa", "name": "skip2"}, headers=AUTH)
+        assert response.status_code == 200, response.text
+        wait_for(lambda: vqa_plan() == "skip2", "the activation after the fix is not served")
+        log = (tmp_path / f"serve-{client.base_url.port}.log").read_text()
+    assert log.count("is not used (") == 1, log[-3000:]  # one warning for the problem, not one per tick
