@@ -9,7 +9,7 @@ store.json::
 
     {"loaded": {"vqa": ["skip2", "skip4"]},      # plans (besides the built-in "full") to load
      "active": {"vqa": "skip4"},                 # the plan a request gets when it names none
-     "history": {"vqa": ["full", "skip2"]},      # previous active plans, for rollback
+     "history": {"vqa": ["full", "skip2"]},      # previous active plans, for rollback (newest 32 kept)
      "adaptive": {"vqa": {"slo_p95_ms": 200}}}   # optional, edited by hand: see service.adaptive
 
 Admin operations change store.json (atomically, under a file lock) and every worker, and every

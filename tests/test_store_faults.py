@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-import service.registry as registry_module
 from models.plan import FULL_PLAN_NAME
 from service.registry import (
     HISTORY_LIMIT, LOCK_FILE, STATE_FILE, PlanRegistry, PlanStore, RegistryError, StoreStateError,
@@ -153,7 +152,8 @@ def test_a_fresh_worker_on_a_malformed_store_serves_the_builtin_plans_and_says_w
 def test_admin_writes_are_refused_while_store_json_is_malformed_and_the_file_is_kept(reg, backbone, store_root, tmp_path,  # noqa: F811
                                                                                    content):
     write_plan(store_root, backbone, "d", skipped=(0,))
-    upload = write_plan(store_root, backbone, "e", skipped=(0, 1), at=tmp_path / "src" / "e") and tmp_path / "src" / "e"
+    upload = tmp_path / "src" / "e"
+    write_plan(store_root, backbone, "e", skipped=(0, 1), at=upload)
     write_store(store_root, content)
     operations = {
         "load": lambda: reg.load("vqa/d"),
@@ -336,6 +336,39 @@ def test_rollback_unload_activate_hammered_from_two_workers_keep_store_json_cons
         assert worker.store_error is None
     assert served(workers[0]) == served(workers[1])
     assert workers[0].active_name("vqa") == store_json(store_root).get("active", {}).get("vqa", FULL_PLAN_NAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# the service's sync loop: a failing sync is counted and logged once, not swallowed
+# ---------------------------------------------------------------------------------------------
+def test_the_sync_loop_counts_its_failures_and_logs_each_distinct_one_once(caplog):
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from service.metrics import ServiceMetrics
+    from service.service import DASService
+
+    failures = iter([RuntimeError("disk on fire")] * 4 + [ValueError("another problem")] * 2)
+
+    class Ticks:  # six ticks, then stop
+        left = 6
+
+        def wait(self, _seconds):
+            self.left -= 1
+            return self.left < 0
+
+    def failing_sync():
+        raise next(failures)
+
+    prom = CollectorRegistry()
+    worker = SimpleNamespace(_stop=Ticks(), _sync=failing_sync, metrics=ServiceMetrics(registry=prom))
+    with caplog.at_level(logging.WARNING, logger="service.service"):
+        DASService.inner._sync_loop(worker)
+    assert prom.get_sample_value("das_store_errors_total", {"kind": "sync"}) == 6
+    assert prom.get_sample_value("das_store_errors_total", {"kind": "read"}) == 0  # exported from the start
+    logged = [r.getMessage() for r in caplog.records if r.name == "service.service"]
+    assert len(logged) == 2 and "disk on fire" in logged[0] and "another problem" in logged[1], logged
 
 
 # ---------------------------------------------------------------------------------------------
