@@ -9,6 +9,7 @@ from __future__ import annotations
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+STORE_ERROR_KINDS = ("read", "write", "sync")  # das_store_errors' "kind" label: a fixed set (service.registry's)
 
 
 class ServiceMetrics:
@@ -43,6 +44,13 @@ class ServiceMetrics:
         self.served_plan = prom.Gauge(
             "das_served_plan", "Workers whose load-adaptive default for the task is this plan (adaptive tasks only).",
             ["task", "plan"], multiprocess_mode="livesum", **kwargs)
+        # plan store problems (read: store.json unreadable or invalid, the last good state serves; write: an
+        # admin change could not or must not be written; sync: the sync loop failed)
+        self.store_errors = prom.Counter(
+            "das_store_errors", "Plan store problems by kind: read (store.json unreadable or invalid; the last good "
+            "state keeps serving), write (an admin change not written), sync (a failed store sync).", ["kind"], **kwargs)
+        for kind in STORE_ERROR_KINDS:  # exported at 0 from the start, so that rate() and alerts see the first one
+            self.store_errors.labels(kind)
 
     def observe_request(self, task: str, plan: str, status: str, seconds: float | None = None,
                         flops_full: int = 0, flops_executed: int = 0) -> None:

@@ -9,12 +9,18 @@ store.json::
 
     {"loaded": {"vqa": ["skip2", "skip4"]},      # plans (besides the built-in "full") to load
      "active": {"vqa": "skip4"},                 # the plan a request gets when it names none
-     "history": {"vqa": ["full", "skip2"]},      # previous active plans, for rollback
+     "history": {"vqa": ["full", "skip2"]},      # previous active plans, for rollback (newest 32 kept)
      "adaptive": {"vqa": {"slo_p95_ms": 200}}}   # optional, edited by hand: see service.adaptive
 
 Admin operations change store.json (atomically, under a file lock) and every worker, and every
 replica sharing the store, converges to it with :meth:`PlanRegistry.sync`. The registry never
 parses plan files itself: ``models.plan`` validates and loads them.
+
+store.json is parsed strictly, in one place (:func:`parse_state`): a file that cannot be read, is
+not JSON, has a section of the wrong type, an unknown task, an invalid plan name, or an active plan
+that is not loaded raises :class:`StoreStateError`. A worker then keeps serving its last good state
+and reports the problem (``PlanRegistry.store_error``); admin writes are refused (409, 503 for an OS
+error) so the file is never overwritten, and every state written is validated the same way first.
 
 Plan choice by FLOPs budget lives here too (:func:`choose_within_budget`, :func:`cheaper_ladder`):
 each loaded plan has a :class:`PlanCost`, its FLOPs ratio at the reference input and its primary
@@ -33,6 +39,7 @@ import shutil
 import tarfile
 import tempfile
 import threading
+from collections import Counter
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +51,7 @@ from models.plan import (
 )
 from models.train import primary_score
 from service.adaptive import AdaptiveConfigError, AdaptiveSettings, parse_adaptive_config
+from service.metrics import STORE_ERROR_KINDS  # das_store_errors_total's "kind" label values
 
 STATE_FILE = "store.json"
 MAX_ARCHIVE_BYTES = int(os.environ.get("DAS_MAX_PLAN_ARCHIVE_BYTES", 256 * 1024 * 1024))  # unpacked size
@@ -51,6 +59,8 @@ ARCHIVE_MEMBERS = (PLAN_FILE, WEIGHTS_FILE)
 LOCK_FILE = ".store.lock"
 REFERENCE_TEXT_LEN = 16  # text tokens of the reference input when a plan's metrics name none
 ADAPTIVE_ERROR_KEY = "store.json/adaptive"  # where a bad "adaptive" section is reported in errors
+HISTORY_LIMIT = 32  # rollback entries kept per task (oldest dropped)
+STATE_SECTIONS = ("loaded", "active", "history", "adaptive")
 log = logging.getLogger(__name__)
 
 
@@ -60,6 +70,26 @@ class RegistryError(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+class StoreStateError(RegistryError):
+    """store.json cannot be used: unreadable, not JSON, wrong types, inconsistent, or not writable.
+
+    ``file`` is the path to fix, ``reason`` why; ``kind`` is "read" (the file on disk is the problem)
+    or "write" (a new state could not be, or must not be, written). Status 409 for the file's
+    content, 503 for an OS error."""
+
+    def __init__(self, file: str | os.PathLike, reason: str, status: int = 409, kind: str = "read") -> None:
+        self.file, self.reason, self.kind = str(file), reason, kind
+        super().__init__(f"{self.file}: {reason}", status)
+
+    def to_json(self) -> dict[str, str]:
+        return {"file": self.file, "reason": self.reason}
+
+    def refusing_writes(self) -> StoreStateError:
+        """This read error as the answer to an admin change (the file is kept as it is)."""
+        return StoreStateError(self.file, f"{self.reason}; fix this file: admin changes are refused until it reads "
+                                          f"correctly, so that it is not overwritten", self.status, self.kind)
 
 
 @dataclass
@@ -74,6 +104,62 @@ class StoreState:
         if self.adaptive is not None:
             data["adaptive"] = self.adaptive
         return data
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (dict, "an object"), (list, "an array"), (str, "a string"),
+                       ((int, float), "a number")):
+        if isinstance(value, kind):
+            return name
+    return "null" if value is None else type(value).__name__
+
+
+def _task_section(data: dict, section: str, file: str, of_names: bool) -> dict:
+    """data[section] as {task: [names]} (of_names) or {task: name}, every task known and name valid."""
+    value = data.get(section, {})
+    if not isinstance(value, dict):
+        raise StoreStateError(file, f"'{section}' must be an object of task -> "
+                                    f"{'plan names' if of_names else 'plan name'}, got {_json_type(value)}")
+    for task, entry in value.items():
+        where = f"'{section}.{task}'"
+        if task not in TASKS:
+            raise StoreStateError(file, f"{where}: unknown task (known: {', '.join(TASKS)})")
+        names = entry if of_names else [entry]
+        if of_names and not isinstance(entry, list):
+            raise StoreStateError(file, f"{where} must be an array of plan names, got {_json_type(entry)}")
+        for name in names:
+            if not isinstance(name, str) or not NAME_PATTERN.match(name):
+                raise StoreStateError(file, f"{where}: {name!r} is not a valid plan name "
+                                            f"({NAME_PATTERN.pattern})")
+    return value
+
+
+def parse_state(data: Any, file: str | os.PathLike) -> StoreState:
+    """store.json's content (parsed JSON) -> a validated StoreState; StoreStateError naming the problem.
+
+    Checked: the top level and each section are objects of the right shape, tasks are known, plan
+    names match NAME_PATTERN, "full" (built in) is not listed as loaded, and every active plan is
+    "full" or loaded. History entries need not be loaded (rollback skips those unloaded since). The
+    "adaptive" section is kept as written: the registry parses it (a bad one is reported, not fatal).
+    """
+    file = str(file)
+    if not isinstance(data, dict):
+        raise StoreStateError(file, f"the top level must be a JSON object, got {_json_type(data)}")
+    unknown = sorted(set(data) - set(STATE_SECTIONS))
+    if unknown:
+        raise StoreStateError(file, f"unknown section(s) {', '.join(map(repr, unknown))} "
+                                    f"(known: {', '.join(STATE_SECTIONS)})")
+    loaded = _task_section(data, "loaded", file, of_names=True)
+    active = _task_section(data, "active", file, of_names=False)
+    history = _task_section(data, "history", file, of_names=True)
+    for task, names in loaded.items():
+        if FULL_PLAN_NAME in names:
+            raise StoreStateError(file, f"'loaded.{task}' lists {FULL_PLAN_NAME!r}, the built-in plan (always loaded)")
+    for task, name in active.items():
+        if name != FULL_PLAN_NAME and name not in loaded.get(task, []):
+            raise StoreStateError(file, f"'active.{task}' is {name!r}, which is not in 'loaded.{task}'")
+    return StoreState({t: list(v) for t, v in loaded.items()}, dict(active),
+                      {t: list(v) for t, v in history.items()}, data.get("adaptive"))
 
 
 class PlanStore:
@@ -107,8 +193,11 @@ class PlanStore:
         folder (no paths, links or devices from the archive are honoured); the unpacked size is
         capped at MAX_ARCHIVE_BYTES. The caller moves the folder into place or deletes it.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
+        except OSError as exc:
+            raise RegistryError(f"the plan store cannot be written ({self.root}): {exc}", 503) from None
         try:
             if tarfile.is_tarfile(archive):
                 with tarfile.open(archive) as tar:
@@ -142,31 +231,87 @@ class PlanStore:
         if sum(sizes.values()) > MAX_ARCHIVE_BYTES:
             raise RegistryError(f"the plan archive unpacks to {sum(sizes.values())} bytes; the limit is {MAX_ARCHIVE_BYTES}", 413)
 
+    @property
+    def state_file(self) -> Path:
+        return self.root / STATE_FILE
+
     def read_state(self) -> StoreState:
-        path = self.root / STATE_FILE
-        if not path.is_file():
-            return StoreState()
+        """store.json as a validated StoreState (an empty one when there is no file yet).
+        StoreStateError when it cannot be read or is invalid: never an empty state in its place."""
+        path = self.state_file
         try:
-            data = json.loads(path.read_text())
-            return StoreState(data.get("loaded", {}), data.get("active", {}), data.get("history", {}),
-                              data.get("adaptive"))
-        except (json.JSONDecodeError, AttributeError):
+            raw = path.read_bytes()
+        except FileNotFoundError:
             return StoreState()
+        except OSError as exc:
+            raise StoreStateError(path, f"unreadable: {exc}", 503) from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise StoreStateError(path, f"not UTF-8 text: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise StoreStateError(path, f"not valid JSON: {exc}") from None
+        return parse_state(data, path)
 
     @contextlib.contextmanager
     def locked_state(self):
-        """Read-modify-write of store.json under an exclusive lock (workers are processes)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a+") as lock:
+        """Read-modify-write of store.json under an exclusive lock (workers are processes).
+
+        The state read is validated (a store.json that cannot be read or is invalid is never
+        overwritten: StoreStateError 409/503), and so is the state the caller leaves, before it is
+        written (StoreStateError 409, nothing written). An OS error writing is StoreStateError 503."""
+        path = self.state_file
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock = open(self.root / LOCK_FILE, "a+")
+        except OSError as exc:
+            raise StoreStateError(path, f"the plan store cannot be written (lock file {self.root / LOCK_FILE}): {exc}",
+                                  503, "write") from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                state = self.read_state()
+                try:
+                    state = self.read_state()
+                except StoreStateError as exc:
+                    raise exc.refusing_writes() from None
                 yield state
-                tmp = self.root / f".{STATE_FILE}.{os.getpid()}.tmp"
-                tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
-                os.replace(tmp, self.root / STATE_FILE)
+                try:  # what is written must read back as it is meant
+                    checked = parse_state(json.loads(json.dumps(state.to_json())), path)
+                except (StoreStateError, TypeError, ValueError) as exc:
+                    reason = exc.reason if isinstance(exc, StoreStateError) else str(exc)
+                    raise StoreStateError(path, f"refusing to write an invalid state: {reason}", 409, "write") from None
+                for history in checked.history.values():
+                    del history[:-HISTORY_LIMIT]  # the oldest go
+                self._write_state(checked)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _write_state(self, state: StoreState) -> None:
+        """Replace store.json atomically and durably: temp file, fsync, rename, fsync the directory."""
+        path = self.state_file
+        tmp = self.root / f".{STATE_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
+        data = (json.dumps(state.to_json(), indent=2) + "\n").encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                if tmp.is_file():
+                    tmp.unlink()
+            raise StoreStateError(path, f"the plan store cannot be written: {exc}", 503, "write") from None
+        with contextlib.suppress(OSError):  # best effort: the rename itself survives a crash
+            directory = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
 
     def change_token(self) -> tuple:
         """Cheap summary of what is on disk; changes whenever store.json or a plan.json does.
@@ -281,6 +426,9 @@ class PlanRegistry:
         self._adaptive: dict[str, AdaptiveSettings] = {}
         self._token: tuple | None = None
         self.errors: dict[str, str] = {}  # "task/name" (or ADAPTIVE_ERROR_KEY) -> why it is not in effect
+        # why store.json is not in effect ({"file", "reason"}), None when it is: the last good state serves
+        self.store_error: dict[str, str] | None = None
+        self._store_error_counts: Counter = Counter()  # kind -> problems since drain_store_errors()
         for task in backbone.task_heads():
             self._plans[task][FULL_PLAN_NAME] = plan = builtin_full_plan(backbone, task)
             self._costs[task][FULL_PLAN_NAME] = plan_cost(backbone, plan)
@@ -359,9 +507,34 @@ class PlanRegistry:
                 if self._plans[task]
             }
 
+    # -- store problems ------------------------------------------------------------------------
+    def note_store_error(self, kind: str) -> None:
+        """Count a plan store problem (kind: one of STORE_ERROR_KINDS) for drain_store_errors()."""
+        with self._lock:
+            self._store_error_counts[kind if kind in STORE_ERROR_KINDS else "sync"] += 1
+
+    def drain_store_errors(self) -> dict[str, int]:
+        """kind -> store problems counted since the last call (for the das_store_errors counter)."""
+        with self._lock:
+            counts, self._store_error_counts = dict(self._store_error_counts), Counter()
+            return counts
+
+    def _set_store_error(self, error: StoreStateError | None) -> None:
+        """Record (and log once per distinct problem) why store.json is or is no longer ignored."""
+        current = error.to_json() if error is not None else None
+        if current == self.store_error:
+            return
+        if current is not None:
+            log.warning("plan store state %s is not used (%s); the last good state serves until it is fixed",
+                        current["file"], current["reason"])
+        else:
+            log.info("plan store state %s reads correctly again; serving it", self.store_error["file"])
+        self.store_error = current
+
     # -- converging to the store -------------------------------------------------------------
     def sync(self, force: bool = False) -> bool:
-        """Make this worker match the store. Returns True if anything was re-read."""
+        """Make this worker match the store. Returns True if anything was re-read and applied. A
+        store.json that cannot be read or is invalid changes nothing served: see ``store_error``."""
         with self._sync_lock:
             return self._sync(force)
 
@@ -369,7 +542,14 @@ class PlanRegistry:
         token = self.store.change_token()
         if token == self._token and not force:
             return False
-        state = self.store.read_state()
+        try:
+            state = self.store.read_state()
+        except StoreStateError as exc:
+            self._set_store_error(exc)
+            self.note_store_error("read")
+            self._token = token  # re-read once something on disk changes, not on every tick
+            return False
+        self._set_store_error(None)
         wanted: dict[str, dict[str, Plan]] = {}
         errors: dict[str, str] = {}
         for task in TASKS:
@@ -420,6 +600,18 @@ class PlanRegistry:
         return data.get("version") == plan.version and data.get("weights_sha256") == plan.spec.weights_sha256
 
     # -- admin operations (write the store, then converge) -------------------------------------
+    @contextlib.contextmanager
+    def _write_store(self):
+        """store.locked_state(), counting and logging the store's refusals (StoreStateError)."""
+        try:
+            with self.store.locked_state() as state:
+                yield state
+        except StoreStateError as exc:
+            self.note_store_error(exc.kind)
+            if exc.kind == "write":
+                log.warning("admin change not written: %s", exc)
+            raise
+
     def load(self, path: str) -> Plan:
         directory = self.store.resolve_inside(path)
         try:
@@ -430,7 +622,7 @@ class PlanRegistry:
             raise RegistryError(
                 f"plan {spec.task}/{spec.name} must live at <store>/{spec.task}/{spec.name}, not {path!r}", 400
             )
-        with self.store.locked_state() as state:
+        with self._write_store() as state:
             names = state.loaded.setdefault(spec.task, [])
             if spec.name not in names:
                 names.append(spec.name)
@@ -442,6 +634,11 @@ class PlanRegistry:
     def load_archive(self, archive: Path) -> Plan:
         """Unpack an uploaded plan archive into <store>/<task>/<name> and load it. A plan already in
         the store under that name is replaced only by a higher version."""
+        try:
+            self.store.read_state()  # refused before anything lands in the store (load() would refuse it)
+        except StoreStateError as exc:
+            self.note_store_error("read")
+            raise exc.refusing_writes() from None
         staging = self.store.unpack_archive(archive)
         try:
             try:
@@ -458,8 +655,12 @@ class PlanRegistry:
                     raise RegistryError(
                         f"{spec.task}/{spec.name} v{existing} is already in the store; upload a higher version", 409)
                 shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, target)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging, target)
+            except OSError as exc:
+                self.note_store_error("write")
+                raise RegistryError(f"the plan store cannot be written ({target}): {exc}", 503) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return self.load(str(target))
@@ -468,12 +669,14 @@ class PlanRegistry:
         self.store.plan_dir(task, name)  # a valid task and name (404/400 otherwise)
         self.sync()  # act on the store as it is now, not on this worker's last view of it
         self.get(task, name)  # must be loaded here (raises 404 otherwise)
-        with self.store.locked_state() as state:
+        with self._write_store() as state:
             if name != FULL_PLAN_NAME and name not in state.loaded.get(task, []):
                 raise RegistryError(f"no plan {name!r} loaded for {task}", 404)
             previous = state.active.get(task) or self.active_name(task)
             if previous and previous != name:
-                state.history.setdefault(task, []).append(previous)
+                history = state.history.setdefault(task, [])
+                history.append(previous)
+                del history[:-HISTORY_LIMIT]  # the oldest go
             state.active[task] = name
         self.sync(force=True)
         return self.get(task, name)
@@ -481,9 +684,15 @@ class PlanRegistry:
     def rollback(self, task: str) -> Plan:
         self.sync()
         self.get(task)  # a served task (404 otherwise)
-        with self.store.locked_state() as state:
+        with self._write_store() as state:
+            # decided from the state read under the lock (another worker may have unloaded a plan
+            # since this one synced): a plan no longer listed as loaded there is skipped, and so is
+            # one that failed to load here
+            in_store = set(state.loaded.get(task, [])) | {FULL_PLAN_NAME}
+            with self._lock:
+                here = set(self._plans.get(task, {}))
             history = state.history.get(task, [])
-            while history and history[-1] not in self._plans.get(task, {}):
+            while history and not (history[-1] in in_store and history[-1] in here):
                 history.pop()  # skip plans unloaded since
             if not history:
                 raise RegistryError(f"nothing to roll back to for {task}", 409)
@@ -497,10 +706,14 @@ class PlanRegistry:
         plan = self.get(task, name)
         if name == FULL_PLAN_NAME:
             raise RegistryError("the built-in 'full' plan cannot be unloaded", 409)
-        with self.store.locked_state() as state:
-            if name in (self.active_name(task), state.active.get(task)):
+        with self._write_store() as state:
+            # decided from the state read under the lock, not from this worker's view of it (when the
+            # store names no active plan, the one this worker falls back to is the active one)
+            active = state.active.get(task) or self.active_name(task)
+            if name == active:
                 raise RegistryError(f"{task}/{name} is the active plan; activate another one first", 409)
-            if name in state.loaded.get(task, []):
-                state.loaded[task].remove(name)
+            if name not in state.loaded.get(task, []):
+                raise RegistryError(f"no plan {name!r} loaded for {task} (it was unloaded meanwhile)", 404)
+            state.loaded[task].remove(name)
         self.sync(force=True)
         return plan

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hmac
+import logging
 import os
 import threading
 import time
@@ -45,6 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PLANS = REPO_ROOT / "plans"
 DEFAULT_BACKBONE = DEFAULT_PLANS / "backbone"
 SYNC_INTERVAL_S = 0.5  # how often a worker re-reads the plan store (swaps reach it within this)
+SYNC_ERROR_LOG_S = 60.0  # the sync loop logs the same failure again at most this often
+log = logging.getLogger(__name__)
 ImageFile = Annotated[Path, ContentType("image/*")]
 # Field descriptions and examples for the OpenAPI page (BentoML derives the schema from these hints).
 Question = Annotated[str, Field(description="Question about the image; cut to the model's maximum text length "
@@ -180,16 +183,27 @@ class DASService:
 
     # -- plan store convergence ---------------------------------------------------------------
     def _sync(self, force: bool = False) -> None:
-        if self.registry.sync(force=force):
+        try:
+            changed = self.registry.sync(force=force)  # an unreadable store.json changes nothing served
+        finally:
+            for kind, count in self.registry.drain_store_errors().items():
+                self.metrics.store_errors.labels(kind).inc(count)
+        if changed:
             self.metrics.set_active_plans(self.registry.snapshot())
             self.shifter.configure(self.registry.adaptive)
 
     def _sync_loop(self) -> None:
+        last_message, last_logged = None, 0.0
         while not self._stop.wait(SYNC_INTERVAL_S):
             try:
                 self._sync()
-            except Exception:  # a bad store state must not kill the worker; next tick retries
-                pass
+            except Exception as exc:  # noqa: BLE001 - must not kill the worker; the next tick retries
+                self.metrics.store_errors.labels("sync").inc()
+                message, now = f"{type(exc).__name__}: {exc}", time.monotonic()
+                if message != last_message or now - last_logged >= SYNC_ERROR_LOG_S:
+                    log.warning("plan store sync failed (retried every %.1f s; the last good state serves): %s",
+                                SYNC_INTERVAL_S, message, exc_info=True)
+                    last_message, last_logged = message, now
 
     def _trim_loop(self) -> None:
         while not self._stop.wait(MALLOC_TRIM_S):
@@ -216,7 +230,7 @@ class DASService:
         for task, status in adaptive.items():
             if task in overview:
                 overview[task]["adaptive"] = {**status, "ladder": self.registry.ladder(task)}
-        return {"tasks": overview, "load_errors": self.registry.errors}
+        return {"tasks": overview, "load_errors": self.registry.errors, "store_error": self.registry.store_error}
 
     # -- request plumbing -----------------------------------------------------------------------
     def _choose(self, task: str, plan_name: str | None, max_flops_ratio: float | None, now: float) -> tuple[Any, str]:
@@ -358,6 +372,10 @@ class DASService:
         except RegistryError as exc:
             self.metrics.plan_swaps.labels(task if task in TASKS else "unknown", "refused").inc()
             return _error(ctx, str(exc), exc.status)
+        except OSError as exc:  # the plan store could not be written: not the client's fault, retry later
+            self.metrics.plan_swaps.labels(task if task in TASKS else "unknown", "refused").inc()
+            self.metrics.store_errors.labels("write").inc()
+            return _error(ctx, f"the plan store cannot be written: {exc}", 503)
         self.metrics.plan_swaps.labels(plan.task, "ok").inc()
         self.metrics.set_active_plans(self.registry.snapshot())
         return {"ok": True, "plan": _plan_info(plan), "active": self.registry.active_name(plan.task)}
