@@ -29,7 +29,8 @@ from starlette.routing import Route
 from models.plan import TASKS
 from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
-from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware
+from service.errors import ErrorShapeMiddleware, quiet_client_errors
+from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware, JsonOnlyMiddleware
 from service.inputs import InputError, check_text, load_image, text_list
 from service.memory import MAX_MMAP_THRESHOLD, pin_malloc_thresholds, trim_heap
 from service.registry import (
@@ -109,8 +110,8 @@ except ValueError:
 if not 0 <= MALLOC_TRIM_S < float("inf"):
     raise SystemExit(f"DAS_MALLOC_TRIM_S must be >= 0 (0: never trim), got {MALLOC_TRIM_S}")
 WORKERS = _env_int("DAS_WORKERS", 1)
-# In-flight HTTP requests per worker (0: no cap). Past it BentoML answers 429 at once, before the
-# body is read. 64 = the running batch plus three full batches waiting (DAS_MAX_BATCH_SIZE 16):
+# In-flight HTTP requests per worker (0: no cap). Past it the service answers 429 at once, before the
+# body is read (service/errors.py). 64 = the running batch plus three full batches waiting (DAS_MAX_BATCH_SIZE 16):
 # more in flight adds only queueing latency and upload memory, not throughput.
 MAX_CONCURRENCY = _env_int("DAS_MAX_CONCURRENCY", 64)
 if WORKERS < 1 or MAX_CONCURRENCY < 0:
@@ -137,15 +138,11 @@ async def _list_plans(request: Request) -> JSONResponse:
 
 
 plans_app = Starlette(routes=[Route("/", _list_plans, methods=["GET"])])
+quiet_client_errors()
 
 
 @bentoml.asgi_app(plans_app, path="/plans")
-@bentoml.service(
-    name="das-serve",
-    workers=WORKERS,
-    # BentoML's max_concurrency is per service and split evenly over the workers
-    traffic={"timeout": 120, **({"max_concurrency": MAX_CONCURRENCY * WORKERS} if MAX_CONCURRENCY else {})},
-)
+@bentoml.service(name="das-serve", workers=WORKERS, traffic={"timeout": 120})
 class DASService:
     """One frozen backbone, per-task DAS plans, hot-swappable."""
 
@@ -391,4 +388,8 @@ class DASService:
         return self._admin(ctx, task, lambda: self.registry.unload(task, name))
 
 
+# first added runs first: every answer of the guard and the APIs passes the error shaper
+DASService.add_asgi_middleware(ErrorShapeMiddleware, max_in_flight=MAX_CONCURRENCY)
 DASService.add_asgi_middleware(InputGuardMiddleware)
+DASService.add_asgi_middleware(JsonOnlyMiddleware, routes=("/list_plans", "/admin/plans/activate", "/admin/plans/rollback",
+                                                           "/admin/plans/unload"))
