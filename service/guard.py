@@ -107,3 +107,20 @@ class InputGuardMiddleware:
         finally:
             await form.close()
         return None
+
+
+class JsonOnlyMiddleware:
+    """POSTs to ``routes`` (APIs without file fields) must not be multipart: BentoML would answer a
+    malformed multipart body there with a 500. 415 instead, before the body is read."""
+
+    def __init__(self, app, routes: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.routes = frozenset(routes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") in self.routes:
+            content_type = dict(scope.get("headers", [])).get(b"content-type", b"").decode("latin-1")
+            if content_type.lower().startswith("multipart/"):
+                await _send_error(send, 415, f"send application/json to {scope['path']}; got {content_type}")
+                return
+        await self.app(scope, receive, send)

@@ -17,20 +17,22 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import bentoml
 from bentoml.validators import ContentType
-from pydantic import Field
+from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from models.plan import TASKS
+from service import openapi
 from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
-from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware
+from service.errors import ErrorShapeMiddleware, quiet_client_errors
+from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware, JsonOnlyMiddleware
 from service.inputs import InputError, check_text, load_image, text_list
 from service.memory import MAX_MMAP_THRESHOLD, pin_malloc_thresholds, trim_heap
 from service.registry import (
@@ -40,6 +42,15 @@ from service.registry import (
     check_flops_budget,
     default_store_for,
     reference_input,
+)
+from service.schemas import (
+    AdminResponse,
+    ImageRankingResponse,
+    NLVR2Response,
+    PlanMetrics,
+    PlansOverview,
+    TextRankingResponse,
+    VQAResponse,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +78,7 @@ FlopsBudget = Annotated[float | None, Field(
 TaskName = Annotated[str, Field(description="vqa, nlvr2 or retrieval.", examples=["vqa"])]
 LoadedPlanName = Annotated[str, Field(description="A plan name of that task.", examples=["skip2"])]
 ArchiveFile = Annotated[Path, ContentType("application/*")]
+Model = TypeVar("Model", bound=BaseModel)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -112,8 +124,8 @@ except ValueError:
 if not 0 <= MALLOC_TRIM_S < float("inf"):
     raise SystemExit(f"DAS_MALLOC_TRIM_S must be >= 0 (0: never trim), got {MALLOC_TRIM_S}")
 WORKERS = _env_int("DAS_WORKERS", 1)
-# In-flight HTTP requests per worker (0: no cap). Past it BentoML answers 429 at once, before the
-# body is read. 64 = the running batch plus three full batches waiting (DAS_MAX_BATCH_SIZE 16):
+# In-flight HTTP requests per worker (0: no cap). Past it the service answers 429 at once, before the
+# body is read (service/errors.py). 64 = the running batch plus three full batches waiting (DAS_MAX_BATCH_SIZE 16):
 # more in flight adds only queueing latency and upload memory, not throughput.
 MAX_CONCURRENCY = _env_int("DAS_MAX_CONCURRENCY", 64)
 if WORKERS < 1 or MAX_CONCURRENCY < 0:
@@ -136,19 +148,23 @@ def _flops_info(report) -> dict[str, Any]:
 
 
 async def _list_plans(request: Request) -> JSONResponse:
-    return JSONResponse(bentoml.get_current_service().plans_overview())
+    overview = PlansOverview.model_validate(bentoml.get_current_service().plans_overview())
+    return JSONResponse(overview.model_dump(mode="json"))
 
 
-plans_app = Starlette(routes=[Route("/", _list_plans, methods=["GET"])])
+async def _docs_json(request: Request) -> JSONResponse:
+    return JSONResponse(openapi.spec(DASService))
 
 
-@bentoml.asgi_app(plans_app, path="/plans")
-@bentoml.service(
-    name="das-serve",
-    workers=WORKERS,
-    # BentoML's max_concurrency is per service and split evenly over the workers
-    traffic={"timeout": 120, **({"max_concurrency": MAX_CONCURRENCY * WORKERS} if MAX_CONCURRENCY else {})},
-)
+# Mounted at the root: GET /plans answers without a redirect, and /docs.json (BentoML's own route
+# comes after mounted apps) serves the OpenAPI spec corrected by service/openapi.py.
+root_app = Starlette(routes=[Route("/plans", _list_plans, methods=["GET"]), Route("/plans/", _list_plans, methods=["GET"]),
+                             Route("/docs.json", _docs_json, methods=["GET"])])
+quiet_client_errors()
+
+
+@bentoml.asgi_app(root_app, path="/")
+@bentoml.service(name="das-serve", workers=WORKERS, traffic={"timeout": 120})
 class DASService:
     """One frozen backbone, per-task DAS plans, hot-swappable."""
 
@@ -223,7 +239,7 @@ class DASService:
                     **_plan_info(plan), "active": name == entry["active"],
                     "flops_ratio": cost.flops_ratio, "flops_saved_ratio": round(1 - cost.flops_ratio, 6),
                     "score": cost.score, "reference_input": reference_input(self.backbone, plan),
-                    "metrics": plan.spec.metrics,
+                    "metrics": PlanMetrics.from_plan_json(plan.spec.metrics),
                 })
             overview[task] = {"active": entry["active"], "plans": plans}
         adaptive = self.shifter.status(time.perf_counter())
@@ -250,8 +266,8 @@ class DASService:
                 return self.registry.get(task, adaptive), "load"
         return self.registry.get(task), "active"
 
-    async def _serve(self, ctx: bentoml.Context, task: str, plan_name: str | None, work,
-                     max_flops_ratio: float | None = None) -> Any:
+    async def _serve(self, ctx: bentoml.Context, task: str, plan_name: str | None, work, response: type[Model],
+                     max_flops_ratio: float | None = None) -> Model | JSONResponse:
         """Resolve the plan, run ``work(plan)``, record metrics, turn failures into 4xx/503 JSON."""
         started = ctx.request.scope.get(ARRIVED_KEY) or time.perf_counter()  # queueing before the handler counts
         label = "unknown"  # never a client-chosen string: label values must stay a small set
@@ -274,16 +290,19 @@ class DASService:
         self.metrics.observe_request(task, label, "ok", seconds, flops.full, flops.executed)
         self.shifter.observe(task, seconds, chosen_at, finished)
         plan_info = {**_plan_info(plan), "flops_ratio": self.registry.cost(plan).flops_ratio, "chosen_by": chosen_by}
-        return {**body, "plan": plan_info, "flops": _flops_info(flops), "latency_ms": round(seconds * 1000, 3)}
+        return response.model_validate(
+            {**body, "plan": plan_info, "flops": _flops_info(flops), "latency_ms": round(seconds * 1000, 3)})
 
     def _batch_key(self, plan) -> tuple:
         """A batch never mixes plans, versions or weights."""
         return (plan.task, plan.name, plan.version, plan.spec.weights_sha256)
 
     # -- inference API ----------------------------------------------------------------------------
+    # The return annotations document the 200 bodies (service/schemas.py); errors come back as a
+    # JSONResponse, which BentoML sends as it is.
     @bentoml.api(route="/vqa")
     async def vqa(self, ctx: bentoml.Context, image: ImageFile, question: Question, plan: PlanName = None, top_k: TopK = 5,
-                  max_flops_ratio: FlopsBudget = None) -> dict[str, Any]:
+                  max_flops_ratio: FlopsBudget = None) -> VQAResponse:
         """Answer a question about an image. Returns the top_k answers with sigmoid scores, the plan
         used, this request's FLOPs (full vs executed) and latency."""
 
@@ -300,11 +319,11 @@ class DASService:
                     "question_truncated": result.truncated}
             return body, result.flops
 
-        return await self._serve(ctx, "vqa", plan, work, max_flops_ratio)
+        return await self._serve(ctx, "vqa", plan, work, VQAResponse, max_flops_ratio)
 
     @bentoml.api(route="/nlvr2")
     async def nlvr2(self, ctx: bentoml.Context, image_left: ImageFile, image_right: ImageFile, statement: Statement, plan: PlanName = None,
-                    max_flops_ratio: FlopsBudget = None) -> dict[str, Any]:
+                    max_flops_ratio: FlopsBudget = None) -> NLVR2Response:
         """Is the statement true of the pair of images? Returns label, probability, plan, FLOPs, latency."""
 
         async def work(chosen):
@@ -317,11 +336,11 @@ class DASService:
             return {"label": result.label, "probability": round(result.probability, 6),
                     "statement_truncated": result.truncated}, result.flops
 
-        return await self._serve(ctx, "nlvr2", plan, work, max_flops_ratio)
+        return await self._serve(ctx, "nlvr2", plan, work, NLVR2Response, max_flops_ratio)
 
     @bentoml.api(route="/retrieval/texts")
     async def retrieval_texts(self, ctx: bentoml.Context, image: ImageFile, texts: Candidates, plan: PlanName = None,
-                              max_flops_ratio: FlopsBudget = None) -> dict[str, Any]:
+                              max_flops_ratio: FlopsBudget = None) -> TextRankingResponse:
         """Rank candidate captions for one image (text retrieval). ``texts`` may be repeated form
         fields or one JSON array string."""
 
@@ -333,11 +352,11 @@ class DASService:
             ranking = [{"index": r.index, "text": candidates[r.index], "score": round(r.score, 6)} for r in result.ranking]
             return {"ranking": ranking}, result.flops
 
-        return await self._serve(ctx, "retrieval", plan, work, max_flops_ratio)
+        return await self._serve(ctx, "retrieval", plan, work, TextRankingResponse, max_flops_ratio)
 
     @bentoml.api(route="/retrieval/images")
     async def retrieval_images(self, ctx: bentoml.Context, text: Caption, images: list[ImageFile], plan: PlanName = None,
-                               max_flops_ratio: FlopsBudget = None) -> dict[str, Any]:
+                               max_flops_ratio: FlopsBudget = None) -> ImageRankingResponse:
         """Rank candidate images for one caption (image retrieval)."""
         from service.inputs import MAX_CANDIDATES
 
@@ -351,7 +370,7 @@ class DASService:
             result = await self.batcher.run_alone(lambda: self.runtime.rank_images(chosen, caption, pictures))
             return {"ranking": [{"index": r.index, "score": round(r.score, 6)} for r in result.ranking]}, result.flops
 
-        return await self._serve(ctx, "retrieval", plan, work, max_flops_ratio)
+        return await self._serve(ctx, "retrieval", plan, work, ImageRankingResponse, max_flops_ratio)
 
     # -- admin API (bearer token) ---------------------------------------------------------------------
     def _authorized(self, ctx: bentoml.Context) -> JSONResponse | None:
@@ -363,7 +382,7 @@ class DASService:
             return _error(ctx, "missing or wrong admin token (Authorization: Bearer <DAS_ADMIN_TOKEN>)", 401)
         return None
 
-    def _admin(self, ctx: bentoml.Context, task: str, operation) -> Any:
+    def _admin(self, ctx: bentoml.Context, task: str, operation) -> AdminResponse | JSONResponse:
         denied = self._authorized(ctx)
         if denied is not None:
             return denied
@@ -378,10 +397,16 @@ class DASService:
             return _error(ctx, f"the plan store cannot be written: {exc}", 503)
         self.metrics.plan_swaps.labels(plan.task, "ok").inc()
         self.metrics.set_active_plans(self.registry.snapshot())
-        return {"ok": True, "plan": _plan_info(plan), "active": self.registry.active_name(plan.task)}
+        return AdminResponse(ok=True, plan=_plan_info(plan), active=self.registry.active_name(plan.task))
+
+    @bentoml.api(route="/list_plans")
+    def list_plans(self) -> PlansOverview:
+        """The loaded plans per task, as GET /plans: for clients that speak only BentoML APIs (POST),
+        such as bentoml.SyncHTTPClient (client.list_plans())."""
+        return PlansOverview.model_validate(self.plans_overview())
 
     @bentoml.api(route="/admin/plans/load")
-    def admin_load(self, ctx: bentoml.Context, path: str | None = None, archive: list[ArchiveFile] = []) -> dict[str, Any]:  # noqa: B006
+    def admin_load(self, ctx: bentoml.Context, path: str | None = None, archive: list[ArchiveFile] = []) -> AdminResponse:  # noqa: B006
         """Validate and load a plan: either ``path``, a plan directory inside the plan store (JSON
         body), or ``archive``, one uploaded .tar.gz/.zip of a plan directory (multipart), unpacked
         into the store. Every worker follows within a second. (``archive`` is typed as a list only
@@ -394,19 +419,23 @@ class DASService:
         return self._admin(ctx, "", lambda: self.registry.load(path))
 
     @bentoml.api(route="/admin/plans/activate")
-    def admin_activate(self, ctx: bentoml.Context, task: TaskName, name: LoadedPlanName) -> dict[str, Any]:
+    def admin_activate(self, ctx: bentoml.Context, task: TaskName, name: LoadedPlanName) -> AdminResponse:
         """Make a loaded plan the task's default."""
         return self._admin(ctx, task, lambda: self.registry.activate(task, name))
 
     @bentoml.api(route="/admin/plans/rollback")
-    def admin_rollback(self, ctx: bentoml.Context, task: TaskName) -> dict[str, Any]:
+    def admin_rollback(self, ctx: bentoml.Context, task: TaskName) -> AdminResponse:
         """Re-activate the task's previously active plan."""
         return self._admin(ctx, task, lambda: self.registry.rollback(task))
 
     @bentoml.api(route="/admin/plans/unload")
-    def admin_unload(self, ctx: bentoml.Context, task: TaskName, name: LoadedPlanName) -> dict[str, Any]:
+    def admin_unload(self, ctx: bentoml.Context, task: TaskName, name: LoadedPlanName) -> AdminResponse:
         """Unload a plan that is not active (frees its memory)."""
         return self._admin(ctx, task, lambda: self.registry.unload(task, name))
 
 
+# first added runs first: every answer of the guard and the APIs passes the error shaper
+DASService.add_asgi_middleware(ErrorShapeMiddleware, max_in_flight=MAX_CONCURRENCY)
 DASService.add_asgi_middleware(InputGuardMiddleware)
+DASService.add_asgi_middleware(JsonOnlyMiddleware, routes=("/list_plans", "/admin/plans/activate", "/admin/plans/rollback",
+                                                           "/admin/plans/unload"))
