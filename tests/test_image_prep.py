@@ -59,9 +59,9 @@ def vilt(backbones):
 def meter():
     tokenizer = build_roberta_tokenizer(WORDS, max_length=12)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = MeterConfig(vision={**meter_vision_defaults(32), **small},
-                         text={**meter_text_defaults(), **small, "vocab_size": len(tokenizer), "max_position_embeddings": 16},
-                         hidden_size=32, num_fusion_layers=1, num_attention_heads=2, intermediate_size=64, max_text_len=12)
+    text = {**meter_text_defaults(), **small, "vocab_size": len(tokenizer), "max_position_embeddings": 16}
+    config = MeterConfig(vision={**meter_vision_defaults(32), **small}, text=text, hidden_size=32, num_fusion_layers=1,
+                         num_attention_heads=2, intermediate_size=64, max_text_len=12)
     return MeterBackbone(config, tokenizer=tokenizer)
 
 
