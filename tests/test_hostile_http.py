@@ -12,6 +12,7 @@ import socket
 import time
 
 import pytest
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Mount, Route
@@ -19,7 +20,7 @@ from starlette.staticfiles import StaticFiles
 
 import service.guard as guard
 from conftest import make_checkpoint
-from test_service_integration import AUTH, TOKEN, serve
+from test_service_integration import AUTH, TOKEN, _png, serve
 
 CAP = 2  # in-flight requests
 HEADER_TIMEOUT_S = 2
@@ -109,6 +110,20 @@ def test_unknown_paths_are_404_and_add_no_metric_series(client):
     assert client.get("/docs.json").status_code == 200
     assert client.get("/").status_code == 200
     assert client.get("/static_content/swagger-ui.css").status_code == 200
+    assert client.get("/readyz").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# images
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(40_000, 1), (1, 40_000)])
+def test_a_tiny_png_of_a_long_image_is_answered(client, size):
+    """The issue's case: a 199-byte PNG of 40000 x 1 pixels got the worker OOM-killed (padded to
+    40000 x 2100 before resizing); tests/test_image_prep.py checks the sizes."""
+    png = _png(Image.new("RGB", size, (0, 0, 255)))
+    assert len(png) < 1000
+    response = client.post("/vqa", files={"image": ("long.png", png, "image/png")}, data={"question": "what color"})
+    assert response.status_code == 200, response.text
     assert client.get("/readyz").status_code == 200
 
 
