@@ -32,6 +32,7 @@ which also maps METER's official Lightning checkpoints onto it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -67,7 +68,7 @@ from models.flops import (
     transformer_layer_flops,
 )
 from models.plan import PlanError, PlanSpec
-from models.vilt import limit_aspect_ratio, to_rgb
+from models.vilt import padded_region, to_rgb
 
 MODEL_TYPE = "meter"
 NLVR2_TOKEN_TYPES = 3  # 0 text, 1 left image, 2 right image (METER's NLVR2 fine-tuning adds the third)
@@ -76,6 +77,11 @@ SKIP_BOTTLENECK = 288  # the DAS reference's METER skip adapter
 # costs to resize (a 1 x 10000 image would otherwise become 288 x 2.9M pixels). Up to this ratio
 # images are treated exactly as METER does.
 MAX_ASPECT_RATIO = 32.0
+# Images larger than this many times the model's resolution are cut down before the processor sees
+# them (bounded memory for any upload): the longer side to its centre part, CROP_RATIO times the
+# shorter side (METER's centre crop keeps only the middle), then shrunk to a shorter side of
+# SHRINK_TO times the resolution. Smaller images are treated exactly as METER does.
+LARGE_SIDE, CROP_RATIO, SHRINK_TO = 8, 4, 2
 # OpenAI CLIP's normalisation (METER's clip_transform)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -552,9 +558,7 @@ class MeterBackbone(nn.Module):
         untruncated = self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
         encoding = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len,
                                   return_tensors="pt")
-        pixels = self.image_processor(
-            [limit_aspect_ratio(to_rgb(image), MAX_ASPECT_RATIO) for image in images], return_tensors="pt"
-        )["pixel_values"]
+        pixels = self.image_processor([self._bounded(to_rgb(image)) for image in images], return_tensors="pt")["pixel_values"]
         grid = square_grid(self.config, tuple(pixels.shape[-2:]))
         return MeterBatch(
             input_ids=encoding["input_ids"],
@@ -564,6 +568,20 @@ class MeterBackbone(nn.Module):
             truncated=[len(ids) > max_len for ids in untruncated],
             patch_grids=[grid] * len(texts),
         )
+
+    def _bounded(self, image: Image.Image) -> Image.Image:
+        """The image padded to MAX_ASPECT_RATIO and, if large, centre-cut and shrunk (LARGE_SIDE):
+        at most SHRINK_TO x LARGE_SIDE times the resolution squared reaches the processor."""
+        resolution = (self.image_processor.size or {}).get("shortest_edge") or self.config.image_size
+        width, height = image.size
+        padded = (max(width, math.ceil(height / MAX_ASPECT_RATIO)), max(height, math.ceil(width / MAX_ASPECT_RATIO)))
+        shorter, longer = min(padded), max(padded)
+        box = (0, 0, *padded)
+        if longer > LARGE_SIDE * resolution:
+            keep = min(longer, max(CROP_RATIO * shorter, LARGE_SIDE * resolution))
+            start = (longer - keep) // 2
+            box = (start, 0, start + keep, padded[1]) if padded[0] > padded[1] else (0, start, padded[0], start + keep)
+        return padded_region(image, box, min(1.0, SHRINK_TO * resolution / shorter))
 
     # -- forward ---------------------------------------------------------------------------------
     def embed(

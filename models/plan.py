@@ -58,6 +58,11 @@ PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "weights.safetensors"
 FULL_PLAN_NAME = "full"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# plan.json comes from uploads and is served back by GET /plans/: bound what reading it costs. A
+# ViLT-B VQA plan with its 3,129 labels is about 60 KB; nesting is 3 levels deep.
+MAX_PLAN_JSON_BYTES = 1024 * 1024
+MAX_PLAN_JSON_DEPTH = 32
+MAX_METRICS_BYTES = 64 * 1024  # metrics, as compact JSON
 
 
 class PlanError(ValueError):
@@ -154,6 +159,12 @@ class PlanSpec:
             raise PlanError(f"{where}: an nlvr2 head has 2 labels, got {len(self.labels)}")
         if not self.own_head and self.labels is not None:
             raise PlanError(f"{where}: head.labels given but the plan carries no head of its own")
+        try:
+            metrics_bytes = len(json.dumps(self.metrics, separators=(",", ":")))
+        except (TypeError, ValueError, RecursionError) as exc:  # not JSON data, circular, or far too deep
+            raise PlanError(f"{where}: metrics must be JSON data ({exc})") from None
+        if metrics_bytes > MAX_METRICS_BYTES:
+            raise PlanError(f"{where}: metrics take {metrics_bytes} bytes as JSON; the limit is {MAX_METRICS_BYTES}")
 
     # -- derived ---------------------------------------------------------------------------
     @property
@@ -285,11 +296,33 @@ def read_plan_spec(path: str | os.PathLike) -> PlanSpec:
     plan_json = directory / PLAN_FILE
     if not plan_json.is_file():
         raise PlanError(f"{directory}: missing file {PLAN_FILE}")
+    with open(plan_json, "rb") as f:
+        raw = f.read(MAX_PLAN_JSON_BYTES + 1)  # no more than the limit is ever read
+    if len(raw) > MAX_PLAN_JSON_BYTES:
+        raise PlanError(f"{plan_json}: over {MAX_PLAN_JSON_BYTES} bytes; the limit for {PLAN_FILE} is {MAX_PLAN_JSON_BYTES}")
     try:
-        data = json.loads(plan_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        data = None  # nested far too deep for the parser: refused below with the limit
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, and ints over Python's digit limit
         raise PlanError(f"{plan_json}: not valid JSON ({exc})") from None
+    if data is None or _json_depth(data) > MAX_PLAN_JSON_DEPTH:
+        raise PlanError(f"{plan_json}: JSON nested more than {MAX_PLAN_JSON_DEPTH} levels deep; "
+                        f"the limit is {MAX_PLAN_JSON_DEPTH}")
     return PlanSpec.from_json_dict(data, where=str(plan_json))
+
+
+def _json_depth(data: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion; stops past the limit."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > MAX_PLAN_JSON_DEPTH:
+                return deepest
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
 
 
 def check_compatible(spec: PlanSpec, backbone: PlanBackbone) -> None:

@@ -137,21 +137,40 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def limit_aspect_ratio(image: Image.Image, max_ratio: float) -> Image.Image:
-    """Pad (bottom/right, black) an image whose sides differ by more than ``max_ratio``.
+def limit_aspect_ratio(image: Image.Image, max_ratio: float, max_side: int | None = None) -> Image.Image:
+    """Pad (bottom/right, black) an image whose sides differ by more than ``max_ratio``; with
+    ``max_side``, also shrink it so that the padded image's longer side is at most ``max_side``.
 
     ViLT's resize caps the longer side, so a very long image would shrink its shorter side below
     one size_divisor step and the processor would fail; padding keeps the whole image and only
-    affects such images.
+    affects such images. The shrink comes before the padding, so no step costs more than about
+    ``max_side`` squared pixels (padded first, a 40000 x 1 upload was 40000 x 2100: 250 MB).
     """
     width, height = image.size
-    if max(width, height) <= max_ratio * min(width, height):
+    padded = (max(width, math.ceil(height / max_ratio)), max(height, math.ceil(width / max_ratio)))
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(padded))
+    return padded_region(image, (0, 0, *padded), scale)
+
+
+def padded_region(image: Image.Image, box: tuple[int, int, int, int], scale: float = 1.0) -> Image.Image:
+    """The region ``box`` of ``image`` extended with black to the right and bottom, scaled by
+    ``scale`` (<= 1), built at the output size: only the part of the image inside ``box`` is read
+    and resized, the padding is never made at full size."""
+    x0, y0, x1, y1 = box
+    if scale >= 1 and box == (0, 0, *image.size):
         return image
-    new_width = max(width, math.ceil(height / max_ratio))
-    new_height = max(height, math.ceil(width / max_ratio))
-    padded = Image.new(image.mode, (new_width, new_height))
-    padded.paste(image, (0, 0))
-    return padded
+    # rounded up, so that shrinking never narrows the padding below the aspect-ratio limit
+    out = Image.new(image.mode, (max(1, math.ceil((x1 - x0) * scale - 1e-6)), max(1, math.ceil((y1 - y0) * scale - 1e-6))))
+    inside = (max(x0, 0), max(y0, 0), min(x1, image.width), min(y1, image.height))
+    if inside[2] > inside[0] and inside[3] > inside[1]:
+        if scale >= 1:
+            part = image if inside == (0, 0, *image.size) else image.crop(inside)
+        else:
+            size = (max(1, round((inside[2] - inside[0]) * scale)), max(1, round((inside[3] - inside[1]) * scale)))
+            # reducing_gap: a box reduction first keeps a 40M x 1 image's resize at ms, not seconds
+            part = image.resize(size, Image.Resampling.BICUBIC, box=inside, reducing_gap=3.0)
+        out.paste(part, (round((inside[0] - x0) * scale), round((inside[1] - y0) * scale)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,8 +400,9 @@ class ViltBackbone(nn.Module):
         encoding = tokenizer(
             list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt"
         )
+        ratio, side = self._max_aspect_ratio(), self._max_input_side()
         pixels = self.processor.image_processor(
-            [limit_aspect_ratio(to_rgb(image), self._max_aspect_ratio()) for image in images], return_tensors="pt"
+            [limit_aspect_ratio(to_rgb(image), ratio, side) for image in images], return_tensors="pt"
         )
         text_lengths = encoding["attention_mask"].sum(dim=1).tolist()
         return ViltBatch(
@@ -396,13 +416,20 @@ class ViltBackbone(nn.Module):
             patch_grids=self._patch_grids(pixels["pixel_mask"]),
         )
 
+    def _longer_cap(self) -> int:
+        """The longest side the image processor resizes to (ViLT's rule, see transformers' ViltImageProcessor)."""
+        return int(1333 / 800 * (self.processor.image_processor.size or {}).get("shortest_edge", 384))
+
     def _max_aspect_ratio(self) -> float:
         """The widest aspect ratio the image processor resizes without a side dropping to zero."""
-        image_processor = self.processor.image_processor
-        shorter = (image_processor.size or {}).get("shortest_edge", 384)
-        divisor = getattr(image_processor, "size_divisor", None) or 32
-        longer_cap = int(1333 / 800 * shorter)  # ViLT's resize rule (see transformers' ViltImageProcessor)
-        return longer_cap / (divisor + 1)
+        divisor = getattr(self.processor.image_processor, "size_divisor", None) or 32
+        return self._longer_cap() / (divisor + 1)
+
+    def _max_input_side(self) -> int:
+        """Larger images are shrunk to this (longer side) before the processor sees them: twice what
+        it resizes to, so that the processor still only shrinks, and a 40-megapixel upload costs
+        the processor 1280 x 1280 pixels, not 40 million."""
+        return 2 * self._longer_cap()
 
     def _patch_grids(self, pixel_mask: torch.Tensor) -> list[tuple[int, int]]:
         """Valid patch rows/columns per image, computed as ViltEmbeddings.visual_embed does."""

@@ -3,8 +3,8 @@
 The service's own errors already have it. BentoML's do not: its input-validation 400s are
 ``{"error": "1 validation error for Input", "detail": [...]}``, its other exceptions a one-element
 list, Starlette's 404/405 plain text. ``ErrorShapeMiddleware`` rewrites those bodies on the way
-out, and caps in-flight requests itself (BentoML's own cap runs outside every service middleware,
-so its 429 body could not be reshaped). ``quiet_client_errors`` turns BentoML's ERROR log with a
+out (BentoML's 429 and 504, which arise outside every service middleware, are reshaped by
+``service.guard.EdgeMiddleware``). ``quiet_client_errors`` turns BentoML's ERROR log with a
 traceback for each bad request into one WARNING line.
 """
 
@@ -15,7 +15,6 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-NEVER_REFUSED = frozenset({"/metrics", "/healthz", "/livez", "/readyz"})  # probes and scrapes
 MAX_ERROR_BODY = 1 << 20  # bigger error bodies pass through untouched
 BENTOML_ERROR_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs a failed request
 
@@ -67,31 +66,15 @@ def reshape(status: int, content_type: str, body: bytes) -> bytes | None:
 
 
 class ErrorShapeMiddleware:
-    """Rewrites error bodies into the service's shape; with ``max_in_flight`` > 0 answers 429 at once,
-    before reading the body, while that many requests are in flight (probes and /metrics never)."""
+    """Rewrites error bodies into the service's shape on the way out."""
 
-    def __init__(self, app, max_in_flight: int = 0) -> None:
+    def __init__(self, app) -> None:
         self.app = app
-        self.max_in_flight = max_in_flight
-        self.in_flight = 0
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        capped = self.max_in_flight > 0 and scope.get("path") not in NEVER_REFUSED
-        if capped and self.in_flight >= self.max_in_flight:
-            await self._send(send, 429, [], error_body(429, "Too many requests"))
-            return
-        if capped:
-            self.in_flight += 1
-        try:
-            await self._reshaping(scope, receive, send)
-        finally:
-            if capped:
-                self.in_flight -= 1
-
-    async def _reshaping(self, scope, receive, send) -> None:
         held: dict | None = None  # an error response's start, while its body is collected
         chunks: list[bytes] = []
         size = 0

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_IMAGE_PIXELS = int(os.environ.get("DAS_MAX_IMAGE_PIXELS", 40_000_000))  # decompression-bomb guard
 MAX_IMAGE_BYTES = int(os.environ.get("DAS_MAX_IMAGE_BYTES", 20 * 1024 * 1024))
@@ -23,7 +23,9 @@ class InputError(Exception):
 
 
 def load_image(path: Path | None, field: str) -> Image.Image:
-    """Decode an uploaded image fully (so truncation is caught here), refusing bombs and empties."""
+    """Decode an uploaded image fully (so truncation is caught here), refusing bombs and empties,
+    and turn it upright as its EXIF orientation says (phone photos; the processors expect upright
+    images). Memory: the decoded image twice at most, itself bounded by MAX_IMAGE_PIXELS."""
     if path is None:
         raise InputError(f"missing image field {field!r} (send it as a multipart file)")
     path = Path(path)
@@ -42,7 +44,7 @@ def load_image(path: Path | None, field: str) -> Image.Image:
                     f"{field}: image is {width}x{height} = {width * height} pixels; the limit is {MAX_IMAGE_PIXELS}", 413
                 )
             image.load()
-            return image.copy()
+            return ImageOps.exif_transpose(image)  # a copy, rotated/flipped if the orientation asks
     except InputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:

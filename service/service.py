@@ -4,7 +4,7 @@ Thin by design: each endpoint turns HTTP input into a call on ``models.runtime.D
 plan from ``service.registry.PlanRegistry``, and the result back into JSON. Configuration comes
 from environment variables (see the README): DAS_BACKBONE, DAS_PLANS, DAS_DEVICE, DAS_DTYPE,
 DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS, DAS_MAX_QUEUE, DAS_TORCH_THREADS,
-DAS_MAX_CONCURRENCY, DAS_MALLOC_TRIM_S, DAS_MALLOC_THRESHOLD.
+DAS_MAX_CONCURRENCY, DAS_MALLOC_TRIM_S, DAS_MALLOC_THRESHOLD, DAS_HEADER_TIMEOUT_S.
 """
 
 from __future__ import annotations
@@ -32,7 +32,15 @@ from service import openapi
 from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
 from service.errors import ErrorShapeMiddleware, quiet_client_errors
-from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware, JsonOnlyMiddleware
+from service.guard import (
+    ARRIVED_KEY,
+    FORM_LISTS_KEY,
+    InputGuardMiddleware,
+    RETRY_AFTER_S,
+    JsonOnlyMiddleware,
+    install_header_timeout,
+    serve_behind_edge,
+)
 from service.inputs import InputError, check_text, load_image, text_list
 from service.memory import MAX_MMAP_THRESHOLD, pin_malloc_thresholds, trim_heap
 from service.registry import (
@@ -124,12 +132,28 @@ except ValueError:
 if not 0 <= MALLOC_TRIM_S < float("inf"):
     raise SystemExit(f"DAS_MALLOC_TRIM_S must be >= 0 (0: never trim), got {MALLOC_TRIM_S}")
 WORKERS = _env_int("DAS_WORKERS", 1)
-# In-flight HTTP requests per worker (0: no cap). Past it the service answers 429 at once, before the
-# body is read (service/errors.py). 64 = the running batch plus three full batches waiting (DAS_MAX_BATCH_SIZE 16):
-# more in flight adds only queueing latency and upload memory, not throughput.
+# In-flight HTTP requests per worker (0: no cap). Past it BentoML answers 429 (+ Retry-After, see
+# service/guard.py) at once, before the body is read. 64 = the running batch plus three full batches
+# waiting (DAS_MAX_BATCH_SIZE 16): more in flight adds only queueing latency and upload memory.
 MAX_CONCURRENCY = _env_int("DAS_MAX_CONCURRENCY", 64)
 if WORKERS < 1 or MAX_CONCURRENCY < 0:
     raise SystemExit(f"need DAS_WORKERS >= 1 and DAS_MAX_CONCURRENCY >= 0, got {WORKERS} and {MAX_CONCURRENCY}")
+# Requests waiting for a batch, per worker; past it the handler answers 503 + Retry-After, after the
+# upload was read and decoded. By default the in-flight cap: the cheap 429 at the door sheds first and
+# the queue limit backs it up (it binds only when DAS_MAX_QUEUE is set lower, or with no in-flight cap).
+MAX_QUEUE = _env_int("DAS_MAX_QUEUE", MAX_CONCURRENCY or 256)
+if MAX_QUEUE < 1:
+    raise SystemExit(f"DAS_MAX_QUEUE must be an integer >= 1, got {MAX_QUEUE}")
+# Seconds a connection may take to send a request's headers (0: no limit); uvicorn has no such
+# timeout, so slowly trickled headers held a connection forever.
+try:
+    HEADER_TIMEOUT_S = float(os.environ.get("DAS_HEADER_TIMEOUT_S", 10))
+except ValueError:
+    raise SystemExit(f"DAS_HEADER_TIMEOUT_S must be a number of seconds, got {os.environ['DAS_HEADER_TIMEOUT_S']!r}") from None
+if not 0 <= HEADER_TIMEOUT_S < float("inf"):
+    raise SystemExit(f"DAS_HEADER_TIMEOUT_S must be >= 0 (0: no limit), got {HEADER_TIMEOUT_S}")
+if HEADER_TIMEOUT_S:
+    install_header_timeout(HEADER_TIMEOUT_S)
 
 
 def _error(ctx: bentoml.Context, message: str, status: int, **headers: str) -> JSONResponse:
@@ -164,7 +188,13 @@ quiet_client_errors()
 
 
 @bentoml.asgi_app(root_app, path="/")
-@bentoml.service(name="das-serve", workers=WORKERS, traffic={"timeout": 120})
+@bentoml.service(
+    name="das-serve",
+    workers=WORKERS,
+    # BentoML's max_concurrency is per service and split evenly over the workers; its 429 is the
+    # cheapest refusal there is (outside every middleware, before the body is read)
+    traffic={"timeout": 120, **({"max_concurrency": MAX_CONCURRENCY * WORKERS} if MAX_CONCURRENCY else {})},
+)
 class DASService:
     """One frozen backbone, per-task DAS plans, hot-swappable."""
 
@@ -186,7 +216,7 @@ class DASService:
         self.batcher = MicroBatcher(
             max_batch_size=_env_int("DAS_MAX_BATCH_SIZE", 16),
             max_latency_ms=_env_int("DAS_MAX_LATENCY_MS", 0),  # work-conserving: no wait by default
-            max_queue=_env_int("DAS_MAX_QUEUE", 256),
+            max_queue=MAX_QUEUE,
             on_batch=lambda key, size: self.metrics.batch_size.labels(key[0]).observe(size),
         )
         self.shifter = LoadShifter(on_shift=self.metrics.observe_shift, on_serving=self.metrics.set_served_plan)
@@ -281,7 +311,7 @@ class DASService:
             return _error(ctx, str(exc), exc.status)
         except Overloaded:
             self.metrics.observe_request(task, label, "overloaded")
-            return _error(ctx, "the service is overloaded; retry shortly", 503, **{"Retry-After": "1"})
+            return _error(ctx, "the service is overloaded; retry shortly", 503, **{"Retry-After": RETRY_AFTER_S})
         except Exception:
             self.metrics.observe_request(task, label, "error")
             raise
@@ -435,7 +465,8 @@ class DASService:
 
 
 # first added runs first: every answer of the guard and the APIs passes the error shaper
-DASService.add_asgi_middleware(ErrorShapeMiddleware, max_in_flight=MAX_CONCURRENCY)
-DASService.add_asgi_middleware(InputGuardMiddleware)
+DASService.add_asgi_middleware(ErrorShapeMiddleware)
+DASService.add_asgi_middleware(InputGuardMiddleware)  # inside BentoML's middlewares, before the handlers
 DASService.add_asgi_middleware(JsonOnlyMiddleware, routes=("/list_plans", "/admin/plans/activate", "/admin/plans/rollback",
                                                            "/admin/plans/unload"))
+serve_behind_edge(DASService)  # outside them all: unknown routes, and BentoML's 429/504 in our shape

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import models.plan as plan_module
 from models.cli import main
 from models.plan import (
     PLAN_FILE,
@@ -303,6 +304,48 @@ def test_shape_mismatch_is_not_reported_as_checksum(vqa_backbone, tmp_path):
         load_plan(directory, vqa_backbone)
     assert "checksum" not in str(info.value)
     assert "[8, 32]" in str(info.value) and "[12, 32]" in str(info.value)  # file has vs implied
+
+
+def _nest(data: dict, levels: int) -> None:
+    data["metrics"]["deep"] = json.loads("[" * levels + "]" * levels)
+
+
+# (id, edit of a valid plan.json, distinctive part of the message): hostile plan.json files cost
+# bounded memory and time to refuse, and are refused with a PlanError naming the limit (never a
+# RecursionError, a 500 in the service)
+OVERSIZED = [
+    ("nested-100000", lambda d: (d / PLAN_FILE).write_text("[" * 100_000 + "]" * 100_000),
+     f"nested more than {plan_module.MAX_PLAN_JSON_DEPTH} levels"),
+    ("nested-in-metrics", lambda d: edit_plan_json(d, lambda data: _nest(data, 40)),
+     f"nested more than {plan_module.MAX_PLAN_JSON_DEPTH} levels"),
+    ("large-file", lambda d: edit_plan_json(d, lambda data: data.update(created_at="x" * 2_000_000)),
+     f"the limit for plan.json is {plan_module.MAX_PLAN_JSON_BYTES}"),
+    ("large-metrics", lambda d: edit_plan_json(d, lambda data: data["metrics"].update(notes="x" * 100_000)),
+     f"the limit is {plan_module.MAX_METRICS_BYTES}"),
+    ("huge-integer", lambda d: (d / PLAN_FILE).write_text('{"format_version": ' + "9" * 5000 + "}"), "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("corrupt, message", [c[1:] for c in OVERSIZED], ids=[c[0] for c in OVERSIZED])
+def test_oversized_plan_json_is_refused_naming_the_limit(vqa_backbone, tmp_path, corrupt, message):
+    directory = tmp_path / "plan"
+    write_plan(directory, vqa_backbone)
+    corrupt(directory)
+    with pytest.raises(PlanError) as refused:
+        validate_plan(directory, vqa_backbone)
+    assert message in str(refused.value)
+
+
+def test_plan_json_within_the_limits_loads(vqa_backbone, tmp_path):
+    directory = tmp_path / "plan"
+    write_plan(directory, vqa_backbone)
+    edit_plan_json(directory, lambda data: _nest(data, plan_module.MAX_PLAN_JSON_DEPTH - 3))  # plan, metrics, deep
+    assert load_plan(directory, vqa_backbone).spec.metrics["deep"]
+
+
+def test_spec_refuses_oversized_metrics(vqa_backbone):
+    with pytest.raises(PlanError, match=f"the limit is {plan_module.MAX_METRICS_BYTES}"):
+        make_spec(vqa_backbone, metrics={"notes": "x" * plan_module.MAX_METRICS_BYTES})
 
 
 def test_not_a_directory(vqa_backbone, tmp_path):

@@ -90,3 +90,18 @@ def test_bad_archives_are_refused_with_reasons(backbone, plan_dir, tmp_path, mon
         registry.load_archive(_tar(tmp_path / "c.tar.gz", _plan_files(plan_dir)))
     assert big.value.status == 413
     assert registry.get("vqa").name == "full"
+
+
+@pytest.mark.parametrize("plan_json, message", [
+    (b"[" * 200_000 + b"]" * 200_000, "nested more than 32 levels"),
+    (None, "the limit for plan.json is 1048576"),  # valid JSON, but 2 MB
+])
+def test_hostile_plan_json_in_an_archive_is_a_422_naming_the_limit(backbone, plan_dir, tmp_path, plan_json, message):
+    files = _plan_files(plan_dir)
+    files["plan.json"] = plan_json or files["plan.json"] + b" " * 2_000_000
+    store = PlanStore(tmp_path / "store")
+    registry = PlanRegistry(backbone, store)
+    with pytest.raises(RegistryError) as refused:
+        registry.load_archive(_tar(tmp_path / "hostile.tar.gz", files))
+    assert refused.value.status == 422 and message in str(refused.value)
+    assert not (store.root / "vqa" / "uploaded").exists() and registry.get("vqa").name == "full"
