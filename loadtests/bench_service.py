@@ -14,7 +14,7 @@ VQA head (its VQA plans carry their own), so das-full runs the full model with t
 of the shipped vqa/adapters plan and no adapters (models.bench.full_plan_with_parts_of), saved as
 plan "noskip" in a temporary plan store ("full" is reserved for built-in plans); the baseline
 loads a ViltForQuestionAnswering checkpoint written from the same tensors
-(models.checkpoints.save_vqa_checkpoint_with_plan_parts), and the benchmark checks that both
+(models.backbones.vilt.checkpoint.save_vqa_checkpoint_with_plan_parts), and the benchmark checks that both
 answer alike. The skip plan is a shipped one (--skip-plan, default skip4), as
 trained. --checkpoint DIR: a ViLT checkpoint with a VQA head, served as is by all three (DAS's
 built-in full plan) with a skip plan of random adapters skipping --skip-layers evenly spread layers;
@@ -113,12 +113,12 @@ class Setup:
 
 def prepare(args: argparse.Namespace, workdir: Path, device, dtype) -> Setup:
     """Write the temporary plan store (and checkpoints) the three services load."""
-    from models.backbone import load_backbone
-    from models.bench import (
+    from models.backbones.base import load_backbone
+    from models.bench.run import (
         EMBEDDED_DIR, EMBEDDED_HEAD_SOURCE, WORDS, bench_config, build_plans, full_plan_with_parts_of,
     )
-    from models.checkpoints import save_vilt_checkpoint, save_vqa_checkpoint_with_plan_parts
-    from models.plan import load_plan, save_plan
+    from models.backbones.vilt.checkpoint import save_vilt_checkpoint, save_vqa_checkpoint_with_plan_parts
+    from models.das.plan import load_plan, save_plan
 
     store = workdir / "plans"
     store.mkdir()
@@ -168,7 +168,7 @@ def store_with_active(setup: Setup, directory: Path, active: str) -> Path:
 
 def request_payload(image_size: int, seed: int = 0) -> tuple[bytes, str]:
     """One synthetic-world scene as PNG and a question about it."""
-    from models.world import render_scene, sample_scene, vqa_questions
+    from models.producer.world.language import render_scene, sample_scene, vqa_questions
 
     rng = random.Random(seed)
     scene = sample_scene(rng)
@@ -428,8 +428,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from models.backbone import resolve_device, resolve_dtype
-    from models.bench import machine_info
+    from models.backbones.base import resolve_device, resolve_dtype
+    from models.bench.run import machine_info
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.threads:
@@ -719,7 +719,7 @@ def _levels(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     from loadtests.harness import positive_float, positive_int
-    from models.bench import _non_negative_int
+    from models.bench.run import _non_negative_int
 
     parser = argparse.ArgumentParser(
         prog="bench_service.py", description=__doc__,

@@ -1,7 +1,7 @@
 """Task-level inference over a frozen backbone and a plan: VQA, NLVR2, image-text retrieval.
 
 Knows tasks and heads, not HTTP and not plan files: callers hand in a validated :class:`Plan`
-(from ``models.plan``) and PIL images; results carry the per-request FLOPs of the path that ran.
+(from ``models.das.plan``) and PIL images; results carry the per-request FLOPs of the path that ran.
 The ``*_logits`` functions are differentiable (training uses them); the public task methods run
 under ``torch.inference_mode``.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from models.flops import FlopsReport
-from models.plan import Plan, PlanError
-from models.vilt import ViltBackbone, ViltBatch
+from models.das.flops import FlopsReport
+from models.das.plan import Plan, PlanError
+from models.backbones.vilt.modeling import ViltBackbone, ViltBatch
 
 DEFAULT_CANDIDATE_BATCH = 32
 

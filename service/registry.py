@@ -14,7 +14,7 @@ store.json::
 
 Admin operations change store.json (atomically, under a file lock) and every worker, and every
 replica sharing the store, converges to it with :meth:`PlanRegistry.sync`. The registry never
-parses plan files itself: ``models.plan`` validates and loads them.
+parses plan files itself: ``models.das.plan`` validates and loads them.
 
 Plan choice by FLOPs budget lives here too (:func:`choose_within_budget`, :func:`cheaper_ladder`):
 each loaded plan has a :class:`PlanCost`, its FLOPs ratio at the reference input and its primary
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.plan import (
+from models.das.plan import (
     FULL_PLAN_NAME, NAME_PATTERN, PLAN_FILE, TASKS, WEIGHTS_FILE, Plan, PlanError, builtin_full_plan, load_plan,
     read_plan_spec, validate_plan,
 )
-from models.train import primary_score
+from models.producer.train import primary_score
 from service.adaptive import AdaptiveConfigError, AdaptiveSettings, parse_adaptive_config
 
 STATE_FILE = "store.json"
@@ -195,7 +195,7 @@ class PlanCost:
 
     name: str
     flops_ratio: float  # executed / full-backbone FLOPs at the plan's reference input (rounded to 1e-6)
-    score: float | None  # the task's primary score (models.train.primary_score) from plan.json; None: unknown
+    score: float | None  # the task's primary score (models.producer.train.primary_score) from plan.json; None: unknown
 
 
 def default_store_for(backbone_dir: str | os.PathLike, fallback: str | os.PathLike) -> Path:

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from models.plan import TASKS
+from models.das.plan import TASKS
 from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
 from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware
@@ -153,7 +153,7 @@ class DASService:
         _set_torch_threads(TORCH_THREADS)  # before any torch work in this worker
         if MALLOC_THRESHOLD:
             pin_malloc_thresholds(MALLOC_THRESHOLD)
-        from models.backbone import load_backbone
+        from models.backbones.base import load_backbone
         from models.runtime import DASRuntime
         from service.metrics import ServiceMetrics
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import ViltConfig
 
-from models.checkpoints import save_vilt_checkpoint
+from models.backbones.vilt.checkpoint import save_vilt_checkpoint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tiny tensors gain nothing from a second thread, and CI's 2 cores are shared with the servers the tests start.
@@ -62,6 +62,6 @@ def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> I
 @pytest.fixture(scope="session")
 def backbones(checkpoints) -> dict:
     """Each tiny checkpoint loaded as a ViltBackbone: {head: backbone}."""
-    from models.vilt import ViltBackbone
+    from models.backbones.vilt.modeling import ViltBackbone
 
     return {head: ViltBackbone.from_pretrained(directory) for head, (directory, _) in checkpoints.items()}

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models import world
-from models.cli import main
-from models.datasets import (
+from models.producer.world import language as world
+from models.cli.main import main
+from models.producer.datasets import (
     NLVR2Dataset,
     RetrievalDataset,
     VQADataset,

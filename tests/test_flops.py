@@ -36,12 +36,12 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import ViltConfig
 
 from conftest import make_checkpoint, random_image
-from models.cli import main
-from models.das import PlanModules
-from models.flops import adapter_flops
-from models.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, builtin_full_plan, save_plan
+from models.cli.main import main
+from models.das.adapters import PlanModules
+from models.das.flops import adapter_flops
+from models.das.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, builtin_full_plan, save_plan
 from models.runtime import DASRuntime
-from models.vilt import ViltBackbone, ViltBatch, config_from_dir, square_grid, vilt_request_flops
+from models.backbones.vilt.modeling import ViltBackbone, ViltBatch, config_from_dir, square_grid, vilt_request_flops
 
 TOLERANCE = 0.02
 # Not trivially small, so that the attention products (~15% of a layer here), the adapters and the

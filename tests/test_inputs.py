@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import service.inputs as inputs
-from models.vilt import to_rgb
+from models.backbones.vilt.modeling import to_rgb
 from service.inputs import InputError, check_text, load_image, text_list
 from conftest import random_image
 

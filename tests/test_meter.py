@@ -26,12 +26,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import RobertaConfig, RobertaModel
 
 from conftest import WORDS, random_image
-from models.backbone import BackboneError, load_backbone
-from models.cli import main
-from models.das import PlanModules
-from models.flops import adapter_flops
-from models.meter import MeterBackbone, MeterConfig, meter_request_flops
-from models.meter_checkpoint import (
+from models.backbones.base import BackboneError, load_backbone
+from models.cli.main import main
+from models.das.adapters import PlanModules
+from models.das.flops import adapter_flops
+from models.backbones.meter.modeling import MeterBackbone, MeterConfig, meter_request_flops
+from models.backbones.meter.convert import (
     build_roberta_tokenizer,
     convert_meter_state,
     meter_name,
@@ -39,7 +39,7 @@ from models.meter_checkpoint import (
     ours_to_meter,
     read_lightning_checkpoint,
 )
-from models.plan import (
+from models.das.plan import (
     AdapterShapes,
     BackboneRef,
     Plan,
@@ -638,8 +638,8 @@ def test_nlvr2_needs_three_token_types(meter, tmp_path):
 # 6. Producing plans for METER: search, train, eval (micro run)
 # ---------------------------------------------------------------------------------------------
 def test_search_train_and_eval_on_meter(meter, tmp_path, capsys):
-    from models.train import TrainConfig, train_plan
-    from models.world import synthesize
+    from models.producer.train import TrainConfig, train_plan
+    from models.producer.world.language import synthesize
 
     data = tmp_path / "vqa"
     synthesize("vqa", data, n=48, seed=0, image_size=48, progress=False)

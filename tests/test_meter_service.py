@@ -10,9 +10,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import WORDS, random_image
-from models.meter import MeterBackbone, MeterConfig
-from models.meter_checkpoint import save_meter_checkpoint
-from models.plan import builtin_full_plan, load_plan
+from models.backbones.meter.modeling import MeterBackbone, MeterConfig
+from models.backbones.meter.convert import save_meter_checkpoint
+from models.das.plan import builtin_full_plan, load_plan
 from models.runtime import DASRuntime
 from test_service_integration import _png, _save_plan, serve
 
@@ -102,7 +102,7 @@ def test_the_shipped_tiny_meter_is_served_from_its_own_store(tmp_path):
     every task through its active METER plan, with the answers the runtime gives in process."""
     from pathlib import Path
 
-    from models.backbone import load_backbone
+    from models.backbones.base import load_backbone
 
     shipped = Path(__file__).resolve().parent.parent / "plans" / "meter"
     state = json.loads((shipped / "store.json").read_text())

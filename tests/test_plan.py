@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.cli import main
-from models.plan import (
+from models.cli.main import main
+from models.das.plan import (
     PLAN_FILE,
     TASKS,
     WEIGHTS_FILE,
@@ -29,7 +29,7 @@ from models.plan import (
     validate_plan,
 )
 from models.runtime import DASRuntime
-from models.vilt import ViltBackbone
+from models.backbones.vilt.modeling import ViltBackbone
 from conftest import make_checkpoint, random_image
 
 REQUIRED_FIELDS = ("format_version", "task", "name", "version", "backbone", "skipped_layers", "adapters", "head",

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
-from models.train import primary_score
+from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
+from models.producer.train import primary_score
 from service.adaptive import AdaptiveSettings
 from service.registry import (
     ADAPTIVE_ERROR_KEY, STATE_FILE, PlanCost, PlanRegistry, PlanStore, RegistryError, check_flops_budget,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import service.registry as registry_module
-from models.plan import (
+from models.das.plan import (
     FULL_PLAN_NAME,
     PLAN_FILE,
     WEIGHTS_FILE,
@@ -23,7 +23,7 @@ from models.plan import (
     PlanSpec,
     save_plan,
 )
-from models.vilt import ViltBackbone
+from models.backbones.vilt.modeling import ViltBackbone
 from service.registry import STATE_FILE, PlanRegistry, PlanStore, RegistryError, default_store_for
 from conftest import random_image
 

@@ -23,8 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import ViltProcessor
 
 from conftest import make_checkpoint, random_image
-from models.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
-from models.vilt import ViltBackbone
+from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
+from models.backbones.vilt.modeling import ViltBackbone
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-admin-token"

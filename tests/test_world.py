@@ -15,8 +15,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from models import world
-from models.world import Scene, SceneObject, WorldConfig
+from models.producer.world import language as world
+from models.producer.world.language import Scene, SceneObject, WorldConfig
 
 COLORS = {"red", "green", "blue", "yellow", "purple", "orange"}
 SHAPES = {"circle", "square", "triangle", "diamond"}
@@ -402,7 +402,7 @@ def test_world_vocabulary_covers_every_text(vqa_items, nlvr2_items, retrieval_it
     assert used <= set(vocab), used - set(vocab)
     assert len(set(vocab) - used) <= 3  # and holds little else
 
-    from models.checkpoints import wordpiece_vocab
+    from models.backbones.vilt.checkpoint import wordpiece_vocab
 
     pieces = set(wordpiece_vocab(vocab))
     assert set(vocab) <= pieces

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 # model_type in config.json -> "module:Class"
-ARCHITECTURES = {"vilt": "models.vilt:ViltBackbone", "meter": "models.meter:MeterBackbone"}
+ARCHITECTURES = {"vilt": "models.backbones.vilt.modeling:ViltBackbone", "meter": "models.backbones.meter.modeling:MeterBackbone"}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

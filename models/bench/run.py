@@ -104,7 +104,7 @@ def bench_config(size: str):
 def meter_bench_config(size: str):
     """METER-B (``MeterConfig()`` defaults, 288 px) with a 3129-answer VQA head, or a tiny METER with
     the same 12 arms for a quick smoke run."""
-    from models.meter import MeterConfig
+    from models.backbones.meter.modeling import MeterConfig
 
     labels = {i: f"answer{i}" for i in range(NUM_VQA_LABELS)}
     if size == "base":
@@ -259,8 +259,8 @@ def build_backbone(size: str, device, dtype, workdir: Path, arch: str = "vilt"):
     import torch
     from transformers.utils import logging as transformers_logging
 
-    from models.checkpoints import save_vilt_checkpoint
-    from models.vilt import ViltBackbone
+    from models.backbones.vilt.checkpoint import save_vilt_checkpoint
+    from models.backbones.vilt.modeling import ViltBackbone
 
     if size == "embedded":
         backbone = ViltBackbone.from_pretrained(EMBEDDED_DIR / "backbone", device=device, dtype=dtype)
@@ -269,8 +269,8 @@ def build_backbone(size: str, device, dtype, workdir: Path, arch: str = "vilt"):
     transformers_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
     started = time.perf_counter()
     if arch == "meter":
-        from models.meter import MeterBackbone
-        from models.meter_checkpoint import save_meter_checkpoint
+        from models.backbones.meter.modeling import MeterBackbone
+        from models.backbones.meter.convert import save_meter_checkpoint
 
         model, loader = save_meter_checkpoint(workdir, meter_bench_config(size), ["vqa"], WORDS, seed=0), MeterBackbone
     else:
@@ -290,7 +290,7 @@ def build_backbone(size: str, device, dtype, workdir: Path, arch: str = "vilt"):
 def build_plans(backbone, skips: list[int], placement: str, skip_bottleneck: int | None = None) -> list:
     """The full plan and one plan per skip count; skip adapters of the architecture's reference
     bottleneck unless given (ViLT 192, METER 288)."""
-    from models.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, builtin_full_plan
+    from models.das.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, builtin_full_plan
 
     skip_bottleneck = skip_bottleneck or getattr(backbone, "default_skip_bottleneck", SKIP_BOTTLENECK)
 
@@ -308,7 +308,7 @@ def build_plans(backbone, skips: list[int], placement: str, skip_bottleneck: int
 
 
 # The embedded default (plans/): a backbone checkpoint without a VQA head, and trained VQA plans.
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "plans"
+EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "plans"
 EMBEDDED_HEAD_SOURCE = "adapters"  # the shipped plan whose pooler and head the "full" plan uses
 EMBEDDED_SKIP_PLANS = ("skip2", "skip4")
 
@@ -317,7 +317,7 @@ def full_plan_with_parts_of(backbone, source, name: str = "full"):
     """The full model (no skipped layer, no adapter) with ``source``'s own per-task parts (pooler,
     token-type embeddings, head): what the built-in ``full`` plan would be if the backbone
     checkpoint carried those parts. For backbones without a head for the task, as the embedded one."""
-    from models.plan import Plan, PlanSpec
+    from models.das.plan import Plan, PlanSpec
 
     spec = PlanSpec(
         task=source.task, name=name, version=1, backbone=source.spec.backbone, own_head=source.spec.own_head,
@@ -333,7 +333,7 @@ def full_plan_with_parts_of(backbone, source, name: str = "full"):
 
 def embedded_plans(backbone, plans_dir: Path = EMBEDDED_DIR, skip_names=EMBEDDED_SKIP_PLANS) -> list:
     """[full (parts of the shipped adapters plan), the shipped VQA skip plans], validated against ``backbone``."""
-    from models.plan import load_plan
+    from models.das.plan import load_plan
 
     source = load_plan(plans_dir / "vqa" / EMBEDDED_HEAD_SOURCE, backbone)
     return [full_plan_with_parts_of(backbone, source)] + [load_plan(plans_dir / "vqa" / n, backbone) for n in skip_names]
@@ -460,7 +460,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from models.backbone import resolve_device, resolve_dtype
+    from models.backbones.base import resolve_device, resolve_dtype
     from models.runtime import DASRuntime
 
     device = resolve_device(args.device)
@@ -475,7 +475,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="das-bench-") as workdir:
         backbone = build_backbone(args.size, device, dtype, Path(workdir), args.arch)
     if args.size == "embedded":
-        from models.world import world_vocabulary
+        from models.producer.world.language import world_vocabulary
 
         plans, placement = embedded_plans(backbone), "shipped plans (DAS search)"
         words = single_token_words(backbone, world_vocabulary())
@@ -749,7 +749,7 @@ def _non_negative_int(text: str) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `das bench` to the `das` command line."""
-    from models.cli import positive_int
+    from models.cli.main import positive_int
 
     bench = commands.add_parser(
         "bench",

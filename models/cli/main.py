@@ -80,7 +80,7 @@ def _describe_plan(spec) -> str:
 
 
 def cmd_plan_inspect(args: argparse.Namespace) -> int:
-    from models.plan import read_plan_spec
+    from models.das.plan import read_plan_spec
 
     spec = read_plan_spec(args.path)
     print(json.dumps(spec.to_json_dict(), indent=2) if args.json else _describe_plan(spec))
@@ -88,8 +88,8 @@ def cmd_plan_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plan_validate(args: argparse.Namespace) -> int:
-    from models.backbone import load_backbone
-    from models.plan import validate_plan
+    from models.backbones.base import load_backbone
+    from models.das.plan import validate_plan
 
     backbone = load_backbone(args.backbone, device="cpu")
     spec = validate_plan(args.path, backbone)
@@ -101,8 +101,8 @@ def cmd_plan_validate(args: argparse.Namespace) -> int:
 # das flops
 # ---------------------------------------------------------------------------------------------
 def cmd_flops(args: argparse.Namespace) -> int:
-    from models.backbone import backbone_class
-    from models.plan import AdapterShapes, BackboneRef, PlanSpec, read_plan_spec
+    from models.backbones.base import backbone_class
+    from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, read_plan_spec
 
     cls = backbone_class(args.backbone)  # any registered architecture; only its config.json is read
     config = cls.load_config(args.backbone)
@@ -206,26 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
 # Other modules add commands here (e.g. the benchmark), keeping their imports lazy.
 def _register_bench(commands: argparse._SubParsersAction) -> None:
     try:
-        from models.bench import register
+        from models.bench.run import register
     except ImportError:
         return
     register(commands)
 
 
 def _register_producer(commands: argparse._SubParsersAction) -> None:
-    from models.pipeline import register
+    from models.producer.pipeline import register
 
     register(commands)
 
 
 def _register_world(commands: argparse._SubParsersAction) -> None:
-    from models.world import register
+    from models.producer.world.language import register
 
     register(commands)
 
 
 def _register_meter(commands: argparse._SubParsersAction) -> None:
-    from models.meter_checkpoint import register
+    from models.backbones.meter.convert import register
 
     register(commands)
 
@@ -235,8 +235,8 @@ _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from models.backbone import BackboneError
-    from models.plan import PlanError
+    from models.backbones.base import BackboneError
+    from models.das.plan import PlanError
 
     args = build_parser().parse_args(argv)
     try:

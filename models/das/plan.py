@@ -48,7 +48,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from models.das import PlanModules
+from models.das.adapters import PlanModules
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.cli import layer_list
+from models.cli.main import layer_list
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_PLANS = REPO_ROOT / "plans"
 SHIPPED_BACKBONE = SHIPPED_PLANS / "backbone"
 SHIPPED_METER_PLANS = SHIPPED_PLANS / "meter"  # the tiny METER: its own store (backbone, plans, store.json)
@@ -30,7 +30,7 @@ README_BEGIN, README_END = README_MARKERS["vilt"]
 
 
 def _train_config(args: argparse.Namespace):
-    from models.train import TrainConfig
+    from models.producer.train import TrainConfig
 
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, skip_bottleneck=args.skip_bottleneck,
@@ -40,7 +40,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def _load(backbone_dir: str | None):
-    from models.backbone import load_backbone
+    from models.backbones.base import load_backbone
 
     return load_backbone(backbone_dir or SHIPPED_BACKBONE, device="cpu")
 
@@ -49,7 +49,7 @@ def _load(backbone_dir: str | None):
 # commands
 # ---------------------------------------------------------------------------------------------
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from models.pretrain import PretrainConfig, pretrain_backbone
+    from models.producer.pretrain import PretrainConfig, pretrain_backbone
 
     config = PretrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, hidden_size=args.hidden_size,
                             num_layers=args.layers, vision_layers=args.vision_layers, text_layers=args.text_layers,
@@ -61,7 +61,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from models.search import SearchConfig, das_search, write_search_outputs
+    from models.producer.search import SearchConfig, das_search, write_search_outputs
 
     backbone = _load(args.backbone)
     config = SearchConfig(skip_num=args.skip_num, update_every=args.update_every, gate_lr=args.gate_lr,
@@ -78,7 +78,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.train import train_plan
+    from models.producer.train import train_plan
 
     backbone = _load(args.backbone)
     result = train_plan(backbone, args.task, args.data, args.skip, _train_config(args), out_dir=args.out,
@@ -89,9 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def evaluate_plan_dir(plan_dir: str | Path, data_dir: str | Path, backbone, split: str = "test",
                       limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    from models.plan import builtin_full_plan, load_plan
+    from models.das.plan import builtin_full_plan, load_plan
     from models.runtime import DASRuntime
-    from models.train import TrainConfig, task_data
+    from models.producer.train import TrainConfig, task_data
 
     plan = load_plan(plan_dir, backbone) if Path(plan_dir).is_dir() else None
     if plan is None:  # "TASK/full" names a built-in plan
@@ -123,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 class PipelineSettings:
     """Sizes for a full regeneration (~90 min on 2 CPU cores) or a --quick smoke run."""
 
-    arch: str = "vilt"  # models.pretrain.ARCHS
+    arch: str = "vilt"  # models.producer.pretrain.ARCHS
     n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
     image_size: int = 96
     pretrain_epochs: float = 1.2  # over every caption pair: retrieval captions + captioned train scenes of all tasks
@@ -170,10 +170,10 @@ class PipelineSettings:
 
 def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 0, progress: bool = True,
                  log=print) -> dict[str, Any]:
-    from models.backbone import load_backbone
-    from models.pretrain import PretrainConfig, pretrain_backbone
-    from models.train import TrainConfig
-    from models.world import synthesize
+    from models.backbones.base import load_backbone
+    from models.producer.pretrain import PretrainConfig, pretrain_backbone
+    from models.producer.train import TrainConfig
+    from models.producer.world.language import synthesize
 
     started = time.time()
     reused: list[str] = []
@@ -240,9 +240,9 @@ def _run_task(task, backbone, data_dir: Path, out: Path, work: Path, settings: P
               seed: int, progress: bool, log) -> dict[str, Any]:
     """Search, train a plan per skip level, evaluate on test, and compare the search with random
     skip sets. Each step's result is cached under ``work`` so an interrupted run resumes."""
-    from models.plan import PlanError, validate_plan
-    from models.search import SearchConfig, das_search, write_search_outputs
-    from models.train import TrainConfig, primary_score, train_plan
+    from models.das.plan import PlanError, validate_plan
+    from models.producer.search import SearchConfig, das_search, write_search_outputs
+    from models.producer.train import TrainConfig, primary_score, train_plan
 
     search_k = settings.search_k or settings.skip_levels[0]
 
@@ -296,7 +296,7 @@ def _run_task(task, backbone, data_dir: Path, out: Path, work: Path, settings: P
 def _write_store_state(out: Path, task: str, task_report: dict[str, Any]) -> None:
     """store.json: every trained plan loaded; active = the cheapest plan keeping >= 97% of the
     adapters-only score (or the adapters-only plan)."""
-    from models.train import primary_score
+    from models.producer.train import primary_score
 
     path = out / "store.json"
     state = json.loads(path.read_text()) if path.is_file() else {"loaded": {}, "active": {}, "history": {}}
@@ -309,7 +309,7 @@ def _write_store_state(out: Path, task: str, task_report: dict[str, Any]) -> Non
 
 
 def results_table(report: dict[str, Any]) -> str:
-    from models.train import PRIMARY_METRIC, primary_score
+    from models.producer.train import PRIMARY_METRIC, primary_score
 
     lines = ["| task | plan | skipped layers | score (test) | score vs adapters-only | GFLOPs / request | FLOPs saved | trainable params |",
              "|---|---|---|---|---|---|---|---|"]
@@ -341,7 +341,7 @@ def pareto_plot(report: dict[str, Any], path: Path, title: str = "embedded defau
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from models.train import primary_score
+    from models.producer.train import primary_score
 
     fig, axes = plt.subplots(1, len(report["tasks"]), figsize=(4.2 * len(report["tasks"]), 3.6))
     for ax, (task, task_report) in zip(axes, report["tasks"].items()):

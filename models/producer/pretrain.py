@@ -21,7 +21,7 @@ The architecture is ``PretrainConfig.arch``:
   the text stream's fusion output; ITM reads both poolers. METER itself starts from pre-trained CLIP and
   RoBERTa; here nothing pre-trained exists, so the encoders are trained from scratch with the rest.
 
-Both load like any checkpoint (``models.backbone.load_backbone``).
+Both load like any checkpoint (``models.backbones.base.load_backbone``).
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from tqdm.auto import tqdm
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 from transformers.models.vilt.modeling_vilt import ViltMLMHead
 
-from models.checkpoints import build_processor
-from models.das import PlanModules
-from models.datasets import read_task
-from models.train import ImageCache
-from models.vilt import ViltBackbone
+from models.backbones.vilt.checkpoint import build_processor
+from models.das.adapters import PlanModules
+from models.producer.datasets import read_task
+from models.producer.train import ImageCache
+from models.backbones.vilt.modeling import ViltBackbone
 
 ARCHS = ("vilt", "meter")
 
@@ -102,14 +102,14 @@ def task_texts(task: str, data_dir: Path) -> list[str]:
 class CaptionPair:
     image_path: Path
     caption: str
-    scene: Any = None  # models.world.Scene when the data set records it (hard negatives)
+    scene: Any = None  # models.producer.world.language.Scene when the data set records it (hard negatives)
 
 
 def pretraining_pairs(retrieval_data: Path, scene_dirs: Iterable[Path] = (), captions_per_scene: int = 5,
                       seed: int = 0) -> list[CaptionPair]:
     """Train-split image-caption pairs: the retrieval data set's own captions, then captions written
     from the scenes of the other synthetic data sets' train images (never their val/test images)."""
-    from models.world import Scene, load_scenes, scene_captions
+    from models.producer.world.language import Scene, load_scenes, scene_captions
 
     retrieval_data = Path(retrieval_data)
     try:
@@ -209,7 +209,7 @@ def pretrain_backbone(
 
     def negative(pair: CaptionPair) -> str:
         if pair.scene is not None and rng.random() < config.hard_negative_fraction:
-            from models.world import hard_negative_captions
+            from models.producer.world.language import hard_negative_captions
 
             hard = hard_negative_captions(pair.scene, k=1, rng=rng)
             if hard:
@@ -276,8 +276,8 @@ def _new_vilt(config: PretrainConfig, words: list[str], out_dir: Path):
 def _new_meter(config: PretrainConfig, words: list[str], out_dir: Path):
     """A fresh MeterBackbone with a BPE tokenizer, a factory of its ITM head (METER's rank_output), and how
     to save both."""
-    from models.meter import MeterBackbone, MeterConfig, retrieval_head
-    from models.meter_checkpoint import build_roberta_tokenizer, write_meter_directory
+    from models.backbones.meter.modeling import MeterBackbone, MeterConfig, retrieval_head
+    from models.backbones.meter.convert import build_roberta_tokenizer, write_meter_directory
 
     tokenizer = build_roberta_tokenizer(words, max_length=config.max_text_len)
     hidden, heads, intermediate = config.hidden_size, config.num_heads, config.intermediate_size

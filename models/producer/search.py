@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.das import ParallelAdapters, PlanModules, SkipAdapter
-from models.plan import Plan
+from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
+from models.das.plan import Plan
 from models.runtime import DASRuntime
-from models.train import TrainConfig, make_spec, minibatches, run_training, task_data
-from models.vilt import ViltBackbone
+from models.producer.train import TrainConfig, make_spec, minibatches, run_training, task_data
+from models.backbones.vilt.modeling import ViltBackbone
 
 
 @dataclass

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from models.das import PlanModules
-from models.datasets import NLVR2Dataset, RetrievalDataset, VQADataset, read_task
-from models.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, save_plan
+from models.das.adapters import PlanModules
+from models.producer.datasets import NLVR2Dataset, RetrievalDataset, VQADataset, read_task
+from models.das.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, save_plan
 from models.runtime import DASRuntime
-from models.vilt import ViltBackbone
+from models.backbones.vilt.modeling import ViltBackbone
 
 REFERENCE_TEXT_LEN = 16
 RETRIEVAL_EVAL_IMAGES = 100
@@ -190,7 +190,7 @@ class RetrievalTaskData(TaskData):
         """A caption false for the image by one attribute, when the data set records its scenes
         (`das data synth` writes scenes.jsonl); None for real data sets."""
         if not hasattr(self, "_scenes"):
-            from models.world import load_scenes
+            from models.producer.world.language import load_scenes
 
             try:
                 self._scenes = {(self.data_dir / k).resolve(): v for k, v in load_scenes(self.data_dir).items()}
@@ -199,7 +199,7 @@ class RetrievalTaskData(TaskData):
         scene = self._scenes.get(Path(example.image_path).resolve())
         if scene is None:
             return None
-        from models.world import hard_negative_captions
+        from models.producer.world.language import hard_negative_captions
 
         captions = hard_negative_captions(scene, k=1, rng=rng)
         return captions[0] if captions else None

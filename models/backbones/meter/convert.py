@@ -57,8 +57,8 @@ from typing import Any
 
 import torch
 
-from models.backbone import BackboneError
-from models.meter import (
+from models.backbones.base import BackboneError
+from models.backbones.meter.modeling import (
     MeterBackbone,
     MeterConfig,
     check_state_against,
@@ -396,7 +396,7 @@ def save_meter_checkpoint(
 ) -> MeterBackbone:
     """A randomly initialised METER with the given task heads, saved with its tokenizer and processor.
     ``config.text["vocab_size"]`` is raised to fit the tokenizer if needed. Returns the model (eval)."""
-    from models.meter import nlvr2_head, retrieval_head, vqa_head
+    from models.backbones.meter.modeling import nlvr2_head, retrieval_head, vqa_head
 
     tokenizer = build_roberta_tokenizer(words, max_length=config.max_text_len)
     config.text["vocab_size"] = max(config.text["vocab_size"], len(tokenizer))

@@ -53,9 +53,9 @@ from transformers import (
 )
 from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput, BertPooler
 
-from models.backbone import BackboneError, fingerprint, read_checkpoint_state, read_config
-from models.das import ParallelAdapters, PlanModules, SkipAdapter
-from models.flops import (
+from models.backbones.base import BackboneError, fingerprint, read_checkpoint_state, read_config
+from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
+from models.das.flops import (
     FlopsReport,
     LayerFlops,
     adapter_flops,
@@ -66,8 +66,8 @@ from models.flops import (
     self_attention_flops,
     transformer_layer_flops,
 )
-from models.plan import PlanError, PlanSpec
-from models.vilt import limit_aspect_ratio, to_rgb
+from models.das.plan import PlanError, PlanSpec
+from models.backbones.vilt.modeling import limit_aspect_ratio, to_rgb
 
 MODEL_TYPE = "meter"
 NLVR2_TOKEN_TYPES = 3  # 0 text, 1 left image, 2 right image (METER's NLVR2 fine-tuning adds the third)

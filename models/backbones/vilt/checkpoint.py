@@ -104,7 +104,7 @@ def save_vqa_checkpoint_with_plan_parts(backbone_dir: str | os.PathLike, plan, d
     transformers service on exactly the weights of a DAS plan."""
     import torch
 
-    from models.backbone import read_checkpoint_state
+    from models.backbones.base import read_checkpoint_state
 
     if plan.task != "vqa" or not plan.spec.own_head:
         raise ValueError(f"plan {plan.task}/{plan.name}: needs a VQA plan with its own head")

@@ -29,9 +29,9 @@ from torch import nn
 from transformers import ViltConfig, ViltModel, ViltProcessor
 from transformers.models.vilt.modeling_vilt import ViltLayer, ViltPooler
 
-from models.backbone import BackboneError, fingerprint, read_checkpoint_state, read_config
-from models.das import ParallelAdapters, PlanModules, SkipAdapter
-from models.flops import (
+from models.backbones.base import BackboneError, fingerprint, read_checkpoint_state, read_config
+from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
+from models.das.flops import (
     FlopsReport,
     LayerFlops,
     adapter_flops,
@@ -39,7 +39,7 @@ from models.flops import (
     linear_flops,
     transformer_layer_flops,
 )
-from models.plan import PlanError, PlanSpec
+from models.das.plan import PlanError, PlanSpec
 
 # Config fields that change what the frozen network computes (the fingerprint covers these).
 FINGERPRINT_CONFIG_KEYS = (

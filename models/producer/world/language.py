@@ -345,7 +345,7 @@ class VQAItem:
 
     @property
     def answer_scores(self) -> dict[str, float]:
-        from models.datasets import vqa_soft_scores
+        from models.producer.datasets import vqa_soft_scores
 
         return vqa_soft_scores(self.answers, VQA_ANSWERS)
 
@@ -686,7 +686,7 @@ def _save(image: Image.Image, path: Path) -> None:
 
 
 def _write_vqa(out: Path, items: list[VQAItem], seed: int, config: WorldConfig, progress: bool) -> dict[str, int]:
-    from models.datasets import vqa_files
+    from models.producer.datasets import vqa_files
 
     by_split: dict[str, list[VQAItem]] = {s: [] for s in ("train", "val", "test")}
     for item in items:
@@ -726,7 +726,7 @@ def _write_vqa(out: Path, items: list[VQAItem], seed: int, config: WorldConfig, 
 
 
 def _write_nlvr2(out: Path, items: list[NLVR2Item], config: WorldConfig, progress: bool) -> dict[str, int]:
-    from models.datasets import nlvr2_files, nlvr2_image_names
+    from models.producer.datasets import nlvr2_files, nlvr2_image_names
 
     counts = {}
     first: dict[int, int] = {}  # pair -> its first statement's index
@@ -758,7 +758,7 @@ def _write_nlvr2(out: Path, items: list[NLVR2Item], config: WorldConfig, progres
 
 
 def _write_retrieval(out: Path, items: list[RetrievalItem], config: WorldConfig, progress: bool) -> dict[str, int]:
-    from models.datasets import FLICKR30K_IMAGES, FLICKR30K_JSON
+    from models.producer.datasets import FLICKR30K_IMAGES, FLICKR30K_JSON
 
     image_dir = out / FLICKR30K_IMAGES
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -822,7 +822,7 @@ def synthesize(task: str, out: str | Path, n: int, seed: int = 0, config: WorldC
         "task": task, "format": FORMATS[task], "n": n, "unit": unit, "seed": seed, "images": images,
         "image_size": config.image_size, "objects": [config.min_objects, config.max_objects], "noise": config.noise,
         "val_fraction": val_fraction, "test_fraction": test_fraction, "splits": counts,
-        "read_with": f"models.datasets.read_task({task!r}, DIR, split)",
+        "read_with": f"models.producer.datasets.read_task({task!r}, DIR, split)",
     }
     if task == "vqa":
         meta.update(questions_per_image=questions_per_image, answer_vocab=list(VQA_ANSWERS))
@@ -888,7 +888,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `das data synth` to the `das` command line."""
-    from models.cli import positive_int
+    from models.cli.main import positive_int
 
     data = commands.add_parser("data", help="synthetic data sets",
                                description="Data sets for pre-training and for training DAS plans offline.")
