@@ -326,7 +326,7 @@ def make_base_store(root: Path, base_skips: tuple[int, ...] = BASE_SKIPS) -> tup
     """--model base: a ViLT-B/32-size VQA checkpoint (random init) and a store with the built-in full plan
     active and random-adapter plans skipping ``base_skips`` layers each. Returns (backbone dir, store)."""
     from models.backbones.base import load_backbone
-    from models.bench.run import WORDS, bench_config, build_plans
+    from models.bench.fixtures import WORDS, bench_config, build_plans
     from models.backbones.vilt.checkpoint import save_vilt_checkpoint
     from models.das.plan import save_plan
 

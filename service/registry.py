@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from models.das.plan import (
-    FULL_PLAN_NAME, NAME_PATTERN, PLAN_FILE, TASKS, WEIGHTS_FILE, Plan, PlanError, builtin_full_plan, load_plan,
+    FULL_PLAN_NAME, NAME_PATTERN, PLAN_FILE, WEIGHTS_FILE, Plan, PlanError, builtin_full_plan, load_plan,
     read_plan_spec, validate_plan,
 )
-from models.producer.train import primary_score
+from models.tasks import TASKS, primary_score
 from service.adaptive import AdaptiveConfigError, AdaptiveSettings, parse_adaptive_config
 
 STATE_FILE = "store.json"
@@ -195,7 +195,7 @@ class PlanCost:
 
     name: str
     flops_ratio: float  # executed / full-backbone FLOPs at the plan's reference input (rounded to 1e-6)
-    score: float | None  # the task's primary score (models.producer.train.primary_score) from plan.json; None: unknown
+    score: float | None  # the task's primary score (models.tasks.primary_score) from plan.json; None: unknown
 
 
 def default_store_for(backbone_dir: str | os.PathLike, fallback: str | os.PathLike) -> Path:

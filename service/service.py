@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from models.das.plan import TASKS
+from models.tasks import TASKS
 from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
 from service.guard import ARRIVED_KEY, FORM_LISTS_KEY, InputGuardMiddleware

@@ -28,7 +28,7 @@ def test_bench_embedded_times_the_shipped_plans(tmp_path):
     assert result["settings"]["size"] == "embedded" and result["settings"]["seq_len"] == 16 + 36 + 1
     rows = {row["plan"]: row for row in result["rows"]}
     assert set(rows) == {"full", "skip2", "skip4"}
-    from models.bench.run import EMBEDDED_DIR
+    from models.bench.fixtures import EMBEDDED_DIR
     from models.das.plan import read_plan_spec
 
     shipped_skip4 = list(read_plan_spec(EMBEDDED_DIR / "vqa" / "skip4").skipped_layers)
@@ -43,8 +43,8 @@ def test_full_plan_of_the_embedded_default_equals_transformers_on_the_converted_
     import torch
     from transformers import ViltForQuestionAnswering, ViltProcessor
 
-    from conftest import random_image
-    from models.bench.run import EMBEDDED_DIR, embedded_plans
+    from helpers import random_image
+    from models.bench.fixtures import EMBEDDED_DIR, embedded_plans
     from models.backbones.vilt.checkpoint import save_vqa_checkpoint_with_plan_parts
     from models.runtime import DASRuntime
     from models.backbones.vilt.modeling import ViltBackbone

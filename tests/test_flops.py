@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import ViltConfig
 
-from conftest import make_checkpoint, random_image
+from helpers import make_checkpoint, random_image
 from models.cli.main import main
 from models.das.adapters import PlanModules
 from models.das.flops import adapter_flops

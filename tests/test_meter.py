@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import RobertaConfig, RobertaModel
 
-from conftest import WORDS, random_image
+from helpers import WORDS, random_image
 from models.backbones.base import BackboneError, load_backbone
 from models.cli.main import main
 from models.das.adapters import PlanModules
@@ -639,7 +639,7 @@ def test_nlvr2_needs_three_token_types(meter, tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_search_train_and_eval_on_meter(meter, tmp_path, capsys):
     from models.producer.train import TrainConfig, train_plan
-    from models.producer.world.language import synthesize
+    from models.producer.world.export import synthesize
 
     data = tmp_path / "vqa"
     synthesize("vqa", data, n=48, seed=0, image_size=48, progress=False)

@@ -30,7 +30,7 @@ from models.das.plan import (
 )
 from models.runtime import DASRuntime
 from models.backbones.vilt.modeling import ViltBackbone
-from conftest import make_checkpoint, random_image
+from helpers import make_checkpoint, random_image
 
 REQUIRED_FIELDS = ("format_version", "task", "name", "version", "backbone", "skipped_layers", "adapters", "head",
                    "weights_sha256", "metrics", "created_at")

@@ -20,7 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViltProcessor
 
-from conftest import VQA_LABELS, make_checkpoint, random_image
+from helpers import VQA_LABELS, make_checkpoint, random_image
 from models.backbones.base import BackboneError, load_backbone
 from models.das.adapters import PlanModules
 from models.das.plan import (

@@ -1,19 +1,14 @@
-"""Architecture-independent backbone plumbing: reading HF checkpoint directories, fingerprints,
-device/dtype choice, and the registry that maps a checkpoint's ``model_type`` to its module.
+"""What every backbone provides, and the architecture-independent plumbing around it.
 
-Adding an architecture = one module (``models/<arch>.py``) with a backbone class + one entry in
-``ARCHITECTURES``. What the runtime, plans, service, FLOPs and training use of that class
-(``models/vilt.py`` and ``models/meter.py`` are the two implementations):
+:class:`Backbone` (an instance: a frozen checkpoint) and :class:`BackboneClass` (the class, which also
+answers `das flops` from a config without weights) are the contract that the runtime, plans, the
+service, FLOPs and training rely on; ``models/backbones/vilt/`` and ``models/backbones/meter/`` are the
+two implementations. Here too: reading HF checkpoint directories, fingerprints, device/dtype choice,
+the image helpers both backbones share, and the registry that maps a checkpoint's ``model_type`` to
+its class.
 
-* ``from_pretrained(directory, device, dtype)``; ``architecture``, ``fingerprint``, ``config``
-  (with ``image_size``, and ``hidden_size`` / ``layer_norm_eps`` of the arms), ``device``, ``dtype``;
-* ``num_layers``: the number of DAS *arms* (skippable layers) that plans' ``skipped_layers`` index;
-* ``preprocess(images, texts)`` -> a batch with ``text_lengths``, ``truncated``, ``patch_grids``, ``to()``;
-  ``encode(batch, plan_modules, image_token_type_idx)`` -> pooled vectors; ``head_for``, ``task_heads``,
-  ``labels``; ``check_plan_spec``, ``build_plan_modules``; ``flops(...)`` / ``flops_at(...)``;
-* without weights (``das flops``): ``load_config(directory)``, ``arm_count(config)``,
-  ``arm_names(config)``, ``config_flops_at(config, task, spec, text_len, image_size, num_labels)``,
-  ``default_skip_bottleneck``.
+Adding an architecture = one package ``models/backbones/<arch>/`` with a class that satisfies
+:class:`BackboneClass` + one entry in ``ARCHITECTURES``.
 """
 
 from __future__ import annotations
@@ -21,20 +16,139 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import nn
 
-# model_type in config.json -> "module:Class"
-ARCHITECTURES = {"vilt": "models.backbones.vilt.modeling:ViltBackbone", "meter": "models.backbones.meter.modeling:MeterBackbone"}
+from models.das.adapters import PlanModules
+from models.das.flops import FlopsReport
+from models.das.plan import PlanBackbone, PlanSpec
+
+# model_type in config.json -> "module:Class" (imported on first use: a ViLT never loads METER's code)
+ARCHITECTURES = {
+    "vilt": "models.backbones.vilt.modeling:ViltBackbone",
+    "meter": "models.backbones.meter.modeling:MeterBackbone",
+}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class BackboneError(ValueError):
     """A checkpoint directory could not be loaded; the message says which file and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract
+# ---------------------------------------------------------------------------------------------
+class BackboneBatch(Protocol):
+    """Preprocessed image-text pairs (``ViltBatch``, ``MeterBatch``)."""
+
+    text_lengths: list[int]  # tokens per pair, special tokens included, after truncation
+    truncated: list[bool]  # whether the text was cut to the model's maximum length
+    patch_grids: list[tuple[int, int]]  # patch rows x columns per image
+
+    def __len__(self) -> int: ...
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> BackboneBatch: ...
+
+
+class Backbone(PlanBackbone, Protocol):
+    """A loaded, frozen backbone. ``num_layers`` counts its DAS *arms* (the layers plans'
+    ``skipped_layers`` index); ``config`` has ``image_size``, ``patch_size``, ``hidden_size`` and
+    ``layer_norm_eps`` of the arms."""
+
+    config: Any
+
+    @property
+    def max_text_len(self) -> int: ...
+
+    def labels(self, task: str) -> list[str]:
+        """The checkpoint head's label vocabulary (index -> label)."""
+
+    def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:
+        """Modules with the shapes ``spec`` implies; ``init_from_backbone`` copies the backbone's own parts."""
+
+    def head_for(self, task: str, plan: PlanModules) -> nn.Module:
+        """The plan's head for ``task``, else the checkpoint's (PlanError when neither has one)."""
+
+    def preprocess(self, images: Sequence[Image.Image], texts: Sequence[str]) -> BackboneBatch: ...
+
+    def encode(self, batch: BackboneBatch, plan: PlanModules, image_token_type_idx: int = 1) -> torch.Tensor:
+        """Pooled vectors of the reduced network ``plan`` describes."""
+
+    def sequence_output(self, batch: BackboneBatch, plan: PlanModules, image_token_type_idx: int = 1) -> torch.Tensor:
+        """Final hidden states, text tokens first."""
+
+    def flops(self, task: str, spec: PlanSpec | None, text_len: int, patch_grids: Sequence[tuple[int, int]]) -> FlopsReport:
+        """FLOPs of one request: one pass per image plus the task head."""
+
+    def flops_at(self, task: str, spec: PlanSpec | None, text_len: int, image_size: int | tuple[int, int]) -> FlopsReport:
+        """FLOPs of a request whose images were resized to ``image_size``."""
+
+    def parameters(self) -> Any: ...  # nn.Module's
+
+
+class BackboneClass(Protocol):
+    """A backbone class: loads checkpoints, and answers `das flops` from config.json alone."""
+
+    architecture: str
+    default_skip_bottleneck: int  # the DAS reference's skip adapter bottleneck for the architecture
+
+    def from_pretrained(self, directory: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> Backbone: ...
+
+    def load_config(self, directory: str | os.PathLike) -> Any: ...
+
+    def arm_count(self, config: Any) -> int: ...
+
+    def arm_names(self, config: Any) -> list[str]:
+        """Human names of the arms, by arm index ("" where the index says it all)."""
+
+    def config_flops_at(self, config: Any, task: str, spec: PlanSpec | None, text_len: int,
+                        image_size: int | tuple[int, int], num_labels: int | None = None) -> FlopsReport: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Images (shared by every backbone's preprocessing)
+# ---------------------------------------------------------------------------------------------
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Grayscale, palette, CMYK and alpha images become RGB (alpha composited on white)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def limit_aspect_ratio(image: Image.Image, max_ratio: float) -> Image.Image:
+    """Pad (bottom/right, black) an image whose sides differ by more than ``max_ratio``.
+
+    ViLT's resize caps the longer side, so a very long image would shrink its shorter side below
+    one size_divisor step and the processor would fail; padding keeps the whole image and only
+    affects such images.
+    """
+    width, height = image.size
+    if max(width, height) <= max_ratio * min(width, height):
+        return image
+    new_width = max(width, math.ceil(height / max_ratio))
+    new_height = max(height, math.ceil(width / max_ratio))
+    padded = Image.new(image.mode, (new_width, new_height))
+    padded.paste(image, (0, 0))
+    return padded
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: device and dtype, checkpoint directories, fingerprints, the registry
+# ---------------------------------------------------------------------------------------------
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -88,8 +202,6 @@ def read_checkpoint_state(directory: str | os.PathLike) -> dict[str, torch.Tenso
     state: dict[str, torch.Tensor] = {}
     for file in files:
         if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state.update(load_file(str(file)))
         else:
             state.update(torch.load(file, map_location="cpu", weights_only=True))
@@ -107,7 +219,7 @@ def fingerprint(config_items: dict[str, Any], state: dict[str, torch.Tensor]) ->
     return "sha256:" + digest.hexdigest()
 
 
-def backbone_class(directory: str | os.PathLike) -> type:
+def backbone_class(directory: str | os.PathLike) -> BackboneClass:
     """The backbone class for a checkpoint directory (dispatch on config.json model_type)."""
     model_type = read_config(directory).get("model_type")
     if model_type not in ARCHITECTURES:
@@ -118,7 +230,9 @@ def backbone_class(directory: str | os.PathLike) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def load_backbone(directory: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32"):
+def load_backbone(
+    directory: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "float32"
+) -> Backbone:
     """Load any supported backbone from a local checkpoint directory (dispatch on config.json model_type)."""
     cls = backbone_class(directory)
     device = resolve_device(device) if isinstance(device, str) else device

@@ -1,124 +1,31 @@
-"""Producing plans: the `das pretrain`, `das search`, `das train`, `das eval` and `das pipeline`
-commands. The pipeline regenerates the embedded default (backbone + plans for every task) from
-seeds, deterministically, and writes the results table and the accuracy-vs-FLOPs plot.
+"""`das pipeline`: regenerates a plan store (the embedded default: backbone + plans for every task) from
+seeds, deterministically: synthetic data, pre-training, search, a plan per skip level, test evaluation,
+searched vs random skip sets, and store.json. ``models/producer/report.py`` writes its tables and plot.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import random
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.cli.main import layer_list
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SHIPPED_PLANS = REPO_ROOT / "plans"
-SHIPPED_BACKBONE = SHIPPED_PLANS / "backbone"
-SHIPPED_METER_PLANS = SHIPPED_PLANS / "meter"  # the tiny METER: its own store (backbone, plans, store.json)
-TASKS = ("vqa", "nlvr2", "retrieval")
-README_MARKERS = {"vilt": ("<!-- plans-table:begin -->", "<!-- plans-table:end -->"),
-                  "meter": ("<!-- meter-plans-table:begin -->", "<!-- meter-plans-table:end -->")}
-README_BEGIN, README_END = README_MARKERS["vilt"]
-
-
-def _train_config(args: argparse.Namespace):
-    from models.producer.train import TrainConfig
-
-    return TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, skip_bottleneck=args.skip_bottleneck,
-        parallel_bottleneck=args.parallel_bottleneck or None, max_train_examples=args.max_train,
-        max_eval_examples=args.max_eval, seed=args.seed,
-    )
+from models.backbones.base import Backbone, load_backbone
+from models.das.plan import PlanError, validate_plan
+from models.paths import STORE_BACKBONE_DIR, STORE_STATE_FILE
+from models.producer.evaluate import evaluate_plan_dir
+from models.producer.pretrain import PretrainConfig, pretrain_backbone
+from models.producer.search import SearchConfig, das_search, write_search_outputs
+from models.producer.train import TrainConfig, train_plan
+from models.producer.world.export import synthesize
+from models.tasks import TASKS, primary_score
 
 
-def _load(backbone_dir: str | None):
-    from models.backbones.base import load_backbone
-
-    return load_backbone(backbone_dir or SHIPPED_BACKBONE, device="cpu")
-
-
-# ---------------------------------------------------------------------------------------------
-# commands
-# ---------------------------------------------------------------------------------------------
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from models.producer.pretrain import PretrainConfig, pretrain_backbone
-
-    config = PretrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, hidden_size=args.hidden_size,
-                            num_layers=args.layers, vision_layers=args.vision_layers, text_layers=args.text_layers,
-                            num_heads=args.heads, intermediate_size=4 * args.hidden_size, image_size=args.image_size)
-    extra = {task: Path(d) for task, d in (("vqa", args.vqa_data), ("nlvr2", args.nlvr2_data)) if d}
-    summary = pretrain_backbone(args.data, args.out, config, extra_text_dirs=extra)
-    print(json.dumps({"out": str(args.out), **summary}, indent=2))
-    return 0
-
-
-def cmd_search(args: argparse.Namespace) -> int:
-    from models.producer.search import SearchConfig, das_search, write_search_outputs
-
-    backbone = _load(args.backbone)
-    config = SearchConfig(skip_num=args.skip_num, update_every=args.update_every, gate_lr=args.gate_lr,
-                          warmup_fraction=args.warmup, train=_train_config(args))
-    result = das_search(backbone, args.task, args.data, config)
-    files = write_search_outputs(result, args.out)
-    print(f"ranking (most skippable first): {result.ranking}")
-    print(f"gates: {result.gates}")
-    print(f"chosen skip set (skip_num={result.skip_num}): {result.skip_set}")
-    print(f"wrote {files['json']}, {files['csv']}, {files['png']}")
-    print(f"next: das train --backbone {args.backbone or SHIPPED_BACKBONE} --task {args.task} --data {args.data} "
-          f"--skip {','.join(map(str, result.skip_set))} --out <plan dir>")
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from models.producer.train import train_plan
-
-    backbone = _load(args.backbone)
-    result = train_plan(backbone, args.task, args.data, args.skip, _train_config(args), out_dir=args.out,
-                        name=args.name, version=args.version)
-    print(json.dumps({"plan": str(args.out), "metrics": result.spec.metrics}, indent=2))
-    return 0
-
-
-def evaluate_plan_dir(plan_dir: str | Path, data_dir: str | Path, backbone, split: str = "test",
-                      limit: int | None = None, progress: bool = True) -> dict[str, Any]:
-    from models.das.plan import builtin_full_plan, load_plan
-    from models.runtime import DASRuntime
-    from models.producer.train import TrainConfig, task_data
-
-    plan = load_plan(plan_dir, backbone) if Path(plan_dir).is_dir() else None
-    if plan is None:  # "TASK/full" names a built-in plan
-        task, _, name = str(plan_dir).partition("/")
-        plan = builtin_full_plan(backbone, task)
-    data = task_data(plan.task, DASRuntime(backbone), data_dir, TrainConfig())
-    metrics, (flops_full, flops_reduced) = data.evaluate(plan, split, limit, progress=progress)
-    return {"task": plan.task, "plan": plan.name, "version": plan.version, "split": split,
-            "skipped_layers": list(plan.skipped_layers), **metrics,
-            "flops_full": flops_full, "flops_reduced": flops_reduced,
-            "flops_saved_ratio": 1 - flops_reduced / flops_full if flops_full else 0.0}
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    backbone = _load(args.backbone)
-    result = evaluate_plan_dir(args.plan, args.data, backbone, args.split, args.max_eval, progress=not args.json)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# the pipeline
-# ---------------------------------------------------------------------------------------------
 @dataclass
 class PipelineSettings:
     """Sizes for a full regeneration (~90 min on 2 CPU cores) or a --quick smoke run."""
@@ -170,11 +77,6 @@ class PipelineSettings:
 
 def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 0, progress: bool = True,
                  log=print) -> dict[str, Any]:
-    from models.backbones.base import load_backbone
-    from models.producer.pretrain import PretrainConfig, pretrain_backbone
-    from models.producer.train import TrainConfig
-    from models.producer.world.language import synthesize
-
     started = time.time()
     reused: list[str] = []
     print_line = log
@@ -190,7 +92,7 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
             log(f"[data] synthesising {task}: {settings.n[task]} examples")
             synthesize(task, data[task], n=settings.n[task], seed=seed + offset, image_size=settings.image_size,
                        progress=progress)
-    backbone_dir = out / "backbone"
+    backbone_dir = out / STORE_BACKBONE_DIR
     pretrain_file = work / "pretrain.json"
     if (backbone_dir / "config.json").is_file() and pretrain_file.is_file():
         log("[resume] pretrain: reusing the backbone already in the output")
@@ -236,14 +138,10 @@ def _cached(path: Path, make, log, what: str):
     return result
 
 
-def _run_task(task, backbone, data_dir: Path, out: Path, work: Path, settings: PipelineSettings, train_config,
+def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Path, settings: PipelineSettings, train_config,
               seed: int, progress: bool, log) -> dict[str, Any]:
     """Search, train a plan per skip level, evaluate on test, and compare the search with random
     skip sets. Each step's result is cached under ``work`` so an interrupted run resumes."""
-    from models.das.plan import PlanError, validate_plan
-    from models.producer.search import SearchConfig, das_search, write_search_outputs
-    from models.producer.train import TrainConfig, primary_score, train_plan
-
     search_k = settings.search_k or settings.skip_levels[0]
 
     def search() -> dict[str, Any]:
@@ -296,9 +194,7 @@ def _run_task(task, backbone, data_dir: Path, out: Path, work: Path, settings: P
 def _write_store_state(out: Path, task: str, task_report: dict[str, Any]) -> None:
     """store.json: every trained plan loaded; active = the cheapest plan keeping >= 97% of the
     adapters-only score (or the adapters-only plan)."""
-    from models.producer.train import primary_score
-
-    path = out / "store.json"
+    path = out / STORE_STATE_FILE
     state = json.loads(path.read_text()) if path.is_file() else {"loaded": {}, "active": {}, "history": {}}
     plans = task_report["plans"]
     state["loaded"][task] = sorted(plans)
@@ -308,196 +204,8 @@ def _write_store_state(out: Path, task: str, task_report: dict[str, Any]) -> Non
     path.write_text(json.dumps(state, indent=2) + "\n")
 
 
-def results_table(report: dict[str, Any]) -> str:
-    from models.producer.train import PRIMARY_METRIC, primary_score
-
-    lines = ["| task | plan | skipped layers | score (test) | score vs adapters-only | GFLOPs / request | FLOPs saved | trainable params |",
-             "|---|---|---|---|---|---|---|---|"]
-    for task, task_report in report["tasks"].items():
-        reference = primary_score(task, task_report["plans"]["adapters"])
-        for name, r in task_report["plans"].items():
-            score = primary_score(task, r)
-            metric = "mean(IR,TR) R@1" if task == "retrieval" else PRIMARY_METRIC[task]
-            params = r.get("trainable_params", "")
-            lines.append(
-                f"| {task} | {name} | {r['skipped_layers'] or '-'} | {metric} {score:.3f} | {(score / reference if reference else float('nan')):.1%} | "
-                f"{r['flops_reduced'] / 1e9:.4f} | {r['flops_saved_ratio']:.1%} | {params} |"
-            )
-    lines.append("")
-    lines.append("Search vs random skip sets (same K, same short training, val split):")
-    lines.append("")
-    lines.append("| task | K | searched skip set | searched score | random skip sets (score) | random mean |")
-    lines.append("|---|---|---|---|---|---|")
-    for task, task_report in report["tasks"].items():
-        s = task_report["search_vs_random"]
-        randoms = ", ".join(f"{r['skip']} ({r['score']:.3f})" for r in s["random"])
-        lines.append(f"| {task} | {s['k']} | {s['searched_skip']} | {s['searched_score']:.3f} | {randoms} | {s['random_mean']:.3f} |")
-    return "\n".join(lines)
-
-
-def pareto_plot(report: dict[str, Any], path: Path, title: str = "embedded default") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from models.producer.train import primary_score
-
-    fig, axes = plt.subplots(1, len(report["tasks"]), figsize=(4.2 * len(report["tasks"]), 3.6))
-    for ax, (task, task_report) in zip(axes, report["tasks"].items()):
-        points = [(r["flops_reduced"] / 1e9, primary_score(task, r), name) for name, r in task_report["plans"].items()]
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-")
-        for x, y, name in points:
-            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_title(task)
-        ax.set_xlabel("GFLOPs per request (test mean)")
-        ax.set_ylabel("score" if task != "retrieval" else "mean R@1")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"DAS plans: accuracy vs FLOPs ({title})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def update_readme(table: str, readme: Path = REPO_ROOT / "README.md", arch: str = "vilt") -> None:
-    text = readme.read_text()
-    begin, finish = README_MARKERS[arch]
-    block = f"{begin}\n{table}\n{finish}"
-    if begin in text and finish in text:
-        start, end = text.index(begin), text.index(finish) + len(finish)
-        text = text[:start] + block + text[end:]
-    else:
-        text = text.rstrip() + "\n\n## Shipped plans\n\n" + block + "\n"
-    readme.write_text(text)
-
-
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    if args.arch == "meter":
-        settings = PipelineSettings.meter(quick=args.quick)
-    else:
-        settings = PipelineSettings.quick() if args.quick else PipelineSettings()
-    default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
-    out, work = Path(args.out or default_out), Path(args.work or REPO_ROOT / "build" / default_work)
-    if out.exists() and any(out.iterdir()) and not (args.force or args.resume):
-        print(f"error: {out} is not empty (use --force to regenerate into it, --resume to continue)", file=sys.stderr)
-        return 2
-    if args.force and not args.resume and out.exists():
-        for child in ("backbone", *TASKS, "store.json"):
-            target = out / child
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    report = run_pipeline(out, work, settings, seed=args.seed, progress=not args.quiet)
-    (out / "pipeline-report.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = results_table(report)
-    title = {"vilt": "Shipped plans", "meter": "Shipped plans: tiny METER"}[args.arch]
-    command = "das pipeline" + (" --arch meter" if args.arch == "meter" else "")
-    took = f"in {report['minutes']} min" + (
-        f" (this run; {report['reused_steps']} steps cached in the work directory by earlier runs were reused)"
-        if report.get("reused_steps") else "")
-    (out / "RESULTS.md").write_text(f"# {title}\n\nGenerated by `{command}` {took}.\n\n{table}\n\n"
-                                    "![accuracy vs FLOPs](pareto.png)\n")
-    pareto_plot(report, out / "pareto.png", "embedded default" if args.arch == "vilt" else "embedded tiny METER")
-    if args.update_readme:
-        picture = (out / "pareto.png").resolve().relative_to(REPO_ROOT) if out.resolve().is_relative_to(REPO_ROOT) else out / "pareto.png"
-        update_readme(table + f"\n\n![accuracy vs FLOPs per task]({picture})", arch=args.arch)
-    print(table)
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# argparse registration
-# ---------------------------------------------------------------------------------------------
-def _training_options(parser: argparse.ArgumentParser, epochs: float) -> None:
-    parser.add_argument("--backbone", help=f"backbone checkpoint directory (default: the shipped {SHIPPED_BACKBONE.relative_to(REPO_ROOT)})")
-    parser.add_argument("--task", required=True, choices=TASKS, help="task to train for")
-    parser.add_argument("--data", required=True, help="dataset directory (VQAv2 / NLVR2 / Flickr30K layout, or `das data synth` output)")
-    parser.add_argument("--epochs", type=float, default=epochs, help=f"training epochs (default {epochs})")
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
-    parser.add_argument("--skip-bottleneck", type=int, default=64, help="skip adapter bottleneck (default 64)")
-    parser.add_argument("--parallel-bottleneck", type=int, default=16, help="parallel adapter bottleneck, 0 = none (default 16)")
-    parser.add_argument("--max-train", type=int, help="use at most this many training examples")
-    parser.add_argument("--max-eval", type=int, help="evaluate on at most this many examples")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    pretrain = commands.add_parser(
-        "pretrain", help="pre-train a small ViLT or METER (ITM + MLM) on image-caption data",
-        description="Pre-train a ViLT or a METER from scratch with image-text matching and masked language modelling "
-                    "on a retrieval dataset (Flickr30K layout); save it in the Hugging Face layout with its tokenizer "
-                    "and image processor.")
-    pretrain.add_argument("--data", required=True, help="retrieval dataset directory (image-caption pairs)")
-    pretrain.add_argument("--vqa-data", help="also take vocabulary words from this VQA dataset")
-    pretrain.add_argument("--nlvr2-data", help="also take vocabulary words from this NLVR2 dataset")
-    pretrain.add_argument("--out", required=True, help="output checkpoint directory")
-    pretrain.add_argument("--epochs", type=float, default=3.0, help="epochs over the caption pairs (default 3)")
-    pretrain.add_argument("--hidden-size", type=int, default=128, help="hidden size (default 128)")
-    pretrain.add_argument("--arch", choices=["vilt", "meter"], default="vilt", help="architecture (default vilt)")
-    pretrain.add_argument("--layers", type=int, default=8,
-                          help="ViLT: encoder layers; METER: fusion layers per stream (default 8)")
-    pretrain.add_argument("--vision-layers", type=int, default=2, help="METER: vision encoder layers (default 2)")
-    pretrain.add_argument("--text-layers", type=int, default=2, help="METER: text encoder layers (default 2)")
-    pretrain.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    pretrain.add_argument("--image-size", type=int, default=64, help="image size (default 64)")
-    pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    pretrain.set_defaults(func=cmd_pretrain)
-
-    search = commands.add_parser(
-        "search", help="DAS bandit search: which layers can a task skip?",
-        description="Layer significance as a k-armed bandit: trains adapters while sampling skip sets from the "
-                    "gates, updates the gates by REINFORCE from validation rewards after a warm-up, and ranks the "
-                    "layers. Writes search.json, gates.csv and gates.png to --out.")
-    _training_options(search, epochs=1.0)
-    search.add_argument("--skip-num", type=int, default=2, help="layers skipped per sampled set, and chosen (default 2)")
-    search.add_argument("--update-every", type=int, default=10, help="gate update period in steps (default 10)")
-    search.add_argument("--gate-lr", type=float, default=50.0, help="gate learning rate (default 50)")
-    search.add_argument("--warmup", type=float, default=0.3, help="warm-up fraction of the steps (default 0.3)")
-    search.add_argument("--out", required=True, help="directory for search.json, gates.csv, gates.png")
-    search.set_defaults(func=cmd_search)
-
-    train = commands.add_parser(
-        "train", help="train a plan's adapters and head for a fixed skip set",
-        description="Train skip adapters, parallel adapters, pooler/token types and the task head with the "
-                    "backbone frozen; evaluate on val; write a validated plan directory with metrics.")
-    _training_options(train, epochs=2.0)
-    train.add_argument("--skip", type=layer_list, default=[], help="layers to skip, e.g. 2,5 (default none)")
-    train.add_argument("--out", required=True, help="plan directory to write")
-    train.add_argument("--name", default="plan", help="plan name (default 'plan')")
-    train.add_argument("--version", type=int, default=1, help="plan version (default 1)")
-    train.set_defaults(func=cmd_train)
-
-    evaluate = commands.add_parser(
-        "eval", help="a plan's task metrics and mean FLOPs on a dataset",
-        description="Evaluate a plan directory (or TASK/full for a built-in plan) on a dataset split: VQA "
-                    "vqa_score, NLVR2 accuracy, retrieval ir_r1/5/10 and tr_r1/5/10 (fractions), plus mean "
-                    "flops_full / flops_reduced per request.")
-    evaluate.add_argument("plan", help="plan directory, or TASK/full")
-    evaluate.add_argument("--data", required=True, help="dataset directory")
-    evaluate.add_argument("--backbone", help="backbone checkpoint directory (default: the shipped one)")
-    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default test)")
-    evaluate.add_argument("--max-eval", type=int, help="evaluate on at most this many examples")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
-    evaluate.set_defaults(func=cmd_eval)
-
-    pipeline = commands.add_parser(
-        "pipeline", help="regenerate the embedded default: data, backbone, search, plans, table, plot",
-        description="Synthesise data, pre-train the backbone, search and train plans for every task at several "
-                    "skip levels, compare the search with random skip sets, evaluate, and write RESULTS.md, "
-                    "pareto.png and store.json. Deterministic given --seed. About 90 min on 2 CPU cores; "
-                    "--quick runs a micro version in a minute or two.")
-    pipeline.add_argument("--arch", choices=["vilt", "meter"], default="vilt",
-                          help="backbone architecture: vilt (the embedded default) or meter (the tiny METER: 2-layer "
-                               "encoders, 6 fusion layers per stream, searched with skip_num 4)")
-    pipeline.add_argument("--out", help="plan store to write (default plans/ for vilt, plans/meter/ for meter)")
-    pipeline.add_argument("--work", help="scratch directory for data and search logs (default build/pipeline, or "
-                                         "build/pipeline-meter)")
-    pipeline.add_argument("--quick", action="store_true", help="micro sizes, for tests and smoke runs")
-    pipeline.add_argument("--force", action="store_true", help="overwrite an existing plan store")
-    pipeline.add_argument("--resume", action="store_true",
-                          help="continue an interrupted run: reuse the backbone, trained plans and results cached in --work")
-    pipeline.add_argument("--update-readme", action="store_true", help="write the results table into README.md")
-    pipeline.add_argument("--quiet", action="store_true", help="no progress bars")
-    pipeline.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    pipeline.set_defaults(func=cmd_pipeline)
+def clear_store(out: Path) -> None:
+    """Remove what a pipeline run writes into a plan store (before a --force run)."""
+    for child in (STORE_BACKBONE_DIR, *TASKS, STORE_STATE_FILE):
+        target = out / child
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)

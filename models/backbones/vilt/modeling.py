@@ -15,7 +15,6 @@ file adds what DAS needs on top of them:
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -29,7 +28,9 @@ from torch import nn
 from transformers import ViltConfig, ViltModel, ViltProcessor
 from transformers.models.vilt.modeling_vilt import ViltLayer, ViltPooler
 
-from models.backbones.base import BackboneError, fingerprint, read_checkpoint_state, read_config
+from models.backbones.base import (
+    BackboneError, fingerprint, limit_aspect_ratio, read_checkpoint_state, read_config, to_rgb,
+)
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.flops import (
     FlopsReport,
@@ -123,35 +124,6 @@ class ViltBatch:
             pixel_values=self.pixel_values.to(device, dtype, non_blocking=True),
             pixel_mask=self.pixel_mask.to(device, non_blocking=True),
         )
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Grayscale, palette, CMYK and alpha images become RGB (alpha composited on white)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-def limit_aspect_ratio(image: Image.Image, max_ratio: float) -> Image.Image:
-    """Pad (bottom/right, black) an image whose sides differ by more than ``max_ratio``.
-
-    ViLT's resize caps the longer side, so a very long image would shrink its shorter side below
-    one size_divisor step and the processor would fail; padding keeps the whole image and only
-    affects such images.
-    """
-    width, height = image.size
-    if max(width, height) <= max_ratio * min(width, height):
-        return image
-    new_width = max(width, math.ceil(height / max_ratio))
-    new_height = max(height, math.ceil(width / max_ratio))
-    padded = Image.new(image.mode, (new_width, new_height))
-    padded.paste(image, (0, 0))
-    return padded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,5 +521,5 @@ def config_from_dir(directory: str | os.PathLike) -> ViltConfig:
 
 __all__: list[Any] = [
     "ViltBackbone", "ViltBatch", "vilt_layer_forward", "vilt_request_flops", "vqa_head", "nlvr2_head",
-    "retrieval_head", "square_grid", "config_from_dir", "to_rgb",
+    "retrieval_head", "square_grid", "config_from_dir",
 ]
