@@ -400,6 +400,25 @@ def test_cli_flops_out_of_range_layer(checkpoints, capsys, skip):
     assert "layer index out of range" in captured.err
 
 
+@pytest.mark.parametrize("option", [["--image-size", "0"], ["--image-size", "64x0"], ["--text-len", "0"],
+                                    ["--skip-bottleneck", "-1"]])
+def test_cli_flops_refuses_empty_inputs(checkpoints, capsys, option):
+    directory, _ = checkpoints["vqa"]
+    with pytest.raises(SystemExit) as info:  # an argparse error: exit 2 and a usage line
+        main(["flops", "--backbone", str(directory), "--json", *option])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and option[0] in captured.err
+
+
+def test_cli_flops_names_the_skip_option(checkpoints, capsys):
+    directory, _ = checkpoints["vqa"]
+    assert main(["flops", "--backbone", str(directory), "--skip", "1,1", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--skip" in captured.err and "[1]" in captured.err
+    assert "'cli'" not in captured.err
+
+
 def test_cli_flops_missing_backbone(tmp_path, capsys):
     assert main(["flops", "--backbone", str(tmp_path / "nowhere"), "--json"]) == 2
     assert "not a directory" in capsys.readouterr().err
