@@ -325,10 +325,10 @@ BASE_SKIPS = (4, 8, 10)  # --model base: layers of 12 its cheaper plans skip (ab
 def make_base_store(root: Path, base_skips: tuple[int, ...] = BASE_SKIPS) -> tuple[Path, Path]:
     """--model base: a ViLT-B/32-size VQA checkpoint (random init) and a store with the built-in full plan
     active and random-adapter plans skipping ``base_skips`` layers each. Returns (backbone dir, store)."""
-    from models.backbone import load_backbone
-    from models.bench import WORDS, bench_config, build_plans
-    from models.checkpoints import save_vilt_checkpoint
-    from models.plan import save_plan
+    from models.backbones.base import load_backbone
+    from models.bench.fixtures import WORDS, bench_config, build_plans
+    from models.backbones.vilt.checkpoint import save_vilt_checkpoint
+    from models.das.plan import save_plan
 
     backbone_dir, store = root / "checkpoint", root / "plans"
     save_vilt_checkpoint(backbone_dir, bench_config("base"), "vqa", WORDS, seed=0)

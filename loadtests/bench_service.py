@@ -11,10 +11,10 @@ same load on this machine (only one receives requests at any time):
 
 Weights. --model embedded (default): the embedded default, plans/backbone. Its checkpoint carries no
 VQA head (its VQA plans carry their own), so das-full runs the full model with the pooler and head
-of the shipped vqa/adapters plan and no adapters (models.bench.full_plan_with_parts_of), saved as
+of the shipped vqa/adapters plan and no adapters (models.bench.fixtures.full_plan_with_parts_of), saved as
 plan "noskip" in a temporary plan store ("full" is reserved for built-in plans); the baseline
 loads a ViltForQuestionAnswering checkpoint written from the same tensors
-(models.checkpoints.save_vqa_checkpoint_with_plan_parts), and the benchmark checks that both
+(models.backbones.vilt.checkpoint.save_vqa_checkpoint_with_plan_parts), and the benchmark checks that both
 answer alike. The skip plan is a shipped one (--skip-plan, default skip4), as
 trained. --checkpoint DIR: a ViLT checkpoint with a VQA head, served as is by all three (DAS's
 built-in full plan) with a skip plan of random adapters skipping --skip-layers evenly spread layers;
@@ -113,12 +113,12 @@ class Setup:
 
 def prepare(args: argparse.Namespace, workdir: Path, device, dtype) -> Setup:
     """Write the temporary plan store (and checkpoints) the three services load."""
-    from models.backbone import load_backbone
-    from models.bench import (
+    from models.backbones.base import load_backbone
+    from models.bench.fixtures import (
         EMBEDDED_DIR, EMBEDDED_HEAD_SOURCE, WORDS, bench_config, build_plans, full_plan_with_parts_of,
     )
-    from models.checkpoints import save_vilt_checkpoint, save_vqa_checkpoint_with_plan_parts
-    from models.plan import load_plan, save_plan
+    from models.backbones.vilt.checkpoint import save_vilt_checkpoint, save_vqa_checkpoint_with_plan_parts
+    from models.das.plan import load_plan, save_plan
 
     store = workdir / "plans"
     store.mkdir()
@@ -168,7 +168,8 @@ def store_with_active(setup: Setup, directory: Path, active: str) -> Path:
 
 def request_payload(image_size: int, seed: int = 0) -> tuple[bytes, str]:
     """One synthetic-world scene as PNG and a question about it."""
-    from models.world import render_scene, sample_scene, vqa_questions
+    from models.producer.world.language import vqa_questions
+    from models.producer.world.scenes import render_scene, sample_scene
 
     rng = random.Random(seed)
     scene = sample_scene(rng)
@@ -428,8 +429,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
-    from models.backbone import resolve_device, resolve_dtype
-    from models.bench import machine_info
+    from models.backbones.base import resolve_device, resolve_dtype
+    from models.bench.timing import machine_info
 
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     if args.threads:
@@ -718,8 +719,7 @@ def _levels(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loadtests.harness import positive_float, positive_int
-    from models.bench import _non_negative_int
+    from loadtests.harness import non_negative_int, positive_float, positive_int
 
     parser = argparse.ArgumentParser(
         prog="bench_service.py", description=__doc__,
@@ -769,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_group.add_argument("--start-timeout", type=positive_float, default=900.0, metavar="S",
                            help="give up when a service is not ready after this long (default 900: a busy "
                                 "2-core machine can take minutes to start one)")
-    run_group.add_argument("--threads", type=_non_negative_int, default=1, metavar="N",
+    run_group.add_argument("--threads", type=non_negative_int, default=1, metavar="N",
                            help="torch threads of every service (OMP_NUM_THREADS) and of the in-process call "
                                 "(default 1, leaving a core to the load generator on small machines; 0 = torch's default)")
     out = parser.add_argument_group("output")

@@ -45,7 +45,7 @@ from loadtests.harness import (
     weights_argument, weights_text,
 )
 from loadtests.payloads import DEFAULT_WEIGHTS
-from models.plan import PLAN_FILE, WEIGHTS_FILE, read_plan_spec
+from models.das.plan import PLAN_FILE, WEIGHTS_FILE, read_plan_spec
 
 SHIPPED_STORE = REPO / "plans"
 

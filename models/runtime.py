@@ -1,7 +1,7 @@
 """Task-level inference over a frozen backbone and a plan: VQA, NLVR2, image-text retrieval.
 
 Knows tasks and heads, not HTTP and not plan files: callers hand in a validated :class:`Plan`
-(from ``models.plan``) and PIL images; results carry the per-request FLOPs of the path that ran.
+(from ``models.das.plan``) and PIL images; results carry the per-request FLOPs of the path that ran.
 The ``*_logits`` functions are differentiable (training uses them); the public task methods run
 under ``torch.inference_mode``.
 """
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from models.flops import FlopsReport
-from models.plan import Plan, PlanError
-from models.vilt import ViltBackbone, ViltBatch
+from models.backbones.base import Backbone, BackboneBatch
+from models.das.flops import FlopsReport
+from models.das.plan import Plan, PlanError
 
 DEFAULT_CANDIDATE_BATCH = 32
 
@@ -58,7 +58,7 @@ class RankingResult:
 class DASRuntime:
     """Runs requests for every task through the reduced path a plan describes."""
 
-    def __init__(self, backbone: ViltBackbone, candidate_batch_size: int = DEFAULT_CANDIDATE_BATCH) -> None:
+    def __init__(self, backbone: Backbone, candidate_batch_size: int = DEFAULT_CANDIDATE_BATCH) -> None:
         self.backbone = backbone
         self.candidate_batch_size = candidate_batch_size
 
@@ -72,25 +72,25 @@ class DASRuntime:
     def labels(self, plan: Plan) -> list[str]:
         return list(plan.spec.labels) if plan.spec.own_head else self.backbone.labels(plan.task)
 
-    def _prepare(self, images: Sequence[Image.Image], texts: Sequence[str]) -> ViltBatch:
+    def _prepare(self, images: Sequence[Image.Image], texts: Sequence[str]) -> BackboneBatch:
         return self.backbone.preprocess(images, texts).to(self.backbone.device, self.backbone.dtype)
 
-    def _flops(self, plan: Plan, batches: Sequence[ViltBatch], i: int) -> FlopsReport:
+    def _flops(self, plan: Plan, batches: Sequence[BackboneBatch], i: int) -> FlopsReport:
         grids = [batch.patch_grids[i] for batch in batches]
         return self.backbone.flops(plan.task, plan.spec, batches[0].text_lengths[i], grids)
 
     # -- differentiable logits ---------------------------------------------------------------
-    def vqa_logits(self, plan: Plan, batch: ViltBatch) -> torch.Tensor:
+    def vqa_logits(self, plan: Plan, batch: BackboneBatch) -> torch.Tensor:
         """(B, num_answers) logits; sigmoid gives per-answer scores."""
         pooled = self.backbone.encode(batch, plan.modules)
         return self.backbone.head_for("vqa", plan.modules)(pooled)
 
-    def nlvr2_logits(self, plan: Plan, left: ViltBatch, right: ViltBatch) -> torch.Tensor:
+    def nlvr2_logits(self, plan: Plan, left: BackboneBatch, right: BackboneBatch) -> torch.Tensor:
         """(B, 2) logits: one pass per image (token types 1 and 2), pooled vectors concatenated."""
         pooled = [self.backbone.encode(batch, plan.modules, image_token_type_idx=i + 1) for i, batch in enumerate((left, right))]
         return self.backbone.head_for("nlvr2", plan.modules)(torch.cat(pooled, dim=-1))
 
-    def retrieval_logits(self, plan: Plan, batch: ViltBatch) -> torch.Tensor:
+    def retrieval_logits(self, plan: Plan, batch: BackboneBatch) -> torch.Tensor:
         """(B,) image-text matching scores, one per pair."""
         pooled = self.backbone.encode(batch, plan.modules)
         return self.backbone.head_for("retrieval", plan.modules)(pooled)[:, 0]

@@ -27,7 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from models.plan import NAME_PATTERN, TASKS
+from models.das.plan import NAME_PATTERN
+from models.tasks import TASKS
 
 SPARSE_MIN_SAMPLES = 3  # with fewer than min_samples in the window, this many all over the SLO still step down
 MAX_COOLDOWN_BACKOFF = 8  # a step up that fails fast doubles the next cool-down, up to this factor

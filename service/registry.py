@@ -14,7 +14,7 @@ store.json::
 
 Admin operations change store.json (atomically, under a file lock) and every worker, and every
 replica sharing the store, converges to it with :meth:`PlanRegistry.sync`. The registry never
-parses plan files itself: ``models.plan`` validates and loads them.
+parses plan files itself: ``models.das.plan`` validates and loads them.
 
 store.json is parsed strictly, in one place (:func:`parse_state`): a file that cannot be read, is
 not JSON, has a section of the wrong type, an unknown task, an invalid plan name, or an active plan
@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.plan import (
-    FULL_PLAN_NAME, NAME_PATTERN, PLAN_FILE, TASKS, WEIGHTS_FILE, Plan, PlanError, builtin_full_plan, load_plan,
+from models.das.plan import (
+    FULL_PLAN_NAME, NAME_PATTERN, PLAN_FILE, WEIGHTS_FILE, Plan, PlanError, builtin_full_plan, load_plan,
     read_plan_spec, validate_plan,
 )
-from models.train import primary_score
+from models.tasks import TASKS, primary_score
 from service.adaptive import AdaptiveConfigError, AdaptiveSettings, parse_adaptive_config
 from service.metrics import STORE_ERROR_KINDS  # das_store_errors_total's "kind" label values
 
@@ -340,7 +340,7 @@ class PlanCost:
 
     name: str
     flops_ratio: float  # executed / full-backbone FLOPs at the plan's reference input (rounded to 1e-6)
-    score: float | None  # the task's primary score (models.train.primary_score) from plan.json; None: unknown
+    score: float | None  # the task's primary score (models.tasks.primary_score) from plan.json; None: unknown
 
 
 def default_store_for(backbone_dir: str | os.PathLike, fallback: str | os.PathLike) -> Path:

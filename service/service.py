@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from models.plan import TASKS
+from models.tasks import TASKS
 from service import openapi
 from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
@@ -202,7 +202,7 @@ class DASService:
         _set_torch_threads(TORCH_THREADS)  # before any torch work in this worker
         if MALLOC_THRESHOLD:
             pin_malloc_thresholds(MALLOC_THRESHOLD)
-        from models.backbone import load_backbone
+        from models.backbones.base import load_backbone
         from models.runtime import DASRuntime
         from service.metrics import ServiceMetrics
 

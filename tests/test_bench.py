@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from models.cli import main
+from models.cli.main import main
 
 
 def test_bench_smoke_run_writes_rows_for_every_plan_and_batch(tmp_path, capsys):
@@ -28,8 +28,8 @@ def test_bench_embedded_times_the_shipped_plans(tmp_path):
     assert result["settings"]["size"] == "embedded" and result["settings"]["seq_len"] == 16 + 36 + 1
     rows = {row["plan"]: row for row in result["rows"]}
     assert set(rows) == {"full", "skip2", "skip4"}
-    from models.bench import EMBEDDED_DIR
-    from models.plan import read_plan_spec
+    from models.bench.fixtures import EMBEDDED_DIR
+    from models.das.plan import read_plan_spec
 
     shipped_skip4 = list(read_plan_spec(EMBEDDED_DIR / "vqa" / "skip4").skipped_layers)
     assert rows["full"]["skipped_layers"] == [] and rows["skip4"]["skipped_layers"] == shipped_skip4
@@ -43,11 +43,11 @@ def test_full_plan_of_the_embedded_default_equals_transformers_on_the_converted_
     import torch
     from transformers import ViltForQuestionAnswering, ViltProcessor
 
-    from conftest import random_image
-    from models.bench import EMBEDDED_DIR, embedded_plans
-    from models.checkpoints import save_vqa_checkpoint_with_plan_parts
+    from helpers import random_image
+    from models.bench.fixtures import EMBEDDED_DIR, embedded_plans
+    from models.backbones.vilt.checkpoint import save_vqa_checkpoint_with_plan_parts
     from models.runtime import DASRuntime
-    from models.vilt import ViltBackbone
+    from models.backbones.vilt.modeling import ViltBackbone
 
     backbone = ViltBackbone.from_pretrained(EMBEDDED_DIR / "backbone")
     full = embedded_plans(backbone, skip_names=())[0]

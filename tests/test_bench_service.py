@@ -11,8 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from conftest import make_checkpoint
-from models.cli import main as das_main
+from helpers import make_checkpoint
+from models.cli.main import main as das_main
 
 REPO = Path(__file__).resolve().parent.parent
 

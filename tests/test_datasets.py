@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from models import world
-from models.cli import main
-from models.datasets import (
+from models.producer.world import export, language
+from models.producer.world.scenes import WorldConfig
+from models.cli.main import main
+from models.producer.datasets import (
     NLVR2Dataset,
     RetrievalDataset,
     VQADataset,
@@ -223,15 +224,15 @@ def test_synth_vqa_round_trip(tmp_path: Path, capsys):
     meta = json.loads((out / "synth.json").read_text())
     assert (meta["task"], meta["n"], meta["seed"], meta["image_size"]) == ("vqa", 25, 7, 64)
     assert (out / "README.md").is_file()
-    items = world.generate_vqa(25, seed=7, config=world.WorldConfig(image_size=64), val_fraction=0.2,
+    items = language.generate_vqa(25, seed=7, config=WorldConfig(image_size=64), val_fraction=0.2,
                                test_fraction=0.2)
-    scenes = world.load_scenes(out)
+    scenes = export.load_scenes(out)
     total = 0
     for split in ("train", "val", "test"):
         dataset = read_task("vqa", out, split)
         expected = [i for i in items if i.split == split]
         assert len(dataset.examples) == len(expected) == meta["splits"][split]
-        assert dataset.answer_vocab == list(world.VQA_ANSWERS)
+        assert dataset.answer_vocab == list(language.VQA_ANSWERS)
         for example, item in zip(dataset.examples, expected):
             assert example.question_id == str(item.question_id)
             assert example.question == item.question.question
@@ -256,8 +257,8 @@ def test_synth_vqa_round_trip(tmp_path: Path, capsys):
 def test_synth_nlvr2_round_trip(tmp_path: Path):
     out = tmp_path / "nlvr2"
     assert synth(out, "nlvr2", 20, 3) == 0
-    items = world.generate_nlvr2(20, seed=3)
-    scenes = world.load_scenes(out)
+    items = language.generate_nlvr2(20, seed=3)
+    scenes = export.load_scenes(out)
     assert (out / "dev.json").is_file() and (out / "test1.json").is_file()
     read = []
     for split in ("train", "val", "test"):
@@ -276,8 +277,8 @@ def test_synth_nlvr2_round_trip(tmp_path: Path):
 def test_synth_retrieval_round_trip_and_refusals(tmp_path: Path, capsys):
     out = tmp_path / "retrieval"
     assert synth(out, "retrieval", 12, 9, "--test-fraction", "0.25") == 0
-    items = world.generate_retrieval(12, seed=9, val_fraction=0.1, test_fraction=0.25)
-    scenes = world.load_scenes(out)
+    items = language.generate_retrieval(12, seed=9, val_fraction=0.1, test_fraction=0.25)
+    scenes = export.load_scenes(out)
     counts = {}
     for split in ("train", "val", "test"):
         examples = read_task("retrieval", out, split).examples
@@ -286,7 +287,7 @@ def test_synth_retrieval_round_trip_and_refusals(tmp_path: Path, capsys):
         assert [e.captions for e in examples] == [i.captions for i in expected]
         for example, item in zip(examples, expected):
             assert scenes[example.image_path.relative_to(out).as_posix()] == item.scene
-            assert world.hard_negative_captions(item.scene)
+            assert language.hard_negative_captions(item.scene)
     assert counts == {"train": 8, "val": 1, "test": 3}
     assert json.loads((out / "synth.json").read_text())["splits"] == counts
     capsys.readouterr()

@@ -35,13 +35,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import ViltConfig
 
-from conftest import make_checkpoint, random_image
-from models.cli import main
-from models.das import PlanModules
-from models.flops import adapter_flops
-from models.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, builtin_full_plan, save_plan
+from helpers import make_checkpoint, random_image
+from models.cli.main import main
+from models.das.adapters import PlanModules
+from models.das.flops import adapter_flops
+from models.das.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, builtin_full_plan, save_plan
 from models.runtime import DASRuntime
-from models.vilt import ViltBackbone, ViltBatch, config_from_dir, square_grid, vilt_request_flops
+from models.backbones.vilt.modeling import ViltBackbone, ViltBatch, config_from_dir, square_grid, vilt_request_flops
 
 TOLERANCE = 0.02
 # Not trivially small, so that the attention products (~15% of a layer here), the adapters and the
@@ -398,6 +398,25 @@ def test_cli_flops_out_of_range_layer(checkpoints, capsys, skip):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "layer index out of range" in captured.err
+
+
+@pytest.mark.parametrize("option", [["--image-size", "0"], ["--image-size", "64x0"], ["--text-len", "0"],
+                                    ["--skip-bottleneck", "-1"]])
+def test_cli_flops_refuses_empty_inputs(checkpoints, capsys, option):
+    directory, _ = checkpoints["vqa"]
+    with pytest.raises(SystemExit) as info:  # an argparse error: exit 2 and a usage line
+        main(["flops", "--backbone", str(directory), "--json", *option])
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and option[0] in captured.err
+
+
+def test_cli_flops_names_the_skip_option(checkpoints, capsys):
+    directory, _ = checkpoints["vqa"]
+    assert main(["flops", "--backbone", str(directory), "--skip", "1,1", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "--skip" in captured.err and "[1]" in captured.err
+    assert "'cli'" not in captured.err
 
 
 def test_cli_flops_missing_backbone(tmp_path, capsys):

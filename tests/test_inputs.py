@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 import service.inputs as inputs
-from models.vilt import to_rgb
+from models.backbones.base import to_rgb
 from service.inputs import InputError, check_text, load_image, text_list
-from conftest import random_image
+from helpers import random_image
 
 
 def write(tmp_path: Path, name: str, data: bytes) -> Path:

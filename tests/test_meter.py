@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -25,21 +26,20 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import RobertaConfig, RobertaModel
 
-from conftest import WORDS, random_image
-from models.backbone import BackboneError, load_backbone
-from models.cli import main
-from models.das import PlanModules
-from models.flops import adapter_flops
-from models.meter import MeterBackbone, MeterConfig, meter_request_flops
-from models.meter_checkpoint import (
+from helpers import WORDS, random_image, save_random_plan
+from models.backbones.base import BackboneError, load_backbone
+from models.cli.main import main
+from models.das.adapters import PlanModules
+from models.das.flops import adapter_flops
+from models.backbones.meter.modeling import MeterBackbone, MeterConfig, meter_request_flops
+from models.backbones.meter.convert import (
     build_roberta_tokenizer,
     convert_meter_state,
     meter_name,
-    meter_to_ours,
     ours_to_meter,
     read_lightning_checkpoint,
 )
-from models.plan import (
+from models.das.plan import (
     AdapterShapes,
     BackboneRef,
     Plan,
@@ -50,6 +50,7 @@ from models.plan import (
     save_plan,
     validate_plan,
 )
+from models.producer.world.export import synthesize
 from models.runtime import DASRuntime
 
 TOLERANCE = 1e-4
@@ -638,8 +639,7 @@ def test_nlvr2_needs_three_token_types(meter, tmp_path):
 # 6. Producing plans for METER: search, train, eval (micro run)
 # ---------------------------------------------------------------------------------------------
 def test_search_train_and_eval_on_meter(meter, tmp_path, capsys):
-    from models.train import TrainConfig, train_plan
-    from models.world import synthesize
+    from models.producer.train import TrainConfig, train_plan
 
     data = tmp_path / "vqa"
     synthesize("vqa", data, n=48, seed=0, image_size=48, progress=False)
@@ -665,6 +665,28 @@ def test_search_train_and_eval_on_meter(meter, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert 0.0 <= result["vqa_score"] <= 1.0
     assert 0 < result["flops_reduced"] < result["flops_full"]
+
+
+def test_eval_without_backbone_uses_the_plan_stores_own(meter, tmp_path, capsys):
+    """`das eval PLAN` takes <store>/backbone for a plan at <store>/<task>/<name> beside <store>/store.json;
+    a plan in no store is evaluated on the shipped backbone, or refused naming the backbone it needs."""
+    store = tmp_path / "store"
+    shutil.copytree(meter["dir"], store / "backbone")
+    (store / "store.json").write_text("{}")
+    backbone = MeterBackbone.from_pretrained(store / "backbone")
+    save_random_plan(backbone, store, "vqa", "skip1", skipped=(1,))
+    data = tmp_path / "vqa"
+    synthesize("vqa", data, n=12, seed=0, image_size=48, progress=False)
+    capsys.readouterr()
+    assert main(["eval", str(store / "vqa" / "skip1"), "--data", str(data), "--max-eval", "4", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["plan"], result["skipped_layers"]) == ("skip1", [1])
+
+    loose = tmp_path / "loose"
+    shutil.copytree(store / "vqa", loose / "vqa")  # the same plan, in no plan store
+    assert main(["eval", str(loose / "vqa" / "skip1"), "--data", str(data), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a 'meter' backbone" in err and backbone.fingerprint in err and "--backbone" in err
 
 
 def test_bench_runs_on_a_meter_backbone(tmp_path):

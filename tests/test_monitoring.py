@@ -17,8 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import random_image
-from test_service_integration import AUTH, _free_port, _png, serve, two_plan_vqa_store
+from helpers import AUTH, free_port, png, random_image, serve, two_plan_vqa_store
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus.yml"
@@ -85,7 +84,7 @@ def prometheus(root: Path, target: str):
     for static in job["static_configs"]:
         static["targets"] = [target]
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     with open(root / "prometheus.log", "w") as log:
         process = subprocess.Popen(
             [PROMETHEUS, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
@@ -143,7 +142,7 @@ def monitored(tmp_path_factory):
     (store / "store.json").write_text(json.dumps({"loaded": {"vqa": ["skip1", "skip2"]}, "adaptive": adaptive}))
     with serve(root, DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_WORKERS="1") as client, \
             (prometheus(root, client.base_url.netloc.decode()) if PROMETHEUS else contextlib.nullcontext()) as prom:
-        image = _png(random_image(64, 64))
+        image = png(random_image(64, 64))
 
         def vqa(**fields):
             response = client.post("/vqa", files={"image": ("i.png", image, "image/png")},

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import models.plan as plan_module
-from models.cli import main
-from models.plan import (
+import models.das.plan as plan_module
+from models.cli.main import main
+from models.das.plan import (
     PLAN_FILE,
     TASKS,
     WEIGHTS_FILE,
@@ -30,8 +30,8 @@ from models.plan import (
     validate_plan,
 )
 from models.runtime import DASRuntime
-from models.vilt import ViltBackbone
-from conftest import make_checkpoint, random_image
+from models.backbones.vilt.modeling import ViltBackbone
+from helpers import make_checkpoint, random_image
 
 REQUIRED_FIELDS = ("format_version", "task", "name", "version", "backbone", "skipped_layers", "adapters", "head",
                    "weights_sha256", "metrics", "created_at")

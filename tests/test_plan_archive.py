@@ -9,11 +9,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 
 import service.registry as registry_module
-from models.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
-from models.vilt import ViltBackbone
+from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
+from models.backbones.vilt.modeling import ViltBackbone
 from service.registry import PlanRegistry, PlanStore, RegistryError
 
 

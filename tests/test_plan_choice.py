@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
-from models.train import primary_score
+from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
+from models.tasks import primary_score
 from service.adaptive import AdaptiveSettings
 from service.registry import (
     ADAPTIVE_ERROR_KEY, STATE_FILE, PlanCost, PlanRegistry, PlanStore, RegistryError, check_flops_budget,
     cheaper_ladder, choose_within_budget,
 )
-from test_registry import backbone  # noqa: F401 - the tiny VQA-head backbone fixture
 
 COSTS = [
     PlanCost("full", 1.0, None),

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.backbone import load_backbone
-from models.cli import main
-from models.plan import load_plan, read_plan_spec, validate_plan
-from models.pretrain import pretraining_pairs
-from models.search import SearchConfig, das_search, write_search_outputs
-from models.train import TrainConfig, train_plan
-from models.world import hard_negative_captions, synthesize
+from models.backbones.base import load_backbone
+from models.cli.main import main
+from models.das.plan import load_plan, read_plan_spec, validate_plan
+from models.producer.pretrain import pretraining_pairs
+from models.producer.search import SearchConfig, das_search, write_search_outputs
+from models.producer.train import TrainConfig, train_plan
+from models.producer.world.export import synthesize
+from models.producer.world.language import hard_negative_captions
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "plans"

@@ -14,32 +14,21 @@ import pytest
 import torch
 
 import service.registry as registry_module
-from models.plan import (
+from models.das.plan import (
     FULL_PLAN_NAME,
-    PLAN_FILE,
     WEIGHTS_FILE,
     AdapterShapes,
     BackboneRef,
     PlanSpec,
     save_plan,
 )
-from models.vilt import ViltBackbone
 from service.registry import STATE_FILE, PlanRegistry, PlanStore, RegistryError, default_store_for
-from conftest import random_image
+from helpers import random_image
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def backbone(checkpoints) -> ViltBackbone:
-    """A tiny backbone whose checkpoint carries only a VQA head."""
-    directory, _ = checkpoints["vqa"]
-    backbone = ViltBackbone.from_pretrained(directory)
-    assert set(backbone.task_heads()) == {"vqa"}
-    return backbone
-
-
 @pytest.fixture
 def store_root(tmp_path) -> Path:
     root = tmp_path / "store"

@@ -11,8 +11,7 @@ import time
 import pytest
 import yaml
 
-from conftest import random_image
-from test_service_integration import AUTH, REPO, _png, serve, two_plan_vqa_store
+from helpers import AUTH, REPO, png, random_image, serve, two_plan_vqa_store
 
 CONVERGE_S = 10  # generous bound on a shared CI machine; each worker re-reads the store every 0.5 s
 
@@ -57,7 +56,7 @@ def wait_for_active(clients, expected: tuple[str, int]) -> float:
 
 
 def ask(client) -> dict:
-    response = client.post("/vqa", files={"image": ("i.png", _png(random_image(64, 64)), "image/png")},
+    response = client.post("/vqa", files={"image": ("i.png", png(random_image(64, 64)), "image/png")},
                            data={"question": "what color"})
     assert response.status_code == 200, response.text
     return response.json()["plan"]

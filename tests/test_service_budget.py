@@ -11,16 +11,17 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import random_image
-from test_service_integration import _assert_client_error, _png, _save_plan, _vqa, serve, two_plan_vqa_store
+from helpers import (
+    assert_client_error, png, post_vqa, random_image, save_random_plan, serve, two_plan_vqa_store,
+)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
     backbone_dir, store, backbone = two_plan_vqa_store(root, {"vqa_score": 0.6}, {"vqa_score": 0.4})
-    _save_plan(backbone, store, "retrieval", "own", skipped=(3,), own_head=True)
-    _save_plan(backbone, store, "nlvr2", "own", own_head=True, labels=("False", "True"),
+    save_random_plan(backbone, store, "retrieval", "own", skipped=(3,), own_head=True)
+    save_random_plan(backbone, store, "nlvr2", "own", own_head=True, labels=("False", "True"),
                own_parts=("token_type_embeddings",))
     (store / "store.json").write_text(json.dumps({"loaded": {"vqa": ["skip1", "skip2"], "retrieval": ["own"],
                                                              "nlvr2": ["own"]}}))
@@ -47,13 +48,13 @@ def test_max_flops_ratio_picks_the_most_accurate_plan_that_fits(server):
     cases = [(1.0, "skip1"),  # skip1 scores best; full has no metrics and ranks last
              (ratios["skip1"], "skip1"), (ratios["skip1"] - 1e-6, "skip2"), (ratios["skip2"], "skip2")]
     for budget, expected in cases:
-        response = _vqa(client, image, "what color", max_flops_ratio=str(budget))
+        response = post_vqa(client, image, "what color", max_flops_ratio=str(budget))
         assert response.status_code == 200, response.text
         plan = response.json()["plan"]
         assert (plan["name"], plan["chosen_by"], plan["flops_ratio"]) == (expected, "budget", ratios[expected])
         assert plan["flops_ratio"] <= budget
     # the other endpoints take it too
-    picture = ("i.png", _png(image), "image/png")
+    picture = ("i.png", png(image), "image/png")
     responses = [
         client.post("/retrieval/texts", files={"image": picture}, data={"texts": '["a", "b"]', "max_flops_ratio": "1"}),
         client.post("/retrieval/images", files=[("images", picture)], data={"text": "a", "max_flops_ratio": "1"}),
@@ -68,16 +69,16 @@ def test_max_flops_ratio_picks_the_most_accurate_plan_that_fits(server):
 def test_bad_budgets_are_4xx_json(server):
     client = server["client"]
     image = random_image(64, 64)
-    too_small = _vqa(client, image, "what color", max_flops_ratio="0.01")
-    _assert_client_error(too_small, 422, f"the cheapest is skip2 at {_ratios(client)['skip2']:.6g}")
-    _assert_client_error(_vqa(client, image, "x", plan="skip1", max_flops_ratio="0.9"), 400, "not both")
+    too_small = post_vqa(client, image, "what color", max_flops_ratio="0.01")
+    assert_client_error(too_small, 422, f"the cheapest is skip2 at {_ratios(client)['skip2']:.6g}")
+    assert_client_error(post_vqa(client, image, "x", plan="skip1", max_flops_ratio="0.9"), 400, "not both")
     for value in ("0", "-1", "1.5", "nan", "inf"):
-        _assert_client_error(_vqa(client, image, "x", max_flops_ratio=value), 400, "0 < max_flops_ratio <= 1")
-    _assert_client_error(_vqa(client, image, "x", max_flops_ratio="lots"), 400, "max_flops_ratio")
-    picture = ("i.png", _png(image), "image/png")
+        assert_client_error(post_vqa(client, image, "x", max_flops_ratio=value), 400, "0 < max_flops_ratio <= 1")
+    assert_client_error(post_vqa(client, image, "x", max_flops_ratio="lots"), 400, "max_flops_ratio")
+    picture = ("i.png", png(image), "image/png")
     response = client.post("/retrieval/texts", files={"image": picture}, data={"texts": '["a"]', "max_flops_ratio": "0.01"})
-    _assert_client_error(response, 422, "the cheapest is own")
-    assert _vqa(client, image, "what color").status_code == 200  # and it keeps serving
+    assert_client_error(response, 422, "the cheapest is own")
+    assert post_vqa(client, image, "what color").status_code == 200  # and it keeps serving
 
 
 def _shift_counts(client) -> dict[tuple[str, str, str], float]:
@@ -100,13 +101,13 @@ def test_adaptive_config_in_the_store_shifts_default_requests(server):
         assert time.time() < deadline, "the worker did not pick up the adaptive settings"
         time.sleep(0.2)
     assert client.get("/plans/").json()["tasks"]["vqa"]["adaptive"]["ladder"] == ["full", "skip1", "skip2"]
-    plans = [_vqa(client, image, "what color").json()["plan"] for _ in range(4)]
+    plans = [post_vqa(client, image, "what color").json()["plan"] for _ in range(4)]
     assert [(p["name"], p["chosen_by"]) for p in plans] == [
         ("full", "active"), ("skip1", "load"), ("skip2", "load"), ("skip2", "load")]
     assert plans[2]["flops_ratio"] < plans[1]["flops_ratio"] < plans[0]["flops_ratio"]
     # a request that names its plan or budget is never shifted
-    assert _vqa(client, image, "x", plan="full").json()["plan"]["name"] == "full"
-    assert _vqa(client, image, "x", max_flops_ratio="1").json()["plan"]["name"] == "skip1"
+    assert post_vqa(client, image, "x", plan="full").json()["plan"]["name"] == "full"
+    assert post_vqa(client, image, "x", max_flops_ratio="1").json()["plan"]["name"] == "skip1"
     shifts = _shift_counts(client)
     assert shifts[("down", "full", "skip1")] == 1 and shifts[("down", "skip1", "skip2")] == 1
     served = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}["das_served_plan"]
@@ -120,7 +121,7 @@ def test_adaptive_config_in_the_store_shifts_default_requests(server):
         assert time.time() < deadline
         time.sleep(0.2)
     assert "unknown setting(s) slo_p95" in errors["store.json/adaptive"]
-    assert _vqa(client, image, "what color").json()["plan"]["name"] == "skip2"
+    assert post_vqa(client, image, "what color").json()["plan"]["name"] == "skip2"
 
     # removing the section turns it off: the active plan serves again
     del state["adaptive"]
@@ -129,4 +130,4 @@ def test_adaptive_config_in_the_store_shifts_default_requests(server):
     while "adaptive" in client.get("/plans/").json()["tasks"]["vqa"]:
         assert time.time() < deadline
         time.sleep(0.2)
-    assert _vqa(client, image, "what color").json()["plan"] == {**plans[0], "chosen_by": "active"}
+    assert post_vqa(client, image, "what color").json()["plan"] == {**plans[0], "chosen_by": "active"}

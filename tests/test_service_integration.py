@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,53 +16,12 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import ViltProcessor
 
-from conftest import make_checkpoint, random_image
-from models.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
-from models.vilt import ViltBackbone
+from helpers import (
+    AUTH, assert_client_error, make_checkpoint, png, post_vqa, random_image, save_random_plan, serve,
+)
+from models.backbones.vilt.modeling import ViltBackbone
 
-REPO = Path(__file__).resolve().parent.parent
-TOKEN = "test-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PIXEL_LIMIT = 1_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def _save_plan(backbone, store: Path, task: str, name: str, skipped=(), version: int = 1, seed: int = 0,
-               parallel_bottleneck: int | None = None, **spec_kwargs):
-    """A plan for any backbone (ViLT or METER), adapters perturbed from their init so it changes outputs."""
-    spec = PlanSpec(task=task, name=name, version=version,
-                    backbone=BackboneRef(backbone.architecture, backbone.fingerprint), skipped_layers=tuple(skipped),
-                    adapters=AdapterShapes(8 if skipped else None, parallel_bottleneck), **spec_kwargs)
-    torch.manual_seed(seed)
-    modules = backbone.build_plan_modules(spec, init_from_backbone=True)
-    with torch.no_grad():
-        for p in modules.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return save_plan(store / task / name, spec, modules, overwrite=True)
-
-
-def two_plan_vqa_store(root: Path, skip1_metrics: dict | None = None, skip2_metrics: dict | None = None):
-    """A tiny VQA checkpoint in root/backbone and a store root/plans with plans skip1 (layer 1) and skip2
-    (layers 1, 2); store.json is the caller's. Returns (backbone dir, store, backbone)."""
-    backbone_dir, store = root / "backbone", root / "plans"
-    backbone_dir.mkdir()
-    make_checkpoint(backbone_dir, "vqa")
-    backbone = ViltBackbone.from_pretrained(backbone_dir)
-    _save_plan(backbone, store, "vqa", "skip1", skipped=(1,), **({"metrics": skip1_metrics} if skip1_metrics else {}))
-    _save_plan(backbone, store, "vqa", "skip2", skipped=(1, 2), seed=1,
-               **({"metrics": skip2_metrics} if skip2_metrics else {}))
-    return backbone_dir, store, backbone
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +31,11 @@ def server(tmp_path_factory):
     backbone_dir.mkdir()
     model = make_checkpoint(backbone_dir, "vqa")
     backbone = ViltBackbone.from_pretrained(backbone_dir)
-    _save_plan(backbone, store, "vqa", "skip1", skipped=(1,))
-    _save_plan(backbone, store, "vqa", "skip2", skipped=(1, 2), seed=1)
-    _save_plan(backbone, store, "nlvr2", "own", own_head=True, labels=("False", "True"),
+    save_random_plan(backbone, store, "vqa", "skip1", skipped=(1,))
+    save_random_plan(backbone, store, "vqa", "skip2", skipped=(1, 2), seed=1)
+    save_random_plan(backbone, store, "nlvr2", "own", own_head=True, labels=("False", "True"),
                own_parts=("token_type_embeddings",))
-    _save_plan(backbone, store, "retrieval", "own", skipped=(3,), own_head=True)
+    save_random_plan(backbone, store, "retrieval", "own", skipped=(3,), own_head=True)
     (store / "store.json").write_text(json.dumps({"loaded": {"vqa": ["skip1", "skip2"], "nlvr2": ["own"]}}))
     # 2 workers on a 2-core CI host: one torch thread each (cores / workers, as the README advises)
     with serve(root, DAS_BACKBONE=str(backbone_dir), DAS_PLANS=str(store), DAS_WORKERS="2", DAS_TORCH_THREADS="1",
@@ -90,57 +43,10 @@ def server(tmp_path_factory):
         yield {"client": client, "store": store, "backbone_dir": backbone_dir, "model": model, "backbone": backbone}
 
 
-@contextlib.contextmanager
-def serve(root: Path, **settings: str):
-    """Run `bentoml serve` from the repository root with DAS_* settings; yield a client once ready."""
-    port = _free_port()
-    # BentoML keeps the Prometheus multiprocess files in $BENTOML_HOME/prometheus_multiproc_dir and a
-    # starting server empties it: servers sharing one home mix and erase each other's metrics.
-    env = dict(os.environ, DAS_ADMIN_TOKEN=TOKEN, DAS_DEVICE="cpu", HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true",
-               BENTOML_HOME=str(root / f"bentoml-home-{port}"), **settings)
-    log_path = root / f"serve-{port}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:DASService", "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-            deadline = time.time() + 300  # a start on a loaded 2-core host can take minutes; a crash ends it at once
-            while True:
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.time() > deadline:
-                    log.flush()
-                    raise RuntimeError("bentoml serve did not start:\n" + log_path.read_text()[-4000:])
-                time.sleep(0.5)
-            yield client
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def _vqa(client, image: Image.Image, question: str, **fields):
-    return client.post("/vqa", files={"image": ("q.png", _png(image), "image/png")},
-                       data={"question": question, **fields})
-
-
-def _assert_client_error(response, status: int, fragment: str) -> None:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert fragment.lower() in json.dumps(body).lower(), body
-
-
 # ------------------------------------------------------------------------------------------------
 def test_vqa_full_plan_matches_transformers(server):
     image, question = random_image(70, 90, seed=3), "what color is the circle"
-    response = _vqa(server["client"], image, question, plan="full", top_k=3)
+    response = post_vqa(server["client"], image, question, plan="full", top_k=3)
     assert response.status_code == 200, response.text
     body = response.json()
     processor = ViltProcessor.from_pretrained(server["backbone_dir"])
@@ -158,7 +64,7 @@ def test_vqa_full_plan_matches_transformers(server):
 
 
 def test_vqa_skip_plan_reports_savings(server):
-    body = _vqa(server["client"], random_image(64, 64), "how many shapes", plan="skip2").json()
+    body = post_vqa(server["client"], random_image(64, 64), "how many shapes", plan="skip2").json()
     assert body["plan"]["skipped_layers"] == [1, 2]
     flops = body["flops"]
     assert flops["executed"] < flops["full"]
@@ -168,8 +74,8 @@ def test_vqa_skip_plan_reports_savings(server):
 def test_nlvr2_and_plans_listing(server):
     client = server["client"]
     response = client.post("/nlvr2", files={
-        "image_left": ("l.png", _png(random_image(64, 80, 1)), "image/png"),
-        "image_right": ("r.png", _png(random_image(80, 64, 2)), "image/png"),
+        "image_left": ("l.png", png(random_image(64, 80, 1)), "image/png"),
+        "image_right": ("r.png", png(random_image(80, 64, 2)), "image/png"),
     }, data={"statement": "both images are red"})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -185,9 +91,9 @@ def test_nlvr2_and_plans_listing(server):
 
 def test_unserved_task_is_404_until_a_plan_is_loaded(server):
     client = server["client"]
-    files = {"image": ("i.png", _png(random_image(64, 64)), "image/png")}
+    files = {"image": ("i.png", png(random_image(64, 64)), "image/png")}
     response = client.post("/retrieval/texts", files=files, data={"texts": '["a red circle", "a blue square"]'})
-    _assert_client_error(response, 404, "not served")
+    assert_client_error(response, 404, "not served")
     loaded = client.post("/admin/plans/load", json={"path": "retrieval/own"}, headers=AUTH)
     assert loaded.status_code == 200, loaded.text
     time.sleep(1.5)  # the other worker converges within the sync interval
@@ -201,7 +107,7 @@ def test_unserved_task_is_404_until_a_plan_is_loaded(server):
     assert sorted(r["index"] for r in ranking) == [0, 1, 2]
     assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
     assert as_json.json()["flops"]["executed"] < as_json.json()["flops"]["full"]
-    images = [("images", (f"{i}.png", _png(random_image(64, 64 + 32 * i, i)), "image/png")) for i in range(3)]
+    images = [("images", (f"{i}.png", png(random_image(64, 64 + 32 * i, i)), "image/png")) for i in range(3)]
     by_text = client.post("/retrieval/images", files=images, data={"text": "a red circle"})
     assert by_text.status_code == 200, by_text.text
     assert sorted(r["index"] for r in by_text.json()["ranking"]) == [0, 1, 2]
@@ -209,15 +115,15 @@ def test_unserved_task_is_404_until_a_plan_is_loaded(server):
 
 def test_bad_inputs_get_clear_4xx_and_service_keeps_serving(server):
     client = server["client"]
-    good = _png(random_image(64, 64))
+    good = png(random_image(64, 64))
     cases = [
         (client.post("/vqa", files={"image": ("x.png", b"not an image", "image/png")}, data={"question": "x"}), 400, "image"),
         (client.post("/vqa", files={"image": ("x.png", good[: len(good) // 2], "image/png")}, data={"question": "x"}), 400, "decode"),
         (client.post("/vqa", files={"image": ("x.png", b"", "image/png")}, data={"question": "x"}), 400, "empty"),
-        (_vqa(client, Image.new("RGB", (1100, 1000)), "x"), 413, "limit"),
-        (_vqa(client, random_image(64, 64), "   "), 400, "empty"),
-        (_vqa(client, random_image(64, 64), "x", plan="no-such-plan"), 404, "no plan"),
-        (_vqa(client, random_image(64, 64), "x", plan="../../etc/passwd"), 404, "no plan"),
+        (post_vqa(client, Image.new("RGB", (1100, 1000)), "x"), 413, "limit"),
+        (post_vqa(client, random_image(64, 64), "   "), 400, "empty"),
+        (post_vqa(client, random_image(64, 64), "x", plan="no-such-plan"), 404, "no plan"),
+        (post_vqa(client, random_image(64, 64), "x", plan="../../etc/passwd"), 404, "no plan"),
         (client.post("/vqa", data={"question": "x"}), 400, "image"),
         (client.post("/vqa", files={"image": ("x.png", good, "image/png")}), 400, "question"),
         (client.post("/vqa", data={"image": "http://127.0.0.1:1/x.png", "question": "x"},
@@ -232,16 +138,16 @@ def test_bad_inputs_get_clear_4xx_and_service_keeps_serving(server):
         (client.post("/admin/plans/unload", json={"task": "vqa", "name": "full"}, headers=AUTH), 409, "full"),
     ]
     for response, status, fragment in cases:
-        _assert_client_error(response, status, fragment)
+        assert_client_error(response, status, fragment)
     for mode in ("L", "RGBA", "CMYK", "P"):
         image = random_image(64, 64, mode=mode)
         fmt = "JPEG" if mode == "CMYK" else "PNG"
-        response = client.post("/vqa", files={"image": ("m", _png(image, fmt), "image/*")}, data={"question": "what"})
+        response = client.post("/vqa", files={"image": ("m", png(image, fmt), "image/*")}, data={"question": "what"})
         assert response.status_code == 200, (mode, response.text)
     long_question = " ".join(["what color is the circle"] * 20)
-    body = _vqa(client, random_image(64, 64), long_question).json()
+    body = post_vqa(client, random_image(64, 64), long_question).json()
     assert body["question_truncated"] is True
-    assert _vqa(client, random_image(64, 64), "is there a circle").status_code == 200
+    assert post_vqa(client, random_image(64, 64), "is there a circle").status_code == 200
 
 
 def test_corrupted_plan_is_refused_and_old_plan_keeps_serving(server):
@@ -256,9 +162,9 @@ def test_corrupted_plan_is_refused_and_old_plan_keeps_serving(server):
     weights.write_bytes(bytes(data))
     before = client.get("/plans/").json()["tasks"]["vqa"]["active"]
     response = client.post("/admin/plans/load", json={"path": "vqa/broken"}, headers=AUTH)
-    _assert_client_error(response, 422, "checksum")
+    assert_client_error(response, 422, "checksum")
     assert client.get("/plans/").json()["tasks"]["vqa"]["active"] == before
-    assert _vqa(client, random_image(64, 64), "what color").status_code == 200
+    assert post_vqa(client, random_image(64, 64), "what color").status_code == 200
 
 
 def test_hot_swap_under_concurrent_load(server):
@@ -266,7 +172,7 @@ def test_hot_swap_under_concurrent_load(server):
     versions = {"full": 0, "skip1": 1, "skip2": 1}
     results, failures = [], []
     stop = threading.Event()
-    image = _png(random_image(64, 64, 7))
+    image = png(random_image(64, 64, 7))
 
     def load_loop():
         with httpx.Client(base_url=client.base_url, timeout=60) as c:
@@ -319,9 +225,9 @@ def test_metrics_count_exact_flops(server):
                     values[(name, tuple(sorted(sample.labels.items())))] = sample.value
         return values, families
 
-    _vqa(client, random_image(64, 64), "warm up", plan="skip1")
+    post_vqa(client, random_image(64, 64), "warm up", plan="skip1")
     before, _ = counters()
-    bodies = [_vqa(client, random_image(48 + 16 * i, 64, i), "what color is it" + " here" * i, plan="skip1").json()
+    bodies = [post_vqa(client, random_image(48 + 16 * i, 64, i), "what color is it" + " here" * i, plan="skip1").json()
               for i in range(4)]
     after, families = counters()
     labels = (("plan", "skip1"), ("task", "vqa"))
@@ -352,17 +258,17 @@ def test_plan_archive_upload(server, tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     files = {"archive": ("plan.tar.gz", archive.read_bytes(), "application/gzip")}
-    _assert_client_error(client.post("/admin/plans/load", files=files), 401, "token")
+    assert_client_error(client.post("/admin/plans/load", files=files), 401, "token")
     response = client.post("/admin/plans/load", files=files, headers=AUTH)
     assert response.status_code == 200, response.text
     assert response.json()["plan"]["name"] == "from-archive"
     assert (store / "vqa" / "from-archive" / "weights.safetensors").is_file()
     time.sleep(1.5)
     for _ in range(3):
-        body = _vqa(client, random_image(64, 64), "what color", plan="from-archive").json()
+        body = post_vqa(client, random_image(64, 64), "what color", plan="from-archive").json()
         assert body["plan"]["name"] == "from-archive"
-    _assert_client_error(client.post("/admin/plans/load", files=files, headers=AUTH), 409, "higher version")
-    _assert_client_error(client.post("/admin/plans/load", json={}, headers=AUTH), 400, "exactly one")
+    assert_client_error(client.post("/admin/plans/load", files=files, headers=AUTH), 409, "higher version")
+    assert_client_error(client.post("/admin/plans/load", json={}, headers=AUTH), 400, "exactly one")
 
 
 def test_metrics_pass_promtool(server):
@@ -372,7 +278,7 @@ def test_metrics_pass_promtool(server):
     promtool = _shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed here (make test installs Debian's prometheus package when it can)")
-    _vqa(server["client"], random_image(64, 64), "what color")
+    post_vqa(server["client"], random_image(64, 64), "what color")
     text = server["client"].get("/metrics").text
     assert "das_flops_executed_total" in text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)

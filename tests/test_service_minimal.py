@@ -13,8 +13,7 @@ import time
 
 import pytest
 
-from conftest import make_checkpoint, random_image
-from test_service_integration import REPO, _png, serve
+from helpers import REPO, make_checkpoint, png, random_image, serve
 
 
 CAP = 4  # in-flight requests
@@ -34,7 +33,7 @@ def client(tmp_path_factory):
 
 
 def test_only_the_checkpoint_task_is_served(client):
-    image = ("i.png", _png(random_image(64, 64)), "image/png")
+    image = ("i.png", png(random_image(64, 64)), "image/png")
     response = client.post("/vqa", files={"image": image}, data={"question": "what color"})
     assert response.status_code == 200 and response.json()["plan"]["name"] == "full"
     for route, files, data in [
@@ -49,7 +48,7 @@ def test_only_the_checkpoint_task_is_served(client):
 
 
 def test_overload_answers_503_with_retry_after(client):
-    image = ("i.png", _png(random_image(64, 64)), "image/png")
+    image = ("i.png", png(random_image(64, 64)), "image/png")
 
     def call(_):
         return client.post("/vqa", files={"image": image}, data={"question": "what color"})

@@ -20,10 +20,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViltProcessor
 
-from conftest import VQA_LABELS, make_checkpoint, random_image
-from models.backbone import BackboneError, load_backbone
-from models.das import PlanModules
-from models.plan import (
+from helpers import VQA_LABELS, make_checkpoint, random_image
+from models.backbones.base import BackboneError, load_backbone
+from models.das.adapters import PlanModules
+from models.das.plan import (
     AdapterShapes,
     BackboneRef,
     Plan,
@@ -34,7 +34,7 @@ from models.plan import (
     save_plan,
 )
 from models.runtime import DASRuntime
-from models.vilt import ViltBackbone, vilt_layer_forward
+from models.backbones.vilt.modeling import ViltBackbone, vilt_layer_forward
 
 TASKS = ("vqa", "nlvr2", "retrieval")
 EQUIV_ATOL = 1e-4

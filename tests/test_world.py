@@ -1,4 +1,4 @@
-"""The synthetic world (models/world.py): determinism, and every label re-derived from the Scene.
+"""The synthetic world (models/language.py): determinism, and every label re-derived from the Scene.
 
 The parsers below read the generated English back and evaluate it against the scene description
 independently of the generator's own code paths.
@@ -15,8 +15,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from models import world
-from models.world import Scene, SceneObject, WorldConfig
+from models.producer.world import language, scenes
+from models.producer.world.scenes import Scene, SceneObject, WorldConfig
 
 COLORS = {"red", "green", "blue", "yellow", "purple", "orange"}
 SHAPES = {"circle", "square", "triangle", "diamond"}
@@ -164,17 +164,17 @@ def caption_true(scene: Scene, caption: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def vqa_items():
-    return world.generate_vqa(600, seed=11)
+    return language.generate_vqa(600, seed=11)
 
 
 @pytest.fixture(scope="module")
 def nlvr2_items():
-    return world.generate_nlvr2(600, seed=12)
+    return language.generate_nlvr2(600, seed=12)
 
 
 @pytest.fixture(scope="module")
 def retrieval_items():
-    return world.generate_retrieval(200, seed=13)
+    return language.generate_retrieval(200, seed=13)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,13 +184,13 @@ def test_scenes_are_valid():
     rng = random.Random(0)
     seen_sizes = Counter()
     for _ in range(300):
-        scene = world.sample_scene(rng)
+        scene = scenes.sample_scene(rng)
         assert 1 <= len(scene.objects) <= 4
         pairs = [(o.color, o.shape) for o in scene.objects]
         assert len(set(pairs)) == len(pairs)
         for o in scene.objects:
             assert o.color in COLORS and o.shape in SHAPES and o.size in SIZES
-            r = world.SIZE_RADIUS[o.size]
+            r = scenes.SIZE_RADIUS[o.size]
             assert r <= o.x <= 1 - r and r <= o.y <= 1 - r
             seen_sizes[len(scene.objects)] += 1
         for a, b in itertools.combinations(scene.objects, 2):
@@ -198,53 +198,53 @@ def test_scenes_are_valid():
         assert Scene.from_dict(scene.to_dict()) == scene
     assert set(seen_sizes) == {1, 2, 3, 4}
     config = WorldConfig(min_objects=3, max_objects=3)
-    assert all(len(world.sample_scene(rng, config).objects) == 3 for _ in range(20))
+    assert all(len(scenes.sample_scene(rng, config).objects) == 3 for _ in range(20))
 
 
 def test_rendering_is_deterministic_and_shows_the_scene():
-    scene = world.sample_scene(random.Random(5))
-    a, b = world.render_scene(scene, 96), world.render_scene(scene, 96)
+    scene = scenes.sample_scene(random.Random(5))
+    a, b = scenes.render_scene(scene, 96), scenes.render_scene(scene, 96)
     assert a.size == (96, 96) and a.mode == "RGB"
     assert a.tobytes() == b.tobytes()
-    assert world.render_scene(scene, 128).size == (128, 128)
-    noiseless = np.asarray(world.render_scene(scene, 96, noise=0), dtype=int)
+    assert scenes.render_scene(scene, 128).size == (128, 128)
+    noiseless = np.asarray(scenes.render_scene(scene, 96, noise=0), dtype=int)
     assert not np.array_equal(np.asarray(a, dtype=int), noiseless)  # there is noise ...
     assert np.abs(np.asarray(a, dtype=int) - noiseless).max() <= 8  # ... and it is light
     for _ in range(30):
-        scene = world.sample_scene(random.Random(_))
-        pixels = np.asarray(world.render_scene(scene, 96), dtype=int)
+        scene = scenes.sample_scene(random.Random(_))
+        pixels = np.asarray(scenes.render_scene(scene, 96), dtype=int)
         for o in scene.objects:  # the centre of each object has the object's colour
             centre = pixels[int(o.y * 96), int(o.x * 96)]
-            assert np.abs(centre - np.array(world.COLORS[o.color])).max() <= 12 + 8, (o, centre)
+            assert np.abs(centre - np.array(scenes.COLORS[o.color])).max() <= 12 + 8, (o, centre)
         corner = pixels[0, 0]
         if all(math.hypot(o.x, o.y) > 2 * o.radius for o in scene.objects):
             assert np.abs(corner - np.array(scene.background)).max() <= 8
 
 
 def test_generators_are_deterministic():
-    assert world.generate_vqa(40, seed=3) == world.generate_vqa(40, seed=3)
-    assert world.generate_nlvr2(40, seed=3) == world.generate_nlvr2(40, seed=3)
-    assert world.generate_retrieval(20, seed=3) == world.generate_retrieval(20, seed=3)
-    v3, v4 = world.generate_vqa(40, seed=3), world.generate_vqa(40, seed=4)
+    assert language.generate_vqa(40, seed=3) == language.generate_vqa(40, seed=3)
+    assert language.generate_nlvr2(40, seed=3) == language.generate_nlvr2(40, seed=3)
+    assert language.generate_retrieval(20, seed=3) == language.generate_retrieval(20, seed=3)
+    v3, v4 = language.generate_vqa(40, seed=3), language.generate_vqa(40, seed=4)
     assert [i.scene for i in v3] != [i.scene for i in v4]
     assert [i.question.question for i in v3] != [i.question.question for i in v4]
-    assert [i.statement for i in world.generate_nlvr2(40, seed=3)] != [i.statement for i in world.generate_nlvr2(40, seed=4)]
-    r3, r4 = world.generate_retrieval(20, seed=3), world.generate_retrieval(20, seed=4)
+    assert [i.statement for i in language.generate_nlvr2(40, seed=3)] != [i.statement for i in language.generate_nlvr2(40, seed=4)]
+    r3, r4 = language.generate_retrieval(20, seed=3), language.generate_retrieval(20, seed=4)
     assert [i.captions for i in r3] != [i.captions for i in r4]
-    img3 = world.render_scene(r3[0].scene).tobytes()
-    assert img3 == world.render_scene(world.generate_retrieval(20, seed=3)[0].scene).tobytes()
-    assert img3 != world.render_scene(r4[0].scene).tobytes()
+    img3 = scenes.render_scene(r3[0].scene).tobytes()
+    assert img3 == scenes.render_scene(language.generate_retrieval(20, seed=3)[0].scene).tobytes()
+    assert img3 != scenes.render_scene(r4[0].scene).tobytes()
     # example i depends on (seed, i) only: a larger n extends a smaller one
-    assert [i.scene for i in world.generate_retrieval(10, seed=3)] == [i.scene for i in r3[:10]]
+    assert [i.scene for i in language.generate_retrieval(10, seed=3)] == [i.scene for i in r3[:10]]
 
 
 def test_splits_follow_the_fractions_and_the_seed(vqa_items, nlvr2_items):
-    splits = world.split_assignment(1000, seed=1, val_fraction=0.1, test_fraction=0.2)
+    splits = language.split_assignment(1000, seed=1, val_fraction=0.1, test_fraction=0.2)
     assert Counter(splits) == {"train": 700, "val": 100, "test": 200}
-    assert splits == world.split_assignment(1000, seed=1, val_fraction=0.1, test_fraction=0.2)
-    assert splits != world.split_assignment(1000, seed=2, val_fraction=0.1, test_fraction=0.2)
+    assert splits == language.split_assignment(1000, seed=1, val_fraction=0.1, test_fraction=0.2)
+    assert splits != language.split_assignment(1000, seed=2, val_fraction=0.1, test_fraction=0.2)
     with pytest.raises(ValueError):
-        world.split_assignment(10, 0, 0.6, 0.5)
+        language.split_assignment(10, 0, 0.6, 0.5)
     by_image: dict[int, set[str]] = {}
     for item in vqa_items:  # an image's questions never straddle splits
         by_image.setdefault(item.image_id, set()).add(item.split)
@@ -265,7 +265,7 @@ def test_vqa_answers_rederived_from_the_scene(vqa_items):
     for item in vqa_items:
         derived = derive_vqa_answer(item.scene, item.question.question)
         assert derived == item.question.answer, item
-        assert derived in world.VQA_ANSWERS
+        assert derived in language.VQA_ANSWERS
     per_image = Counter(i.image_id for i in vqa_items)
     assert set(per_image.values()) == {3}
     for image_id in per_image:  # distinct questions per image
@@ -275,12 +275,12 @@ def test_vqa_answers_rederived_from_the_scene(vqa_items):
 
 def test_vqa_covers_every_question_type_and_balances_yes_no(vqa_items):
     types = Counter(i.question.question_type for i in vqa_items)
-    assert set(types) == set(world.QUESTION_TYPES)
+    assert set(types) == set(language.QUESTION_TYPES)
     assert min(types.values()) > 60
     answers = Counter(i.question.answer for i in vqa_items)
     assert abs(answers["yes"] - answers["no"]) < 0.15 * (answers["yes"] + answers["no"])
     assert {str(k) for k in range(5)} <= set(answers)
-    assert set(world.VQA_ANSWERS) == {"yes", "no", *map(str, range(5)), *COLORS, *SHAPES}
+    assert set(language.VQA_ANSWERS) == {"yes", "no", *map(str, range(5)), *COLORS, *SHAPES}
 
 
 def test_vqa_annotator_answers_are_noisy_but_mostly_true(vqa_items):
@@ -319,12 +319,12 @@ def test_nlvr2_is_balanced(nlvr2_items):
         pairs.setdefault(item.pair_index, []).append(item.label)
     assert all(sorted(labels) == [False, True] for labels in pairs.values())
     by_template = Counter((i.template, i.label) for i in nlvr2_items)
-    for template in world.NLVR2_TEMPLATES:  # every template says both true and false things
+    for template in language.NLVR2_TEMPLATES:  # every template says both true and false things
         assert by_template[(template, True)] >= 10 and by_template[(template, False)] >= 10, by_template
     for split in ("train", "val", "test"):
         labels = [i.label for i in nlvr2_items if i.split == split]
         assert labels.count(True) == labels.count(False)
-    odd = world.generate_nlvr2(7, seed=1, statements_per_pair=1)
+    odd = language.generate_nlvr2(7, seed=1, statements_per_pair=1)
     assert [i.label for i in odd] == [True, False, True, False, True, False, True]
     assert len({i.pair_index for i in odd}) == 7
 
@@ -354,9 +354,9 @@ def test_hard_negatives_change_exactly_one_attribute_and_are_false(retrieval_ite
     attributes = Counter()
     for item in retrieval_items[:80]:
         scene = item.scene
-        negatives = world.hard_negatives(scene)
+        negatives = language.hard_negatives(scene)
         assert negatives
-        assert [n.caption for n in negatives] == world.hard_negative_captions(scene)
+        assert [n.caption for n in negatives] == language.hard_negative_captions(scene)
         for negative in negatives:
             attributes[negative.attribute] += 1
             assert not caption_true(scene, negative.caption), negative
@@ -381,8 +381,8 @@ def test_hard_negatives_change_exactly_one_attribute_and_are_false(retrieval_ite
             assert getattr(obj, negative.attribute) == negative.old != negative.new
     assert set(attributes) == {"color", "shape", "size", "relation"}
     scene = retrieval_items[0].scene
-    sampled = world.hard_negative_captions(scene, k=3, rng=random.Random(1))
-    assert sampled == world.hard_negative_captions(scene, k=3, rng=random.Random(1))
+    sampled = language.hard_negative_captions(scene, k=3, rng=random.Random(1))
+    assert sampled == language.hard_negative_captions(scene, k=3, rng=random.Random(1))
     assert len(sampled) == 3
     assert all(not caption_true(scene, c) for c in sampled)
 
@@ -391,18 +391,18 @@ def test_hard_negatives_change_exactly_one_attribute_and_are_false(retrieval_ite
 # vocabulary
 # ---------------------------------------------------------------------------------------------
 def test_world_vocabulary_covers_every_text(vqa_items, nlvr2_items, retrieval_items):
-    vocab = world.world_vocabulary()
+    vocab = language.world_vocabulary()
     assert vocab == sorted(set(vocab))
     assert all(re.fullmatch(r"[a-z0-9]+", w) for w in vocab)
-    texts = [i.question.question for i in vqa_items] + list(world.VQA_ANSWERS)
+    texts = [i.question.question for i in vqa_items] + list(language.VQA_ANSWERS)
     texts += [i.statement for i in nlvr2_items]
     for item in retrieval_items[:50]:
-        texts += list(item.captions) + world.hard_negative_captions(item.scene, rng=random.Random(0))
+        texts += list(item.captions) + language.hard_negative_captions(item.scene, rng=random.Random(0))
     used = {w for t in texts for w in re.findall(r"[a-z0-9]+", t)}
     assert used <= set(vocab), used - set(vocab)
     assert len(set(vocab) - used) <= 3  # and holds little else
 
-    from models.checkpoints import wordpiece_vocab
+    from models.backbones.vilt.checkpoint import wordpiece_vocab
 
     pieces = set(wordpiece_vocab(vocab))
     assert set(vocab) <= pieces

@@ -15,7 +15,6 @@ file adds what DAS needs on top of them:
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -29,9 +28,11 @@ from torch import nn
 from transformers import ViltConfig, ViltModel, ViltProcessor
 from transformers.models.vilt.modeling_vilt import ViltLayer, ViltPooler
 
-from models.backbone import BackboneError, fingerprint, read_checkpoint_state, read_config
-from models.das import ParallelAdapters, PlanModules, SkipAdapter
-from models.flops import (
+from models.backbones.base import (
+    BackboneError, fingerprint, limit_aspect_ratio, read_checkpoint_state, read_config, to_rgb,
+)
+from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
+from models.das.flops import (
     FlopsReport,
     LayerFlops,
     adapter_flops,
@@ -39,7 +40,7 @@ from models.flops import (
     linear_flops,
     transformer_layer_flops,
 )
-from models.plan import PlanError, PlanSpec
+from models.das.plan import PlanError, PlanSpec
 
 # Config fields that change what the frozen network computes (the fingerprint covers these).
 FINGERPRINT_CONFIG_KEYS = (
@@ -123,54 +124,6 @@ class ViltBatch:
             pixel_values=self.pixel_values.to(device, dtype, non_blocking=True),
             pixel_mask=self.pixel_mask.to(device, non_blocking=True),
         )
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Grayscale, palette, CMYK and alpha images become RGB (alpha composited on white)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    return image.convert("RGB")
-
-
-def limit_aspect_ratio(image: Image.Image, max_ratio: float, max_side: int | None = None) -> Image.Image:
-    """Pad (bottom/right, black) an image whose sides differ by more than ``max_ratio``; with
-    ``max_side``, also shrink it so that the padded image's longer side is at most ``max_side``.
-
-    ViLT's resize caps the longer side, so a very long image would shrink its shorter side below
-    one size_divisor step and the processor would fail; padding keeps the whole image and only
-    affects such images. The shrink comes before the padding, so no step costs more than about
-    ``max_side`` squared pixels (padded first, a 40000 x 1 upload was 40000 x 2100: 250 MB).
-    """
-    width, height = image.size
-    padded = (max(width, math.ceil(height / max_ratio)), max(height, math.ceil(width / max_ratio)))
-    scale = 1.0 if max_side is None else min(1.0, max_side / max(padded))
-    return padded_region(image, (0, 0, *padded), scale)
-
-
-def padded_region(image: Image.Image, box: tuple[int, int, int, int], scale: float = 1.0) -> Image.Image:
-    """The region ``box`` of ``image`` extended with black to the right and bottom, scaled by
-    ``scale`` (<= 1), built at the output size: only the part of the image inside ``box`` is read
-    and resized, the padding is never made at full size."""
-    x0, y0, x1, y1 = box
-    if scale >= 1 and box == (0, 0, *image.size):
-        return image
-    # rounded up, so that shrinking never narrows the padding below the aspect-ratio limit
-    out = Image.new(image.mode, (max(1, math.ceil((x1 - x0) * scale - 1e-6)), max(1, math.ceil((y1 - y0) * scale - 1e-6))))
-    inside = (max(x0, 0), max(y0, 0), min(x1, image.width), min(y1, image.height))
-    if inside[2] > inside[0] and inside[3] > inside[1]:
-        if scale >= 1:
-            part = image if inside == (0, 0, *image.size) else image.crop(inside)
-        else:
-            size = (max(1, round((inside[2] - inside[0]) * scale)), max(1, round((inside[3] - inside[1]) * scale)))
-            # reducing_gap: a box reduction first keeps a 40M x 1 image's resize at ms, not seconds
-            part = image.resize(size, Image.Resampling.BICUBIC, box=inside, reducing_gap=3.0)
-        out.paste(part, (round((inside[0] - x0) * scale), round((inside[1] - y0) * scale)))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,5 +529,5 @@ def config_from_dir(directory: str | os.PathLike) -> ViltConfig:
 
 __all__: list[Any] = [
     "ViltBackbone", "ViltBatch", "vilt_layer_forward", "vilt_request_flops", "vqa_head", "nlvr2_head",
-    "retrieval_head", "square_grid", "config_from_dir", "to_rgb",
+    "retrieval_head", "square_grid", "config_from_dir",
 ]

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.das import ParallelAdapters, PlanModules, SkipAdapter
-from models.plan import Plan
+from models.backbones.base import Backbone
+from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
+from models.das.plan import Plan
+from models.producer.train import TrainConfig, make_spec, minibatches, run_training, task_data
 from models.runtime import DASRuntime
-from models.train import TrainConfig, make_spec, minibatches, run_training, task_data
-from models.vilt import ViltBackbone
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SearchSupernet(nn.Module):
     """A skip adapter and a parallel-adapter pair for every layer, plus the task's own parts.
     ``plan_modules(skip_set)`` is a view that shares these modules (no copies)."""
 
-    def __init__(self, backbone: ViltBackbone, base: PlanModules, skip_bottleneck: int, parallel_bottleneck: int | None) -> None:
+    def __init__(self, backbone: Backbone, base: PlanModules, skip_bottleneck: int, parallel_bottleneck: int | None) -> None:
         super().__init__()
         hidden, eps = backbone.config.hidden_size, backbone.config.layer_norm_eps
         layers = range(backbone.num_layers)
@@ -83,7 +83,7 @@ def sample_skip_set(gates: torch.Tensor, k: int, generator: torch.Generator) -> 
 
 
 def das_search(
-    backbone: ViltBackbone, task: str, data_dir: str | Path, config: SearchConfig, progress: bool = True
+    backbone: Backbone, task: str, data_dir: str | Path, config: SearchConfig, progress: bool = True
 ) -> SearchResult:
     runtime = DASRuntime(backbone)
     data = task_data(task, runtime, data_dir, config.train)
@@ -149,10 +149,10 @@ def write_search_outputs(result: SearchResult, out_dir: str | Path) -> dict[str,
         writer = csv.DictWriter(f, fieldnames=list(result.gate_log[0]))
         writer.writeheader()
         writer.writerows(result.gate_log)
-    import matplotlib
+    import matplotlib  # here, not at the top: only writing the plot needs it (and the Agg backend)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the backend
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [row["step"] for row in result.gate_log]

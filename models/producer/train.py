@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from models.das import PlanModules
-from models.datasets import NLVR2Dataset, RetrievalDataset, VQADataset, read_task
-from models.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, save_plan
+from models.backbones.base import Backbone
+from models.das.adapters import PlanModules
+from models.das.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, save_plan
+from models.producer.datasets import read_task
+from models.producer.world.export import load_scenes
+from models.producer.world.language import hard_negative_captions
 from models.runtime import DASRuntime
-from models.vilt import ViltBackbone
 
 REFERENCE_TEXT_LEN = 16
 RETRIEVAL_EVAL_IMAGES = 100
@@ -70,7 +72,7 @@ class TaskData:
 
     def __init__(self, runtime: DASRuntime, data_dir: Path, config: TrainConfig) -> None:
         self.runtime = runtime
-        self.backbone: ViltBackbone = runtime.backbone
+        self.backbone: Backbone = runtime.backbone
         self.data_dir = Path(data_dir)
         self.config = config
         self.images = ImageCache()
@@ -190,8 +192,6 @@ class RetrievalTaskData(TaskData):
         """A caption false for the image by one attribute, when the data set records its scenes
         (`das data synth` writes scenes.jsonl); None for real data sets."""
         if not hasattr(self, "_scenes"):
-            from models.world import load_scenes
-
             try:
                 self._scenes = {(self.data_dir / k).resolve(): v for k, v in load_scenes(self.data_dir).items()}
             except FileNotFoundError:
@@ -199,8 +199,6 @@ class RetrievalTaskData(TaskData):
         scene = self._scenes.get(Path(example.image_path).resolve())
         if scene is None:
             return None
-        from models.world import hard_negative_captions
-
         captions = hard_negative_captions(scene, k=1, rng=rng)
         return captions[0] if captions else None
 
@@ -251,20 +249,12 @@ class RetrievalTaskData(TaskData):
 
 
 TASK_DATA: dict[str, type[TaskData]] = {"vqa": VQATaskData, "nlvr2": NLVR2TaskData, "retrieval": RetrievalTaskData}
-PRIMARY_METRIC = {"vqa": "vqa_score", "nlvr2": "accuracy", "retrieval": "ir_r1"}
 
 
 def task_data(task: str, runtime: DASRuntime, data_dir: str | Path, config: TrainConfig) -> TaskData:
     if task not in TASK_DATA:
         raise ValueError(f"unknown task {task!r} (known: {', '.join(TASK_DATA)})")
     return TASK_DATA[task](runtime, Path(data_dir), config)
-
-
-def primary_score(task: str, metrics: dict[str, float]) -> float:
-    """One number per task for comparisons (retrieval: mean of IR and TR recall@1)."""
-    if task == "retrieval":
-        return (metrics["ir_r1"] + metrics["tr_r1"]) / 2
-    return metrics[PRIMARY_METRIC[task]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +311,7 @@ def run_training(
     return losses
 
 
-def make_spec(backbone: ViltBackbone, data: TaskData, name: str, version: int, skipped: Sequence[int], config: TrainConfig) -> PlanSpec:
+def make_spec(backbone: Backbone, data: TaskData, name: str, version: int, skipped: Sequence[int], config: TrainConfig) -> PlanSpec:
     return PlanSpec(
         task=data.task, name=name, version=version, backbone=BackboneRef(backbone.architecture, backbone.fingerprint),
         skipped_layers=tuple(sorted(skipped)),
@@ -330,7 +320,7 @@ def make_spec(backbone: ViltBackbone, data: TaskData, name: str, version: int, s
     )
 
 
-def reference_flops(backbone: ViltBackbone, spec: PlanSpec) -> dict[str, Any]:
+def reference_flops(backbone: Backbone, spec: PlanSpec) -> dict[str, Any]:
     size = backbone.config.image_size
     report = backbone.flops_at(spec.task, spec, REFERENCE_TEXT_LEN, size)
     return {"reference_input": {"text_len": REFERENCE_TEXT_LEN, "image_size": size},
@@ -345,7 +335,7 @@ class TrainResult:
 
 
 def train_plan(
-    backbone: ViltBackbone,
+    backbone: Backbone,
     task: str,
     data_dir: str | Path,
     skipped: Sequence[int],

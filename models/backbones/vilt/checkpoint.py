@@ -10,8 +10,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from transformers import (
     BertTokenizer,
+    PreTrainedModel,
     ViltConfig,
     ViltForImageAndTextRetrieval,
     ViltForImagesAndTextClassification,
@@ -20,6 +22,9 @@ from transformers import (
     ViltProcessor,
 )
 from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
+
+from models.backbones.base import read_checkpoint_state
+from models.das.plan import Plan
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 # transformers class saved for each head; None = a bare ViltModel
@@ -81,12 +86,10 @@ def save_vilt_checkpoint(
     shortest_edge: int | None = None,
     seed: int = 0,
     safe_serialization: bool = True,
-):
+) -> PreTrainedModel:
     """Randomly initialised ViLT with the given head (``vqa``, ``nlvr2``, ``retrieval`` or None),
     saved with its processor. ``config.vocab_size`` is raised to fit the vocabulary if needed.
     Returns the transformers model (eval mode) for comparisons."""
-    import torch
-
     words = list(words)
     config.vocab_size = max(config.vocab_size, len(wordpiece_vocab(words)))
     torch.manual_seed(seed)
@@ -96,16 +99,12 @@ def save_vilt_checkpoint(
     return model
 
 
-def save_vqa_checkpoint_with_plan_parts(backbone_dir: str | os.PathLike, plan, directory: str | os.PathLike) -> Path:
+def save_vqa_checkpoint_with_plan_parts(backbone_dir: str | os.PathLike, plan: Plan, directory: str | os.PathLike) -> Path:
     """A ``ViltForQuestionAnswering`` checkpoint (with its processor) that computes what ``plan``
     computes on the backbone in ``backbone_dir``: the backbone's encoder weights, with the plan's
     own pooler, token-type embeddings and VQA head under transformers' names. Only for plans that
     skip nothing and carry no adapters (transformers has neither). Benchmarks use it to run a plain
     transformers service on exactly the weights of a DAS plan."""
-    import torch
-
-    from models.backbone import read_checkpoint_state
-
     if plan.task != "vqa" or not plan.spec.own_head:
         raise ValueError(f"plan {plan.task}/{plan.name}: needs a VQA plan with its own head")
     if plan.spec.skipped_layers or plan.modules.skip_adapters or plan.modules.parallel_adapters:

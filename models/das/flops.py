@@ -7,8 +7,8 @@ element-wise work (norms, softmax, activations, additions, position-embedding in
 is what both reference counters leave out too and is well under 1% at real sizes.
 
 Costs depend on the sequence length, so every count here is a function of the actual number of
-text tokens and image patches of a request. Architecture modules (``models/vilt.py``,
-``models/meter.py``) compose these building blocks into per-request reports.
+text tokens and image patches of a request. Architecture modules (``models/backbones/vilt/``,
+``models/backbones/meter/``) compose these building blocks into per-request reports.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Task datasets read from local files: VQAv2, NLVR2, Flickr30K (Karpathy split).
 
-The synthetic world (``models/world.py``, ``das data synth``) writes its data in these same formats,
+The synthetic world (``models/producer/world/``, ``das data synth``) writes its data in these same formats,
 so one loader path serves both. Readers return plain example records; images are opened lazily by
 path (a reader only checks that every image file exists, unless ``check_images=False``). Nothing is
 downloaded: every file must already be on local disk, and a missing one is named in a
@@ -107,7 +107,7 @@ class RetrievalDataset:
 
 
 # ---------------------------------------------------------------------------------------------
-# file layout (shared with the synthetic writer in models/world.py)
+# file layout (shared with the synthetic writer in models/producer/world/export.py)
 # ---------------------------------------------------------------------------------------------
 def _check_split(split: str) -> None:
     if split not in SPLITS:

@@ -48,11 +48,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from models.das import PlanModules
+from models.das.adapters import PlanModules
+from models.tasks import TASKS
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
-TASKS = ("vqa", "nlvr2", "retrieval")
 OWN_PARTS = ("pooler", "token_type_embeddings")
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "weights.safetensors"

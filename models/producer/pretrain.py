@@ -16,12 +16,12 @@ The architecture is ``PretrainConfig.arch``:
 * ``vilt``: saved in the Hugging Face layout as a ``ViltForImageAndTextRetrieval`` checkpoint with its
   processor (a WordPiece vocabulary built from the data's words);
 * ``meter``: CLIP-style vision and RoBERTa-style text encoders (``vision_layers`` / ``text_layers``
-  deep) and ``num_layers`` co-attention fusion layers per stream, saved in ``models/meter_checkpoint``'s
+  deep) and ``num_layers`` co-attention fusion layers per stream, saved in ``models/backbones/meter/convert``'s
   layout with a byte-level BPE tokenizer built from the data's words. MLM predicts the masked words from
   the text stream's fusion output; ITM reads both poolers. METER itself starts from pre-trained CLIP and
   RoBERTa; here nothing pre-trained exists, so the encoders are trained from scratch with the rest.
 
-Both load like any checkpoint (``models.backbone.load_backbone``).
+Both load like any checkpoint (``models.backbones.base.load_backbone``).
 """
 
 from __future__ import annotations
@@ -43,11 +43,18 @@ from tqdm.auto import tqdm
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 from transformers.models.vilt.modeling_vilt import ViltMLMHead
 
-from models.checkpoints import build_processor
-from models.das import PlanModules
-from models.datasets import read_task
-from models.train import ImageCache
-from models.vilt import ViltBackbone
+from models.backbones.meter.configuration import MeterConfig
+from models.backbones.meter.convert import build_roberta_tokenizer, write_meter_directory
+from models.backbones.meter.modeling import MeterBackbone
+from models.backbones.meter.modeling import retrieval_head as meter_retrieval_head
+from models.backbones.vilt.checkpoint import build_processor
+from models.backbones.vilt.modeling import ViltBackbone
+from models.das.adapters import PlanModules
+from models.producer.datasets import read_task
+from models.producer.train import ImageCache
+from models.producer.world.export import load_scenes
+from models.producer.world.language import hard_negative_captions, scene_captions
+from models.producer.world.scenes import Scene
 
 ARCHS = ("vilt", "meter")
 
@@ -102,15 +109,13 @@ def task_texts(task: str, data_dir: Path) -> list[str]:
 class CaptionPair:
     image_path: Path
     caption: str
-    scene: Any = None  # models.world.Scene when the data set records it (hard negatives)
+    scene: Any = None  # models.producer.world.scenes.Scene when the data set records it (hard negatives)
 
 
 def pretraining_pairs(retrieval_data: Path, scene_dirs: Iterable[Path] = (), captions_per_scene: int = 5,
                       seed: int = 0) -> list[CaptionPair]:
     """Train-split image-caption pairs: the retrieval data set's own captions, then captions written
     from the scenes of the other synthetic data sets' train images (never their val/test images)."""
-    from models.world import Scene, load_scenes, scene_captions
-
     retrieval_data = Path(retrieval_data)
     try:
         known = {(retrieval_data / k).resolve(): v for k, v in load_scenes(retrieval_data).items()}
@@ -209,8 +214,6 @@ def pretrain_backbone(
 
     def negative(pair: CaptionPair) -> str:
         if pair.scene is not None and rng.random() < config.hard_negative_fraction:
-            from models.world import hard_negative_captions
-
             hard = hard_negative_captions(pair.scene, k=1, rng=rng)
             if hard:
                 return hard[0]
@@ -276,9 +279,6 @@ def _new_vilt(config: PretrainConfig, words: list[str], out_dir: Path):
 def _new_meter(config: PretrainConfig, words: list[str], out_dir: Path):
     """A fresh MeterBackbone with a BPE tokenizer, a factory of its ITM head (METER's rank_output), and how
     to save both."""
-    from models.meter import MeterBackbone, MeterConfig, retrieval_head
-    from models.meter_checkpoint import build_roberta_tokenizer, write_meter_directory
-
     tokenizer = build_roberta_tokenizer(words, max_length=config.max_text_len)
     hidden, heads, intermediate = config.hidden_size, config.num_heads, config.intermediate_size
     meter_config = MeterConfig(
@@ -301,7 +301,7 @@ def _new_meter(config: PretrainConfig, words: list[str], out_dir: Path):
         part.apply(_bert_init)
 
     def new_itm_head() -> nn.Module:
-        head = retrieval_head(hidden)
+        head = meter_retrieval_head(hidden)
         head.apply(_bert_init)
         return head
 

@@ -1,5 +1,5 @@
 """METER checkpoints: the one key mapping from METER's official Lightning ``.ckpt`` files to this
-project's layout, the converter (`das meter convert`), and writing METER directories offline.
+project's layout, the converter (behind `das meter convert`), and writing METER directories offline.
 
 This project's layout for a METER backbone is a directory like any other checkpoint here:
 ``config.json`` (``MeterConfig``, model_type "meter"), ``model.safetensors`` (``MeterBackbone``'s own
@@ -45,27 +45,30 @@ position table, patch size from ``conv1``); head counts come from the checkpoint
 
 from __future__ import annotations
 
-import argparse
 import math
 import pickle
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from tokenizers import ByteLevelBPETokenizer
+from tokenizers.processors import RobertaProcessing
+from transformers import RobertaTokenizerFast
 
-from models.backbone import BackboneError
-from models.meter import (
+from models.backbones.base import BackboneError
+from models.backbones.meter.configuration import MeterConfig, meter_text_defaults, meter_vision_defaults
+from models.backbones.meter.modeling import (
     MeterBackbone,
-    MeterConfig,
     check_state_against,
     default_image_processor,
     heads_in_state,
-    meter_text_defaults,
-    meter_vision_defaults,
+    nlvr2_head,
+    retrieval_head,
+    vqa_head,
 )
 
 _PLACEHOLDERS = {"n": r"\d+", "i": r"\d+", "p": r"weight|bias", "rest": r".+"}
@@ -308,8 +311,6 @@ def write_meter_directory(
     directory: str | Path, config: MeterConfig, state: dict[str, torch.Tensor], tokenizer: Any = None,
 ) -> Path:
     """config.json + model.safetensors (+ tokenizer files) + preprocessor_config.json."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config.save(directory)
@@ -355,8 +356,6 @@ def convert_checkpoint(
     config, ours, ignored = convert_meter_state(state, hparams, where=str(checkpoint), labels=labels, **overrides)
     tokenizer = None
     if tokenizer_dir is not None:
-        from transformers import RobertaTokenizerFast
-
         try:
             tokenizer = RobertaTokenizerFast.from_pretrained(str(tokenizer_dir), local_files_only=True)
         except (OSError, ValueError, TypeError) as exc:
@@ -375,10 +374,6 @@ ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # ids 0-4: RoBER
 def build_roberta_tokenizer(words: Iterable[str], max_length: int = 512):
     """A byte-level BPE tokenizer in RoBERTa's format (any text tokenises), trained on ``words`` so that
     each of them is one token, at the start of a text and after a space alike."""
-    from tokenizers import ByteLevelBPETokenizer
-    from tokenizers.processors import RobertaProcessing
-    from transformers import RobertaTokenizerFast
-
     words = sorted({w.lower() for w in words})
     bpe = ByteLevelBPETokenizer()
     merges = 2 * sum(len(w) for w in words)  # enough merges for both forms of every word
@@ -396,8 +391,6 @@ def save_meter_checkpoint(
 ) -> MeterBackbone:
     """A randomly initialised METER with the given task heads, saved with its tokenizer and processor.
     ``config.text["vocab_size"]`` is raised to fit the tokenizer if needed. Returns the model (eval)."""
-    from models.meter import nlvr2_head, retrieval_head, vqa_head
-
     tokenizer = build_roberta_tokenizer(words, max_length=config.max_text_len)
     config.text["vocab_size"] = max(config.text["vocab_size"], len(tokenizer))
     hidden = config.hidden_size
@@ -409,62 +402,3 @@ def save_meter_checkpoint(
     model = MeterBackbone(config, tokenizer, heads={task: factories[task]() for task in heads}).eval()
     write_meter_directory(directory, config, model.state_dict(), tokenizer)
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# das meter convert
-# ---------------------------------------------------------------------------------------------
-def cmd_convert(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise BackboneError(f"{out}: exists and is not empty (pass --overwrite to write into it)")
-    labels = None
-    if args.labels:
-        labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
-    result = convert_checkpoint(
-        args.checkpoint, out, tokenizer_dir=args.tokenizer, labels=labels, trust_pickle=args.trust_pickle,
-        vision_heads=args.vision_heads, text_heads=args.text_heads, fusion_heads=args.fusion_heads,
-        max_text_len=args.max_text_len,
-    )
-    config = result.config
-    print(f"wrote {result.directory}: METER, image {config.image_size}px / patch {config.patch_size}, "
-          f"{config.vision['num_hidden_layers']} CLIP blocks, {config.text['num_hidden_layers']} RoBERTa layers, "
-          f"{config.num_fusion_layers} fusion layers per stream (DAS arms 0-{config.num_fusion_layers - 1} text side, "
-          f"{config.num_fusion_layers}-{config.num_arms - 1} image side), heads: {', '.join(result.heads) or 'none'}")
-    if result.ignored:
-        print(f"ignored {len(result.ignored)} METER key(s) not used at inference: {result.ignored[:6]}"
-              + (" ..." if len(result.ignored) > 6 else ""))
-    if "vqa" in result.heads and labels is None:
-        print("note: no --labels given; VQA answers are named by their index", file=sys.stderr)
-    if not result.tokenizer_written:
-        print("note: no --tokenizer given; copy RoBERTa's tokenizer files (tokenizer.json, or vocab.json + merges.txt) "
-              "into the directory before serving it", file=sys.stderr)
-    return 0
-
-
-def register(commands: argparse._SubParsersAction) -> None:
-    meter = commands.add_parser("meter", help="METER checkpoints (convert METER's .ckpt files)",
-                                description="Tools for METER backbones.")
-    meter_commands = meter.add_subparsers(dest="meter_command", metavar="SUBCOMMAND", required=True)
-    convert = meter_commands.add_parser(
-        "convert", help="METER Lightning .ckpt -> a backbone directory",
-        description="Convert an official METER fine-tuned checkpoint (PyTorch Lightning .ckpt, METER's parameter "
-                    "names) into a backbone directory that DAS_BACKBONE / --backbone read: config.json (inferred "
-                    "from the weights), model.safetensors, preprocessor_config.json (METER's CLIP transform) and, "
-                    "with --tokenizer, the RoBERTa tokenizer files. The key mapping is documented in "
-                    "models/meter_checkpoint.py and the README. Refuses (exit 2) naming METER's keys when weights are "
-                    "missing or have unexpected shapes.")
-    convert.add_argument("checkpoint", help="METER .ckpt file (or a torch-saved state dict with METER's names)")
-    convert.add_argument("--out", required=True, help="directory to write")
-    convert.add_argument("--tokenizer", help="directory with RoBERTa tokenizer files (e.g. a local copy of roberta-base)")
-    convert.add_argument("--labels", help="VQA answer vocabulary, one answer per line in head order (METER's label2ans)")
-    convert.add_argument("--vision-heads", type=int, help="CLIP attention heads (default: width / 64, 12 for ViT-B)")
-    convert.add_argument("--text-heads", type=int, help="RoBERTa attention heads (default: width / 64)")
-    convert.add_argument("--fusion-heads", type=int,
-                         help="fusion attention heads (default: the checkpoint's num_heads, else width / 64)")
-    convert.add_argument("--max-text-len", type=int,
-                         help="maximum text tokens (default: the checkpoint's max_text_len, else 40)")
-    convert.add_argument("--trust-pickle", action="store_true",
-                         help="allow unpickling non-tensor objects (Lightning hyper-parameters); only for trusted files")
-    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
-    convert.set_defaults(func=cmd_convert)

@@ -1,0 +1,218 @@
+"""`das pretrain`, `das search`, `das train`, `das eval`, `das pipeline`: producing plans.
+
+Light at import (argparse and paths only): the producer is imported when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from models.cli.argtypes import layer_list
+from models.paths import REPO_ROOT, SHIPPED_BACKBONE, SHIPPED_METER_PLANS, SHIPPED_PLANS
+from models.tasks import TASKS
+
+if TYPE_CHECKING:  # annotations only; importing them would load torch
+    from models.backbones.base import Backbone
+    from models.producer.train import TrainConfig
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    from models.producer.train import TrainConfig  # heavy: only when a command runs
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, skip_bottleneck=args.skip_bottleneck,
+        parallel_bottleneck=args.parallel_bottleneck or None, max_train_examples=args.max_train,
+        max_eval_examples=args.max_eval, seed=args.seed,
+    )
+
+
+def _load(backbone_dir: str | Path | None) -> Backbone:
+    from models.backbones.base import load_backbone  # heavy (torch): only when a command runs
+
+    return load_backbone(backbone_dir or SHIPPED_BACKBONE, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from models.producer.pretrain import PretrainConfig, pretrain_backbone  # heavy: only when the command runs
+
+    config = PretrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, hidden_size=args.hidden_size,
+                            num_layers=args.layers, vision_layers=args.vision_layers, text_layers=args.text_layers,
+                            num_heads=args.heads, intermediate_size=4 * args.hidden_size, image_size=args.image_size)
+    extra = {task: Path(d) for task, d in (("vqa", args.vqa_data), ("nlvr2", args.nlvr2_data)) if d}
+    summary = pretrain_backbone(args.data, args.out, config, extra_text_dirs=extra)
+    print(json.dumps({"out": str(args.out), **summary}, indent=2))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from models.producer.search import SearchConfig, das_search, write_search_outputs  # heavy: only when it runs
+
+    backbone = _load(args.backbone)
+    config = SearchConfig(skip_num=args.skip_num, update_every=args.update_every, gate_lr=args.gate_lr,
+                          warmup_fraction=args.warmup, train=_train_config(args))
+    result = das_search(backbone, args.task, args.data, config)
+    files = write_search_outputs(result, args.out)
+    print(f"ranking (most skippable first): {result.ranking}")
+    print(f"gates: {result.gates}")
+    print(f"chosen skip set (skip_num={result.skip_num}): {result.skip_set}")
+    print(f"wrote {files['json']}, {files['csv']}, {files['png']}")
+    print(f"next: das train --backbone {args.backbone or SHIPPED_BACKBONE} --task {args.task} --data {args.data} "
+          f"--skip {','.join(map(str, result.skip_set))} --out <plan dir>")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.producer.train import train_plan  # heavy: only when the command runs
+
+    backbone = _load(args.backbone)
+    result = train_plan(backbone, args.task, args.data, args.skip, _train_config(args), out_dir=args.out,
+                        name=args.name, version=args.version)
+    print(json.dumps({"plan": str(args.out), "metrics": result.spec.metrics}, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    # heavy (torch): only when the command runs
+    from models.producer.evaluate import backbone_dir_for_plan, check_default_backbone, evaluate_plan_dir
+
+    backbone_dir = Path(args.backbone) if args.backbone else backbone_dir_for_plan(args.plan)
+    backbone = _load(backbone_dir)
+    if not args.backbone:
+        check_default_backbone(args.plan, backbone, backbone_dir)
+    result = evaluate_plan_dir(args.plan, args.data, backbone, args.split, args.max_eval, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    # heavy (torch): only when the command runs
+    from models.producer.pipeline import PipelineSettings, clear_store, run_pipeline
+    from models.producer.report import write_reports
+
+    if args.arch == "meter":
+        settings = PipelineSettings.meter(quick=args.quick)
+    else:
+        settings = PipelineSettings.quick() if args.quick else PipelineSettings()
+    default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
+    out, work = Path(args.out or default_out), Path(args.work or REPO_ROOT / "build" / default_work)
+    if out.exists() and any(out.iterdir()) and not (args.force or args.resume):
+        print(f"error: {out} is not empty (use --force to regenerate into it, --resume to continue)", file=sys.stderr)
+        return 2
+    if args.force and not args.resume and out.exists():
+        clear_store(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = run_pipeline(out, work, settings, seed=args.seed, progress=not args.quiet)
+    (out / "pipeline-report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(write_reports(report, out, args.arch, readme=args.update_readme))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse
+# ---------------------------------------------------------------------------------------------
+def _training_options(parser: argparse.ArgumentParser, epochs: float) -> None:
+    parser.add_argument("--backbone", help=f"backbone checkpoint directory (default: the shipped {SHIPPED_BACKBONE.relative_to(REPO_ROOT)})")
+    parser.add_argument("--task", required=True, choices=TASKS, help="task to train for")
+    parser.add_argument("--data", required=True, help="dataset directory (VQAv2 / NLVR2 / Flickr30K layout, or `das data synth` output)")
+    parser.add_argument("--epochs", type=float, default=epochs, help=f"training epochs (default {epochs})")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    parser.add_argument("--skip-bottleneck", type=int, default=64, help="skip adapter bottleneck (default 64)")
+    parser.add_argument("--parallel-bottleneck", type=int, default=16, help="parallel adapter bottleneck, 0 = none (default 16)")
+    parser.add_argument("--max-train", type=int, help="use at most this many training examples")
+    parser.add_argument("--max-eval", type=int, help="evaluate on at most this many examples")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add `das pretrain`, `das search`, `das train`, `das eval` and `das pipeline`."""
+    pretrain = commands.add_parser(
+        "pretrain", help="pre-train a small ViLT or METER (ITM + MLM) on image-caption data",
+        description="Pre-train a ViLT or a METER from scratch with image-text matching and masked language modelling "
+                    "on a retrieval dataset (Flickr30K layout); save it in the Hugging Face layout with its tokenizer "
+                    "and image processor.")
+    pretrain.add_argument("--data", required=True, help="retrieval dataset directory (image-caption pairs)")
+    pretrain.add_argument("--vqa-data", help="also take vocabulary words from this VQA dataset")
+    pretrain.add_argument("--nlvr2-data", help="also take vocabulary words from this NLVR2 dataset")
+    pretrain.add_argument("--out", required=True, help="output checkpoint directory")
+    pretrain.add_argument("--epochs", type=float, default=3.0, help="epochs over the caption pairs (default 3)")
+    pretrain.add_argument("--hidden-size", type=int, default=128, help="hidden size (default 128)")
+    pretrain.add_argument("--arch", choices=["vilt", "meter"], default="vilt", help="architecture (default vilt)")
+    pretrain.add_argument("--layers", type=int, default=8,
+                          help="ViLT: encoder layers; METER: fusion layers per stream (default 8)")
+    pretrain.add_argument("--vision-layers", type=int, default=2, help="METER: vision encoder layers (default 2)")
+    pretrain.add_argument("--text-layers", type=int, default=2, help="METER: text encoder layers (default 2)")
+    pretrain.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    pretrain.add_argument("--image-size", type=int, default=64, help="image size (default 64)")
+    pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    search = commands.add_parser(
+        "search", help="DAS bandit search: which layers can a task skip?",
+        description="Layer significance as a k-armed bandit: trains adapters while sampling skip sets from the "
+                    "gates, updates the gates by REINFORCE from validation rewards after a warm-up, and ranks the "
+                    "layers. Writes search.json, gates.csv and gates.png to --out.")
+    _training_options(search, epochs=1.0)
+    search.add_argument("--skip-num", type=int, default=2, help="layers skipped per sampled set, and chosen (default 2)")
+    search.add_argument("--update-every", type=int, default=10, help="gate update period in steps (default 10)")
+    search.add_argument("--gate-lr", type=float, default=50.0, help="gate learning rate (default 50)")
+    search.add_argument("--warmup", type=float, default=0.3, help="warm-up fraction of the steps (default 0.3)")
+    search.add_argument("--out", required=True, help="directory for search.json, gates.csv, gates.png")
+    search.set_defaults(func=cmd_search)
+
+    train = commands.add_parser(
+        "train", help="train a plan's adapters and head for a fixed skip set",
+        description="Train skip adapters, parallel adapters, pooler/token types and the task head with the "
+                    "backbone frozen; evaluate on val; write a validated plan directory with metrics.")
+    _training_options(train, epochs=2.0)
+    train.add_argument("--skip", type=layer_list, default=[], help="layers to skip, e.g. 2,5 (default none)")
+    train.add_argument("--out", required=True, help="plan directory to write")
+    train.add_argument("--name", default="plan", help="plan name (default 'plan')")
+    train.add_argument("--version", type=int, default=1, help="plan version (default 1)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="a plan's task metrics and mean FLOPs on a dataset",
+        description="Evaluate a plan directory (or TASK/full for a built-in plan) on a dataset split: VQA "
+                    "vqa_score, NLVR2 accuracy, retrieval ir_r1/5/10 and tr_r1/5/10 (fractions), plus mean "
+                    "flops_full / flops_reduced per request.")
+    evaluate.add_argument("plan", help="plan directory, or TASK/full")
+    evaluate.add_argument("--data", required=True, help="dataset directory")
+    evaluate.add_argument("--backbone", help="backbone checkpoint directory (default: the backbone of the plan store "
+                                             "the plan lies in, <store>/backbone; else the shipped one)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default test)")
+    evaluate.add_argument("--max-eval", type=int, help="evaluate on at most this many examples")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(func=cmd_eval)
+
+    pipeline = commands.add_parser(
+        "pipeline", help="regenerate the embedded default: data, backbone, search, plans, table, plot",
+        description="Synthesise data, pre-train the backbone, search and train plans for every task at several "
+                    "skip levels, compare the search with random skip sets, evaluate, and write RESULTS.md, "
+                    "pareto.png and store.json. Deterministic given --seed. About 90 min on 2 CPU cores; "
+                    "--quick runs a micro version in a minute or two.")
+    pipeline.add_argument("--arch", choices=["vilt", "meter"], default="vilt",
+                          help="backbone architecture: vilt (the embedded default) or meter (the tiny METER: 2-layer "
+                               "encoders, 6 fusion layers per stream, searched with skip_num 4)")
+    pipeline.add_argument("--out", help="plan store to write (default plans/ for vilt, plans/meter/ for meter)")
+    pipeline.add_argument("--work", help="scratch directory for data and search logs (default build/pipeline, or "
+                                         "build/pipeline-meter)")
+    pipeline.add_argument("--quick", action="store_true", help="micro sizes, for tests and smoke runs")
+    pipeline.add_argument("--force", action="store_true", help="overwrite an existing plan store")
+    pipeline.add_argument("--resume", action="store_true",
+                          help="continue an interrupted run: reuse the backbone, trained plans and results cached in --work")
+    pipeline.add_argument("--update-readme", action="store_true", help="write the results table into README.md")
+    pipeline.add_argument("--quiet", action="store_true", help="no progress bars")
+    pipeline.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pipeline.set_defaults(func=cmd_pipeline)

@@ -1,0 +1,211 @@
+"""`das pipeline`: regenerates a plan store (the embedded default: backbone + plans for every task) from
+seeds, deterministically: synthetic data, pre-training, search, a plan per skip level, test evaluation,
+searched vs random skip sets, and store.json. ``models/producer/report.py`` writes its tables and plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from models.backbones.base import Backbone, load_backbone
+from models.das.plan import PlanError, validate_plan
+from models.paths import STORE_BACKBONE_DIR, STORE_STATE_FILE
+from models.producer.evaluate import evaluate_plan_dir
+from models.producer.pretrain import PretrainConfig, pretrain_backbone
+from models.producer.search import SearchConfig, das_search, write_search_outputs
+from models.producer.train import TrainConfig, train_plan
+from models.producer.world.export import synthesize
+from models.tasks import TASKS, primary_score
+
+
+@dataclass
+class PipelineSettings:
+    """Sizes for a full regeneration (~90 min on 2 CPU cores) or a --quick smoke run."""
+
+    arch: str = "vilt"  # models.producer.pretrain.ARCHS
+    n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
+    image_size: int = 96
+    pretrain_epochs: float = 1.2  # over every caption pair: retrieval captions + captioned train scenes of all tasks
+    hidden_size: int = 128
+    layers: int = 8  # ViLT: encoder layers; METER: fusion layers per stream
+    vision_layers: int = 2  # METER only: uni-modal encoder depths
+    text_layers: int = 2
+    heads: int = 4
+    train_epochs: float = 1.5
+    # fewer training examples: at 1.5 epochs NLVR2 stayed near chance and retrieval's skip adapters
+    # lost 60% of the adapters-only R@1 (a run of 2026-11-23)
+    train_epochs_by_task: dict[str, float] = field(default_factory=lambda: {"nlvr2": 5.0, "retrieval": 6.0})
+    search_epochs: float = 1.0
+    search_update_every: int = 10
+    baseline_epochs: float = 0.5
+    skip_levels: tuple[int, ...] = (2, 4)
+    # VQA gets a deeper ladder: load-adaptive serving (service/adaptive.py) steps down to skip6 when skip4's
+    # capacity (at most ~1.8x the adapters plan's) cannot absorb an overload
+    skip_levels_by_task: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"vqa": (2, 4, 6)})
+    search_k: int | None = None  # skip_num of the search (default: the first skip level)
+    random_baselines: int = 3
+    batch_size: int = 32
+    max_eval: int | None = 1000
+
+    @classmethod
+    def quick(cls) -> PipelineSettings:
+        return cls(n={"vqa": 96, "nlvr2": 64, "retrieval": 48}, image_size=64, pretrain_epochs=1.0, hidden_size=32, layers=4,
+                   heads=2, train_epochs=1.0, train_epochs_by_task={}, skip_levels_by_task={}, search_epochs=3.0, search_update_every=2, baseline_epochs=0.5,
+                   skip_levels=(1, 2),
+                   random_baselines=3, batch_size=8, max_eval=32)
+
+    @classmethod
+    def meter(cls, quick: bool = False) -> PipelineSettings:
+        """The tiny METER: 2-layer encoders, 6 fusion layers per stream (12 arms, as METER), searched
+        with skip_num 4 as in the DAS reference. Its FLOPs per request are close to the tiny ViLT's."""
+        if quick:
+            return dataclasses.replace(cls.quick(), arch="meter", layers=2, vision_layers=1, text_layers=1,
+                                       skip_levels=(2,), search_k=2)
+        # one skip level and fewer epochs than the ViLT's: a full METER run fits in about 90 min on 2 cores
+        return cls(arch="meter", layers=6, vision_layers=2, text_layers=2, skip_levels=(4,), skip_levels_by_task={},
+                   search_k=4, pretrain_epochs=1.0, random_baselines=2,
+                   train_epochs_by_task={"nlvr2": 4.0, "retrieval": 4.0})
+
+
+def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 0, progress: bool = True,
+                 log=print) -> dict[str, Any]:
+    started = time.time()
+    reused: list[str] = []
+    print_line = log
+
+    def log(message: str) -> None:  # counts "[resume]" lines: steps cached by an earlier run
+        if message.startswith("[resume]"):
+            reused.append(message)
+        print_line(message)
+
+    data = {task: work / "data" / task for task in TASKS}
+    for offset, task in enumerate(TASKS):
+        if not (data[task] / "synth.json").is_file():
+            log(f"[data] synthesising {task}: {settings.n[task]} examples")
+            synthesize(task, data[task], n=settings.n[task], seed=seed + offset, image_size=settings.image_size,
+                       progress=progress)
+    backbone_dir = out / STORE_BACKBONE_DIR
+    pretrain_file = work / "pretrain.json"
+    if (backbone_dir / "config.json").is_file() and pretrain_file.is_file():
+        log("[resume] pretrain: reusing the backbone already in the output")
+        pretrain_summary = json.loads(pretrain_file.read_text())
+    else:
+        log(f"[pretrain] {settings.arch}: ITM + MLM on the synthetic image-caption pairs")
+        pretrain_summary = pretrain_backbone(
+            data["retrieval"], backbone_dir,
+            PretrainConfig(arch=settings.arch, hidden_size=settings.hidden_size, num_layers=settings.layers,
+                           vision_layers=settings.vision_layers, text_layers=settings.text_layers, num_heads=settings.heads,
+                           intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
+                           epochs=settings.pretrain_epochs, seed=seed),
+            extra_text_dirs={"vqa": data["vqa"], "nlvr2": data["nlvr2"]}, progress=progress,
+            scene_dirs=[data["vqa"], data["nlvr2"]],
+        )
+        pretrain_file.write_text(json.dumps(pretrain_summary, indent=2) + "\n")
+    backbone = load_backbone(backbone_dir, device="cpu")
+    train_config = TrainConfig(epochs=settings.train_epochs, batch_size=settings.batch_size, seed=seed,
+                               max_eval_examples=settings.max_eval,
+                               skip_bottleneck=max(8, settings.hidden_size // 2),
+                               # hidden/16: parallel adapters cost ~2% FLOPs, so skipping 2 of 8 layers saves > 20%
+                               parallel_bottleneck=max(4, settings.hidden_size // 16))
+    report: dict[str, Any] = {"pretrain": pretrain_summary, "tasks": {}}
+    for task in TASKS:
+        task_config = TrainConfig(**{**asdict(train_config),
+                                     "epochs": settings.train_epochs_by_task.get(task, settings.train_epochs)})
+        report["tasks"][task] = _run_task(task, backbone, data[task], out, work, settings, task_config, seed,
+                                          progress, log)
+        _write_store_state(out, task, report["tasks"][task])
+    report["minutes"] = round((time.time() - started) / 60, 1)
+    report["reused_steps"] = len(reused)
+    return report
+
+
+def _cached(path: Path, make, log, what: str):
+    """Resume support: a step whose JSON result exists in the work directory is not run again."""
+    if path.is_file():
+        log(f"[resume] {what}: reusing {path}")
+        return json.loads(path.read_text())
+    result = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Path, settings: PipelineSettings, train_config,
+              seed: int, progress: bool, log) -> dict[str, Any]:
+    """Search, train a plan per skip level, evaluate on test, and compare the search with random
+    skip sets. Each step's result is cached under ``work`` so an interrupted run resumes."""
+    search_k = settings.search_k or settings.skip_levels[0]
+
+    def search() -> dict[str, Any]:
+        log(f"[search] {task}")
+        config = SearchConfig(skip_num=search_k, update_every=settings.search_update_every,
+                              train=TrainConfig(**{**asdict(train_config), "epochs": settings.search_epochs}))
+        result = das_search(backbone, task, data_dir, config, progress=progress)
+        write_search_outputs(result, work / "search" / task)
+        return result.to_json()
+
+    searched = _cached(work / "search" / task / "search.json", search, log, f"{task} search")
+    levels = settings.skip_levels_by_task.get(task, settings.skip_levels)
+    plans = {"adapters": []} | {f"skip{k}": sorted(searched["ranking"][:k]) for k in levels}
+    task_report: dict[str, Any] = {"search": searched, "plans": {}}
+    for name, skipped in plans.items():
+        plan_dir = out / task / name
+        try:
+            spec = validate_plan(plan_dir, backbone)
+            if list(spec.skipped_layers) != skipped:
+                raise PlanError("different skip set")
+            log(f"[resume] {task}/{name}: reusing the trained plan in {plan_dir}")
+        except PlanError:
+            log(f"[train] {task}/{name} skipping {skipped}")
+            spec = train_plan(backbone, task, data_dir, skipped, train_config, out_dir=plan_dir, name=name,
+                              progress=progress).spec
+        evaluation = _cached(work / "eval" / task / f"{name}.json",
+                             lambda: evaluate_plan_dir(plan_dir, data_dir, backbone, "test", settings.max_eval, progress),
+                             log, f"{task}/{name} test evaluation")
+        task_report["plans"][name] = {**evaluation, "trainable_params": spec.metrics["trainable_params"]}
+
+    # evidence for the search: same K, same (shorter) training, searched vs random skip sets, on val
+    baseline_config = TrainConfig(**{**asdict(train_config), "epochs": settings.baseline_epochs})
+    rng = random.Random(seed + 17)
+    others = [list(c) for c in itertools.combinations(range(backbone.num_layers), search_k) if list(c) != searched["skip_set"]]
+    candidates = [searched["skip_set"]] + rng.sample(others, min(settings.random_baselines, len(others)))
+    scores = []
+    for skip in candidates:
+        key = "-".join(map(str, skip))
+        metrics = _cached(work / "baselines" / task / f"skip-{key}.json",
+                          lambda: train_plan(backbone, task, data_dir, skip, baseline_config, progress=progress).metrics,
+                          log, f"{task} baseline {skip}")
+        scores.append({"skip": skip, "score": primary_score(task, metrics)})
+    task_report["search_vs_random"] = {
+        "k": search_k, "searched_skip": searched["skip_set"], "searched_score": scores[0]["score"],
+        "random": scores[1:], "random_mean": sum(s["score"] for s in scores[1:]) / max(1, len(scores) - 1),
+    }
+    return task_report
+
+
+def _write_store_state(out: Path, task: str, task_report: dict[str, Any]) -> None:
+    """store.json: every trained plan loaded; active = the cheapest plan keeping >= 97% of the
+    adapters-only score (or the adapters-only plan)."""
+    path = out / STORE_STATE_FILE
+    state = json.loads(path.read_text()) if path.is_file() else {"loaded": {}, "active": {}, "history": {}}
+    plans = task_report["plans"]
+    state["loaded"][task] = sorted(plans)
+    reference = primary_score(task, plans["adapters"])
+    keeping = [name for name, r in plans.items() if primary_score(task, r) >= 0.97 * reference]
+    state["active"][task] = min(keeping, key=lambda name: plans[name]["flops_reduced"]) if keeping else "adapters"
+    path.write_text(json.dumps(state, indent=2) + "\n")
+
+
+def clear_store(out: Path) -> None:
+    """Remove what a pipeline run writes into a plan store (before a --force run)."""
+    for child in (STORE_BACKBONE_DIR, *TASKS, STORE_STATE_FILE):
+        target = out / child
+        shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
