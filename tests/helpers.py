@@ -23,6 +23,7 @@ from transformers import ViltConfig
 from models.backbones.vilt.checkpoint import save_vilt_checkpoint
 from models.backbones.vilt.modeling import ViltBackbone
 from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
+from service.registry import STATE_FILE, PlanRegistry
 
 WORDS = ["what", "color", "is", "the", "circle", "square", "red", "blue", "green", "left", "right",
          "of", "a", "there", "two", "one", "how", "many", "shapes", "are", "image", "both", "images"]
@@ -148,3 +149,34 @@ def assert_client_error(response, status: int, fragment: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
     assert fragment.lower() in json.dumps(body).lower(), body
+
+
+# -- plan stores (in process) -------------------------------------------------------------------
+def make_spec(backbone, name: str, task: str = "vqa", version: int = 1, skipped=(1,), **fields) -> PlanSpec:
+    return PlanSpec(
+        task=task, name=name, version=version, backbone=BackboneRef(backbone.architecture, backbone.fingerprint),
+        skipped_layers=tuple(skipped), adapters=AdapterShapes(skip_bottleneck=4), metrics={"vqa_score": 0.5}, **fields,
+    )
+
+
+def write_plan(root: Path, backbone, name: str, task: str = "vqa", version: int = 1, skipped=(1,), seed: int = 0,
+               at: Path | None = None) -> PlanSpec:
+    """save_plan(<store>/<task>/<name>, spec, modules) with random (non-zero) weights."""
+    spec = make_spec(backbone, name, task, version, skipped)
+    modules = backbone.build_plan_modules(spec)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in modules.state_dict().values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+    return save_plan(at if at is not None else root / task / name, spec, modules, overwrite=True)
+
+
+def store_json(root: Path) -> dict | None:
+    path = root / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def served(reg: PlanRegistry) -> dict:
+    """What a worker serves: task -> (active, {name: version})."""
+    return {task: (entry["active"], {name: plan.version for name, plan in entry["plans"].items()})
+            for task, entry in reg.snapshot().items()}

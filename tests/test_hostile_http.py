@@ -19,8 +19,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 import service.guard as guard
-from conftest import make_checkpoint
-from test_service_integration import AUTH, TOKEN, _png, serve
+from helpers import AUTH, TOKEN, make_checkpoint, serve
+from helpers import png as _png
 
 CAP = 2  # in-flight requests
 HEADER_TIMEOUT_S = 2

@@ -10,10 +10,11 @@ import tracemalloc
 import pytest
 from PIL import Image
 
-from conftest import WORDS, random_image
-from models.meter import MeterBackbone, MeterConfig, meter_text_defaults, meter_vision_defaults
-from models.meter_checkpoint import build_roberta_tokenizer
-from models.vilt import limit_aspect_ratio
+from helpers import WORDS, random_image
+from models.backbones.base import limit_aspect_ratio
+from models.backbones.meter.configuration import MeterConfig, meter_text_defaults, meter_vision_defaults
+from models.backbones.meter.convert import build_roberta_tokenizer
+from models.backbones.meter.modeling import MeterBackbone
 from service.inputs import load_image
 
 # 1 x N, N x 1 and a large photo, all within the default upload limits (40 megapixels)

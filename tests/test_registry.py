@@ -17,13 +17,12 @@ import service.registry as registry_module
 from models.das.plan import (
     FULL_PLAN_NAME,
     WEIGHTS_FILE,
-    AdapterShapes,
     BackboneRef,
     PlanSpec,
     save_plan,
 )
 from service.registry import STATE_FILE, PlanRegistry, PlanStore, RegistryError, default_store_for
-from helpers import random_image
+from helpers import make_spec, random_image, served, store_json, write_plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,40 +42,10 @@ def registry(backbone, store_root) -> PlanRegistry:
     return reg
 
 
-def make_spec(backbone, name: str, task: str = "vqa", version: int = 1, skipped=(1,), **fields) -> PlanSpec:
-    return PlanSpec(
-        task=task, name=name, version=version, backbone=BackboneRef(backbone.architecture, backbone.fingerprint),
-        skipped_layers=tuple(skipped), adapters=AdapterShapes(skip_bottleneck=4), metrics={"vqa_score": 0.5}, **fields,
-    )
-
-
-def write_plan(root: Path, backbone, name: str, task: str = "vqa", version: int = 1, skipped=(1,), seed: int = 0,
-               at: Path | None = None) -> PlanSpec:
-    """save_plan(<store>/<task>/<name>, spec, modules) with random (non-zero) weights."""
-    spec = make_spec(backbone, name, task, version, skipped)
-    modules = backbone.build_plan_modules(spec)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in modules.state_dict().values():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-    return save_plan(at if at is not None else root / task / name, spec, modules, overwrite=True)
-
-
 def corrupt_weights(directory: Path) -> None:
     data = bytearray((directory / WEIGHTS_FILE).read_bytes())
     data[-1] ^= 0xFF  # a tensor byte: the file still parses, only the checksum can tell
     (directory / WEIGHTS_FILE).write_bytes(bytes(data))
-
-
-def store_json(root: Path) -> dict | None:
-    path = root / STATE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def served(reg: PlanRegistry) -> dict:
-    """What a worker serves: task -> (active, {name: version})."""
-    return {task: (entry["active"], {name: plan.version for name, plan in entry["plans"].items()})
-            for task, entry in reg.snapshot().items()}
 
 
 def identity(reg: PlanRegistry) -> dict:

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ValidationError
 
 from service.errors import BENTOML_ERROR_LOGGER, ClientErrorLogFilter, reshape
 from service.schemas import PlanEntry, PlanMetrics, PlansOverview
-from test_service_integration import _save_plan, serve, two_plan_vqa_store
+from helpers import save_random_plan as _save_plan
+from helpers import serve, two_plan_vqa_store
 
 SKIP1_METRICS = {"vqa_score": 0.6, "eval_split": "val", "reference_input": {"text_len": 8, "image_size": 64},
                  "per_question_type": {f"type-{i}": i / 1000 for i in range(500)}}  # big: never listed

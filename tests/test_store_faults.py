@@ -17,12 +17,28 @@ import time
 from pathlib import Path
 
 import pytest
-
-from models.plan import FULL_PLAN_NAME
-from service.registry import (
-    HISTORY_LIMIT, LOCK_FILE, STATE_FILE, PlanRegistry, PlanStore, RegistryError, StoreStateError,
+from helpers import (
+    AUTH,
+    random_image,
+    serve,
+    served,
+    store_json,
+    two_plan_vqa_store,
+    write_plan,
 )
-from test_registry import backbone, served, store_json, write_plan  # noqa: F401 - backbone is a fixture
+from helpers import png as _png
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.das.plan import FULL_PLAN_NAME
+from service.registry import (
+    HISTORY_LIMIT,
+    LOCK_FILE,
+    STATE_FILE,
+    PlanRegistry,
+    PlanStore,
+    RegistryError,
+    StoreStateError,
+)
 
 
 @pytest.fixture
@@ -375,10 +391,6 @@ def test_the_sync_loop_counts_its_failures_and_logs_each_distinct_one_once(caplo
 # a real server: a typo in store.json changes nothing served, is reported, and blocks admin writes
 # ---------------------------------------------------------------------------------------------
 def test_a_served_store_with_a_typo_keeps_serving_and_reports_it(tmp_path):
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from conftest import random_image
-    from test_service_integration import AUTH, _png, serve, two_plan_vqa_store
 
     backbone_dir, store, _ = two_plan_vqa_store(tmp_path)
     state_file = store / STATE_FILE
