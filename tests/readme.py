@@ -12,13 +12,19 @@ differs between CPUs); ``...`` stands for any text, which is how volatile values
 
 from __future__ import annotations
 
+import contextlib
 import doctest
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import redirect_stdout
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,11 +91,6 @@ def _volatile(text: str) -> str:
     return text
 
 
-class _ToleranceChecker(doctest.OutputChecker):
-    def check_output(self, want: str, got: str, optionflags: int) -> bool:
-        return outputs_match(want, got)
-
-
 class Runner:
     """Runs examples in ``workdir`` against the service at ``base_url``."""
 
@@ -124,9 +125,6 @@ class Runner:
         try:
             for example in parsed:
                 source = example.source
-                from io import StringIO
-                from contextlib import redirect_stdout
-
                 out = StringIO()
                 with redirect_stdout(out):
                     code = compile(source, "<README>", "single")
@@ -153,12 +151,28 @@ class Runner:
         return checks, "".join(pieces)
 
 
+STORE_PARTS = ("backbone", "vqa", "nlvr2", "retrieval", "store.json")  # the embedded default, without the METER
+
+
+@contextlib.contextmanager
+def serve_embedded_copy(scratch: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """Serve a copy of the embedded default (admin examples change its store.json) as `make serve`
+    does, with the README's admin token; yield the base URL and the environment for the examples."""
+    from helpers import serve  # noqa: PLC0415 - tests/ is on sys.path only when run from there
+
+    store = scratch / "plans"
+    store.mkdir()
+    for part in STORE_PARTS:
+        source = REPO / "plans" / part
+        (shutil.copytree if source.is_dir() else shutil.copy2)(source, store / part)
+    with serve(scratch, DAS_BACKBONE=str(store / "backbone"), DAS_PLANS=str(store), DAS_ADMIN_TOKEN=ADMIN_TOKEN,
+               DAS_TORCH_THREADS="1") as client:
+        # the examples call `das` as a reader with the venv active would
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        yield str(client.base_url).rstrip("/"), env
+
+
 def _write() -> None:
-    sys.path.insert(0, str(REPO / "tests"))
-    import tempfile
-
-    from helpers import serve_embedded_copy  # noqa: PLC0415 - the same server the test uses
-
     with tempfile.TemporaryDirectory() as scratch, serve_embedded_copy(Path(scratch)) as (base_url, env):
         workdir = Path(scratch) / "work"
         workdir.mkdir()
@@ -168,6 +182,7 @@ def _write() -> None:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "tests"))
     if sys.argv[1:] != ["--write"]:
         sys.exit(__doc__)
     _write()

@@ -292,8 +292,8 @@ def bento_files(ctx: Path, config: dict | None = None) -> set[str]:
 
 def test_bentofile_packs_the_serving_code_and_the_embedded_default():
     packed = bento_files(REPO)
-    for needed in ("service/service.py", "service/registry.py", "models/__init__.py", "models/plan.py",
-                   "plans/store.json", "plans/backbone/config.json", "plans/backbone/model.safetensors",
+    for needed in ("service/service.py", "service/registry.py", "models/__init__.py", "models/das/plan.py",
+                   "models/backbones/base.py", "plans/store.json", "plans/backbone/config.json", "plans/backbone/model.safetensors",
                    "plans/meter/store.json", "plans/meter/backbone/config.json"):
         assert needed in packed, needed
     for store in ("plans", "plans/meter"):
@@ -310,7 +310,7 @@ def test_bentofile_packs_the_serving_code_and_the_embedded_default():
 
 
 def test_bentofile_leaves_out_the_producer_bench_and_cli_of_the_restructured_models(tmp_path):
-    layout = ["models/__init__.py", "models/plan.py", "models/vilt.py", "models/core/runtime.py",
+    layout = ["models/__init__.py", "models/das/plan.py", "models/backbones/base.py", "models/runtime.py",
               "models/producer/__init__.py", "models/producer/train.py", "models/producer/search/grid.py",
               "models/bench/__init__.py", "models/bench/runtime.py", "models/cli/__init__.py",
               "models/cli/main.py", "models/README.md", "service/__init__.py", "service/service.py",
@@ -320,7 +320,7 @@ def test_bentofile_leaves_out_the_producer_bench_and_cli_of_the_restructured_mod
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text("")
     assert bento_files(tmp_path) == {
-        "models/__init__.py", "models/plan.py", "models/vilt.py", "models/core/runtime.py",
+        "models/__init__.py", "models/das/plan.py", "models/backbones/base.py", "models/runtime.py",
         "service/__init__.py", "service/service.py", "service/sub/helpers.py",
         "plans/store.json", "plans/backbone/config.json", "plans/vqa/skip4/plan.json"}
 
@@ -397,7 +397,7 @@ def test_bentoml_build_packs_the_serving_files_and_pins_the_venv_torch_build(tmp
 
     # the packed code imports on its own, without matplotlib (models/, service/ resolve inside src/)
     probe = ("import sys; sys.path.insert(0, sys.argv[1]); sys.modules['matplotlib'] = None; "
-             "import service.service, models.backbone, models.runtime, service.metrics; "
+             "import service.service, models.backbones.base, models.backbones.vilt.modeling, models.runtime, service.metrics; "
              "ours = [m.__file__ for n, m in list(sys.modules.items()) if n.split('.')[0] in ('models', 'service') "
              "and getattr(m, '__file__', None)]; "
              "outside = [f for f in ours if not f.startswith(sys.argv[1])]; assert not outside, outside")
