@@ -6,6 +6,8 @@ numbers are there and consistent."""
 
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 import json
 import sys
@@ -61,7 +63,8 @@ def test_service_benchmark_micro_run_writes_every_row(tmp_path):
     (overhead,) = result["overhead"]
     assert overhead["service"] == "das-full" and overhead["pairs"] == 4
     assert overhead["e2e_p50_ms"] > 0 and overhead["inprocess_p50_ms"] > 0
-    assert abs(overhead["overhead"] - (overhead["e2e_p50_ms"] / overhead["inprocess_p50_ms"] - 1)) < 1e-3
+    # the report rounds the p50s (to 0.01 and 0.001 ms), so their ratio is known only to about 1%
+    assert overhead["overhead"] + 1 == pytest.approx(overhead["e2e_p50_ms"] / overhead["inprocess_p50_ms"], rel=1e-2)
     # the no-op BentoML service with the same inputs: BentoML's own share, and what DAS adds beyond it
     assert overhead["bentoml_floor_p50_ms"] > 0
     assert abs(overhead["das_added_ms"] - (overhead["e2e_p50_ms"] - overhead["inprocess_p50_ms"]
