@@ -417,3 +417,13 @@ def test_cli_flops_for_llava(tiny, capsys):
     assert main(["flops", "--backbone", str(directory)]) == 0
     assert "decoder block 3" in capsys.readouterr().out
     assert main(["flops", "--backbone", str(directory), "--task", "nlvr2"]) == 2
+
+
+def test_half_precision_keeps_the_fingerprint_and_generates(tiny):
+    directory, _, backbone = tiny
+    half = load_backbone(directory, device="cpu", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and half.fingerprint == backbone.fingerprint
+    prompts, images = prompts_and_images()
+    completions = LlavaRuntime(half).generate(builtin_full_plan(half, "vqa"), prompts, images,
+                                              GenerationParams(max_new_tokens=3))
+    assert [c.completion_tokens for c in completions] == [3, 3, 3] or any(c.finish_reason == "stop" for c in completions)

@@ -349,7 +349,8 @@ class LlavaBackbone(nn.Module):
         processor.tokenizer.padding_side = "left"
         try:
             model, info = LlavaForConditionalGeneration.from_pretrained(
-                str(directory), local_files_only=True, dtype=torch.float32, attn_implementation="sdpa",
+                # the checkpoint's own dtype: the fingerprint then does not depend on the dtype asked for
+                str(directory), local_files_only=True, dtype="auto", attn_implementation="sdpa",
                 output_loading_info=True,
             )
         except (OSError, ValueError) as exc:
