@@ -35,6 +35,7 @@ from models.das.plan import PlanBackbone, PlanSpec
 ARCHITECTURES = {
     "vilt": "models.backbones.vilt.modeling:ViltBackbone",
     "meter": "models.backbones.meter.modeling:MeterBackbone",
+    "llava": "models.backbones.llava.modeling:LlavaBackbone",
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

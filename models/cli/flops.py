@@ -48,15 +48,27 @@ def cmd_flops(args: argparse.Namespace) -> int:
     labels = len(spec.labels) if spec.labels else None
     if args.image_size is None:  # the resolution the backbone was trained at
         args.image_size = (config.image_size, config.image_size)
-    report = cls.config_flops_at(config, task, spec, args.text_len, args.image_size, labels)
+    generative = getattr(cls, "generative", False)  # LLaVA: prefill + decoded tokens
+    if args.new_tokens is not None and not generative:
+        print(f"error: --new-tokens: a {cls.architecture} backbone does not generate", file=sys.stderr)
+        return EXIT_REFUSED
+    extra = {"new_tokens": args.new_tokens} if generative and args.new_tokens is not None else {}
+    report = cls.config_flops_at(config, task, spec, args.text_len, args.image_size, labels, **extra)
     result = report.to_dict()
     result.update(task=task, text_len=args.text_len, image_size=list(args.image_size),
                   skipped_layers=sorted(spec.skipped_layers))
+    if generative:
+        result.update(new_tokens=report.seq_lens[1] - report.seq_lens[0] + 1)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"task {task}, {args.text_len} text tokens, image {args.image_size[0]}x{args.image_size[1]} "
-          f"(sequence {', '.join(map(str, report.seq_lens))})")
+    if generative:
+        print(f"task {task}, {args.text_len} text tokens, image {args.image_size[0]}x{args.image_size[1]}, "
+              f"{result['new_tokens']} generated tokens (prompt {report.seq_lens[0]} tokens, context "
+              f"{report.seq_lens[1]} at the last step)")
+    else:
+        print(f"task {task}, {args.text_len} text tokens, image {args.image_size[0]}x{args.image_size[1]} "
+              f"(sequence {', '.join(map(str, report.seq_lens))})")
     print(f"{'layer':>5}  {'full GFLOPs':>12}  {'executed':>12}")
     names = cls.arm_names(config)
     for layer in report.per_layer:
@@ -75,8 +87,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         description="FLOPs of one forward pass at a given text length and image size, per layer, for the full "
                     "model and for a plan (skipped layers replaced by their adapters). 1 multiply-add = 2 FLOPs. "
                     "Reads only the backbone's config.json. Layers are the backbone's DAS arms: ViLT's encoder "
-                    "layers; METER's fusion layers, text side first (0-5 text, 6-11 image for METER-B); METER's "
-                    "sequence shows text and image tokens per pass.")
+                    "layers; METER's fusion layers, text side first (0-5 text, 6-11 image for METER-B); LLaVA's "
+                    "decoder blocks. METER's sequence shows text and image tokens per pass; for LLaVA --text-len "
+                    "counts the prompt's text tokens (its image tokens are added) and --new-tokens the answer's.")
     flops.add_argument("--backbone", required=True, help="backbone checkpoint directory (only config.json is read)")
     flops.add_argument("--task", choices=TASKS, default="vqa",
                        help="task head to count (nlvr2 counts two passes); default vqa")
@@ -91,5 +104,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     flops.add_argument("--image-size", type=image_size, default=None,
                        help="resized image size, 384 or HxW like 384x576 (default: the backbone's own image size, "
                             "e.g. 384 for ViLT-B/32, 96 for the embedded default)")
+    flops.add_argument("--new-tokens", type=positive_int, default=None,
+                       help="generative backbones (LLaVA): tokens generated after the prompt; the count is prefill "
+                            "plus every decoded token (default 16)")
     flops.add_argument("--json", action="store_true", help="print one JSON object")
     flops.set_defaults(func=cmd_flops)

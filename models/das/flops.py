@@ -50,6 +50,24 @@ def adapter_flops(seq_len: int, hidden: int, bottleneck: int) -> int:
     return linear_flops(seq_len, hidden, bottleneck) + linear_flops(seq_len, bottleneck, hidden)
 
 
+def gqa_attention_flops(query_len: int, context_len: int, hidden: int, num_heads: int, num_kv_heads: int,
+                        head_dim: int) -> int:
+    """Grouped-query self-attention of ``query_len`` new positions over ``context_len`` keys (a decoder
+    step reads the cached keys/values of earlier positions): Q and output projections of the
+    ``num_heads`` heads, K and V projections of the ``num_kv_heads`` heads (new positions only), and
+    the two (query_len x context_len) products per query head. Prefill is ``query_len ==
+    context_len``; the causal mask does not change the count (the fused kernels compute it all)."""
+    projections = 2 * linear_flops(query_len, hidden, num_heads * head_dim)
+    projections += 2 * linear_flops(query_len, hidden, num_kv_heads * head_dim)
+    scores_and_mix = 2 * (2 * query_len * context_len * num_heads * head_dim)
+    return projections + scores_and_mix
+
+
+def gated_mlp_flops(tokens: int, hidden: int, intermediate: int) -> int:
+    """A gated MLP (Llama's SwiGLU): gate and up projections, then down."""
+    return 2 * linear_flops(tokens, hidden, intermediate) + linear_flops(tokens, intermediate, hidden)
+
+
 def conv_patch_flops(num_patches: int, channels: int, patch_size: int, hidden: int) -> int:
     """A patch-embedding convolution with kernel = stride = patch_size."""
     return linear_flops(num_patches, channels * patch_size * patch_size, hidden)
