@@ -33,7 +33,7 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from service.registry import MAX_ARCHIVE_BYTES
+from service.store import MAX_ARCHIVE_BYTES
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]

@@ -31,7 +31,7 @@ from models.tasks import TASKS
 from service import openapi
 from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
-from service.errors import ErrorShapeMiddleware, quiet_client_errors
+from service.errors import ErrorShapeMiddleware, RegistryError, quiet_client_errors
 from service.guard import (
     ARRIVED_KEY,
     FORM_LISTS_KEY,
@@ -43,14 +43,9 @@ from service.guard import (
 )
 from service.inputs import InputError, check_text, load_image, text_list
 from service.memory import MAX_MMAP_THRESHOLD, pin_malloc_thresholds, trim_heap
-from service.registry import (
-    PlanRegistry,
-    PlanStore,
-    RegistryError,
-    check_flops_budget,
-    default_store_for,
-    reference_input,
-)
+from service.policy import check_flops_budget, reference_input
+from service.registry import PlanRegistry
+from service.store import PlanStore, default_store_for
 from service.schemas import (
     AdminResponse,
     ImageRankingResponse,
