@@ -19,12 +19,25 @@ from pathlib import Path
 from typing import Any
 
 from models.das.plan import (
-    FULL_PLAN_NAME, PLAN_FILE, Plan, PlanError, builtin_full_plan, load_plan, read_plan_spec, validate_plan,
+    FULL_PLAN_NAME,
+    PLAN_FILE,
+    Plan,
+    PlanError,
+    builtin_full_plan,
+    load_plan,
+    read_plan_spec,
+    validate_plan,
 )
 from models.tasks import TASKS
-from service.adaptive import AdaptiveConfigError, AdaptiveSettings, parse_adaptive_config
+from service.adaptive import (
+    AdaptiveConfigError,
+    AdaptiveSettings,
+    parse_adaptive_config,
+)
 from service.errors import RegistryError
-from service.metrics import STORE_ERROR_KINDS  # das_store_errors_total's "kind" label values
+from service.metrics import (
+    STORE_ERROR_KINDS,  # das_store_errors_total's "kind" label values
+)
 from service.policy import PlanCost, cheaper_ladder, choose_within_budget, plan_cost
 from service.store import HISTORY_LIMIT, PlanStore, StoreStateError
 

@@ -41,10 +41,11 @@ from typing import Any
 
 from models.das.plan import FULL_PLAN_NAME, NAME_PATTERN, PLAN_FILE, WEIGHTS_FILE
 from models.tasks import TASKS
+from service.config import DEFAULTS
 from service.errors import RegistryError
 
 STATE_FILE = "store.json"
-MAX_ARCHIVE_BYTES = int(os.environ.get("DAS_MAX_PLAN_ARCHIVE_BYTES", 256 * 1024 * 1024))  # unpacked size
+MAX_ARCHIVE_BYTES = DEFAULTS.max_plan_archive_bytes  # unpacked size, unless PlanStore is given another
 ARCHIVE_MEMBERS = (PLAN_FILE, WEIGHTS_FILE)
 LOCK_FILE = ".store.lock"
 HISTORY_LIMIT = 32  # rollback entries kept per task (oldest dropped)
@@ -142,10 +143,12 @@ def parse_state(data: Any, file: str | os.PathLike) -> StoreState:
 
 
 class PlanStore:
-    """The plan directories and store.json under one root."""
+    """The plan directories and store.json under one root. ``max_archive_bytes``: the unpacked size
+    of an uploaded plan archive (DAS_MAX_PLAN_ARCHIVE_BYTES); None: MAX_ARCHIVE_BYTES."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, max_archive_bytes: int | None = None) -> None:
         self.root = Path(root).resolve()
+        self.max_archive_bytes = max_archive_bytes
 
     def plan_dir(self, task: str, name: str) -> Path:
         if task not in TASKS:
@@ -170,7 +173,7 @@ class PlanStore:
 
         Only those two regular files are taken, by name, so nothing can land outside the staging
         folder (no paths, links or devices from the archive are honoured); the unpacked size is
-        capped at MAX_ARCHIVE_BYTES. The caller moves the folder into place or deletes it.
+        capped at ``max_archive_bytes``. The caller moves the folder into place or deletes it.
         """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -202,13 +205,13 @@ class PlanStore:
             raise
         return staging
 
-    @staticmethod
-    def _check_members(sizes: dict[str, int]) -> None:
+    def _check_members(self, sizes: dict[str, int]) -> None:
         missing = [name for name in ARCHIVE_MEMBERS if name not in sizes]
         if missing:
             raise RegistryError(f"the plan archive lacks {', '.join(missing)}", 400)
-        if sum(sizes.values()) > MAX_ARCHIVE_BYTES:
-            raise RegistryError(f"the plan archive unpacks to {sum(sizes.values())} bytes; the limit is {MAX_ARCHIVE_BYTES}", 413)
+        limit = MAX_ARCHIVE_BYTES if self.max_archive_bytes is None else self.max_archive_bytes
+        if sum(sizes.values()) > limit:
+            raise RegistryError(f"the plan archive unpacks to {sum(sizes.values())} bytes; the limit is {limit}", 413)
 
     @property
     def state_file(self) -> Path:
