@@ -61,7 +61,7 @@ from urllib3 import encode_multipart_formdata
 from loadtests.harness import (
     DEFAULT_RESULTS, REPO, http_get_json, positive_float, positive_int, running_service, stop_on_sigterm,
 )
-from service.registry import STATE_FILE
+from service.store import STATE_FILE
 
 SHIPPED_STORE = REPO / "plans"
 MAX_CONNECTIONS = 256  # open-loop requests in flight at most, as a proxy in front would bound them (more only thrash the HTTP layer)

@@ -188,7 +188,7 @@ ServiceSpec = tuple[str, str, Path, dict[str, str]]  # name, bentoml target, wor
 def running(services: list[ServiceSpec], log_dir: Path, start_timeout: float) -> Iterator[dict[str, str]]:
     """Start a `bentoml serve` per service, all at once (they load in parallel), each in its own
     process group; yield {name: base URL} once every one answers /readyz; stop them all on exit."""
-    from loadtests.harness import _wait_ready, free_port, stop_process_tree
+    from loadtests.harness import wait_ready, free_port, stop_process_tree
 
     bentoml = Path(sys.executable).parent / "bentoml"
     started: list[tuple[str, subprocess.Popen, str, Path]] = []
@@ -204,7 +204,7 @@ def running(services: list[ServiceSpec], log_dir: Path, start_timeout: float) ->
                 )
             started.append((name, process, f"http://127.0.0.1:{port}", log_path))
         for _, process, url, log_path in started:
-            _wait_ready(url, process, log_path, start_timeout)
+            wait_ready(url, process, log_path, start_timeout)
         yield {name: url for name, _, url, _ in started}
     finally:
         for name, process, _, log_path in started:

@@ -150,7 +150,7 @@ def http_get_json(url: str, timeout_s: float = 30) -> Any:
         return json.loads(response.read())
 
 
-def _wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+def wait_ready(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         with contextlib.suppress(OSError, urllib.error.URLError):
@@ -203,7 +203,7 @@ def running_service(log_path: Path, workers: int = 1, ready_timeout_s: float = 1
         )
         service = RunningService(f"http://127.0.0.1:{port}", process, log_path)
         try:
-            _wait_ready(service.url, process, log_path, ready_timeout_s)
+            wait_ready(service.url, process, log_path, ready_timeout_s)
             yield service
         finally:
             service.stopped_cleanly = stop_process_tree(process)

@@ -4,7 +4,7 @@ A plan store::
 
     <store>/backbone/                  the backbone checkpoint its plans were made for
     <store>/<task>/<name>/             plan directories (plan.json + weights.safetensors)
-    <store>/store.json                 which plans are loaded / active (service.registry)
+    <store>/store.json                 which plans are loaded / active (service.store)
 """
 
 from __future__ import annotations

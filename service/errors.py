@@ -6,6 +6,9 @@ list, Starlette's 404/405 plain text. ``ErrorShapeMiddleware`` rewrites those bo
 out (BentoML's 429 and 504, which arise outside every service middleware, are reshaped by
 ``service.guard.EdgeMiddleware``). ``quiet_client_errors`` turns BentoML's ERROR log with a
 traceback for each bad request into one WARNING line.
+
+:class:`RegistryError` is the error of the plan store, the registry and the plan-choice policy: a
+request about plans that cannot be honoured, with the HTTP status that fits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ from typing import Any
 
 MAX_ERROR_BODY = 1 << 20  # bigger error bodies pass through untouched
 BENTOML_ERROR_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs a failed request
+
+
+class RegistryError(Exception):
+    """A registry request that cannot be honoured. ``status`` is the HTTP status that fits."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def error_body(status: int, message: str, detail: list | None = None) -> bytes:

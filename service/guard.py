@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -33,7 +32,7 @@ from typing import Any
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from service.registry import MAX_ARCHIVE_BYTES
+from service.config import DEFAULTS
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -42,12 +41,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 FORM_LISTS_KEY = "das.form_lists"
 ARRIVED_KEY = "das.arrived"  # time.perf_counter() when the request reached the app: latency counts queueing
-MAX_BODY_BYTES = int(os.environ.get("DAS_MAX_BODY_BYTES", 64 * 1024 * 1024))
+MAX_BODY_BYTES = DEFAULTS.max_body_bytes  # unless InputGuardMiddleware is given other limits
+MAX_ARCHIVE_BYTES = DEFAULTS.max_plan_archive_bytes
 ADMIN_PREFIX = "/admin/"
 MAX_ADMIN_JSON_BYTES = 16 * 1024  # the admin routes' JSON bodies are a task and a name, or a path
 ADMIN_LOAD = "/admin/plans/load"
-# a plan archive plus the multipart framing around it; never more than any request body
-MAX_ADMIN_ARCHIVE_BYTES = min(MAX_BODY_BYTES, MAX_ARCHIVE_BYTES + 64 * 1024)
+MULTIPART_FRAMING_BYTES = 64 * 1024  # what an archive upload may carry around the archive itself
 RETRY_AFTER_S = "1"
 ADMIN_DISABLED = "admin API disabled: set DAS_ADMIN_TOKEN to enable it"  # as service._authorized says
 ADMIN_UNAUTHORIZED = "missing or wrong admin token (Authorization: Bearer <DAS_ADMIN_TOKEN>)"
@@ -83,9 +82,18 @@ def _header(scope: Scope, name: bytes) -> str:
 
 
 class InputGuardMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    """``admin_token`` (DAS_ADMIN_TOKEN; empty: the admin API is disabled), ``max_body_bytes``
+    (DAS_MAX_BODY_BYTES) and ``max_archive_bytes`` (DAS_MAX_PLAN_ARCHIVE_BYTES) come from the
+    service's settings; the limits default to MAX_BODY_BYTES and MAX_ARCHIVE_BYTES."""
+
+    def __init__(self, app: ASGIApp, admin_token: str = "", max_body_bytes: int | None = None,
+                 max_archive_bytes: int | None = None) -> None:
         self.app = app
-        self.admin_token = os.environ.get("DAS_ADMIN_TOKEN", "")
+        self.admin_token = admin_token
+        self.max_body_bytes = MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes
+        archive = MAX_ARCHIVE_BYTES if max_archive_bytes is None else max_archive_bytes
+        # a plan archive plus the multipart framing around it; never more than any request body
+        self.max_admin_archive_bytes = min(self.max_body_bytes, archive + MULTIPART_FRAMING_BYTES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -156,12 +164,11 @@ class InputGuardMiddleware:
             return 401, ADMIN_UNAUTHORIZED
         return None
 
-    @staticmethod
-    def _body_limit(path: str, content_type: str) -> int:
+    def _body_limit(self, path: str, content_type: str) -> int:
         if not path.startswith(ADMIN_PREFIX):
-            return MAX_BODY_BYTES
+            return self.max_body_bytes
         if path == ADMIN_LOAD and content_type.startswith("multipart/form-data"):
-            return MAX_ADMIN_ARCHIVE_BYTES
+            return self.max_admin_archive_bytes
         return MAX_ADMIN_JSON_BYTES
 
     @staticmethod

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-MAX_IMAGE_PIXELS = int(os.environ.get("DAS_MAX_IMAGE_PIXELS", 40_000_000))  # decompression-bomb guard
-MAX_IMAGE_BYTES = int(os.environ.get("DAS_MAX_IMAGE_BYTES", 20 * 1024 * 1024))
-MAX_CANDIDATES = int(os.environ.get("DAS_MAX_CANDIDATES", 100))  # retrieval candidates per request
+from service.config import DEFAULTS
+
+# the limits when a caller names none (the service hands down its settings: DAS_MAX_IMAGE_PIXELS, ...)
+MAX_IMAGE_PIXELS = DEFAULTS.max_image_pixels  # decompression-bomb guard
+MAX_IMAGE_BYTES = DEFAULTS.max_image_bytes
+MAX_CANDIDATES = DEFAULTS.max_candidates  # retrieval candidates per request
 MAX_TEXT_CHARS = 2000
 
 
@@ -22,26 +24,29 @@ class InputError(Exception):
         self.status = status
 
 
-def load_image(path: Path | None, field: str) -> Image.Image:
+def load_image(path: Path | None, field: str, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode an uploaded image fully (so truncation is caught here), refusing bombs and empties,
     and turn it upright as its EXIF orientation says (phone photos; the processors expect upright
-    images). Memory: the decoded image twice at most, itself bounded by MAX_IMAGE_PIXELS."""
+    images). Memory: the decoded image twice at most, itself bounded by ``max_pixels``. The limits
+    default to MAX_IMAGE_BYTES and MAX_IMAGE_PIXELS."""
+    max_bytes = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if path is None:
         raise InputError(f"missing image field {field!r} (send it as a multipart file)")
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
         raise InputError(f"{field}: the uploaded file is empty")
-    if size > MAX_IMAGE_BYTES:
-        raise InputError(f"{field}: file is {size} bytes; the limit is {MAX_IMAGE_BYTES}", 413)
+    if size > max_bytes:
+        raise InputError(f"{field}: file is {size} bytes; the limit is {max_bytes}", 413)
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width == 0 or height == 0:
                 raise InputError(f"{field}: image has zero size")
-            if width * height > MAX_IMAGE_PIXELS:
+            if width * height > max_pixels:
                 raise InputError(
-                    f"{field}: image is {width}x{height} = {width * height} pixels; the limit is {MAX_IMAGE_PIXELS}", 413
+                    f"{field}: image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413
                 )
             image.load()
             return ImageOps.exif_transpose(image)  # a copy, rotated/flipped if the orientation asks
@@ -61,8 +66,11 @@ def check_text(value: str | None, field: str) -> str:
     return str(value)
 
 
-def text_list(values: list[str] | str | None, form_values: list[str], field: str) -> list[str]:
-    """A list field sent as repeated form fields (-F f=a -F f=b) or as one JSON array string."""
+def text_list(values: list[str] | str | None, form_values: list[str], field: str,
+              max_candidates: int | None = None) -> list[str]:
+    """A list field sent as repeated form fields (-F f=a -F f=b) or as one JSON array string, of at
+    most ``max_candidates`` items (default MAX_CANDIDATES)."""
+    max_candidates = MAX_CANDIDATES if max_candidates is None else max_candidates
     if len(form_values) > 1:
         items = form_values
     elif isinstance(values, list):
@@ -77,8 +85,8 @@ def text_list(values: list[str] | str | None, form_values: list[str], field: str
         items = []
     if not items:
         raise InputError(f"{field!r} needs at least one text")
-    if len(items) > MAX_CANDIDATES:
-        raise InputError(f"{field!r} has {len(items)} candidates; the limit is {MAX_CANDIDATES}", 413)
+    if len(items) > max_candidates:
+        raise InputError(f"{field!r} has {len(items)} candidates; the limit is {max_candidates}", 413)
     if any(not isinstance(item, str) for item in items):
         raise InputError(f"{field!r} must be a list of strings")
     return [check_text(item, field) for item in items]

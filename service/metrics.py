@@ -9,7 +9,7 @@ from __future__ import annotations
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-STORE_ERROR_KINDS = ("read", "write", "sync")  # das_store_errors' "kind" label: a fixed set (service.registry's)
+STORE_ERROR_KINDS = ("read", "write", "sync")  # das_store_errors' "kind" label: a fixed set (service.registry's and service.store's)
 
 
 class ServiceMetrics:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from service.policy import reference_input
+
 
 def _omitted_if_none(description: str, **kwargs: Any) -> Any:
     """An optional field left out of the JSON body (not sent as null) when unset."""
@@ -173,3 +175,37 @@ class PlansOverview(BaseModel):
     load_errors: dict[str, str] = Field(description="'task/name' (or 'store.json/adaptive') -> why it is not in effect.")
     store_error: StoreError | None = Field(default=None, description="Why the plan store itself could not be read; "
                                                                      "null while it reads fine.")
+
+
+# -- building the bodies ------------------------------------------------------------------------
+def plan_info(plan) -> dict[str, Any]:
+    """A PlanRef body for ``plan`` (a models.das.plan.Plan)."""
+    return {"task": plan.task, "name": plan.name, "version": plan.version, "skipped_layers": list(plan.skipped_layers)}
+
+
+def flops_info(report) -> dict[str, Any]:
+    """A FlopsReport body for a request's FLOPs report."""
+    return {"full": report.full, "executed": report.executed, "saved_ratio": round(report.saved_ratio, 6)}
+
+
+def plans_overview(registry, adaptive: dict[str, dict[str, Any]]) -> PlansOverview:
+    """GET /plans/ for a worker's ``registry`` (service.registry.PlanRegistry) and its load shifter's
+    ``adaptive`` status per task: each loaded plan with its cost, reference input and metrics."""
+    overview: dict[str, Any] = {}
+    for task, entry in registry.snapshot().items():
+        plans = []
+        for name, plan in sorted(entry["plans"].items()):
+            cost = registry.cost(plan)
+            plans.append({
+                **plan_info(plan), "active": name == entry["active"],
+                "flops_ratio": cost.flops_ratio, "flops_saved_ratio": round(1 - cost.flops_ratio, 6),
+                "score": cost.score, "reference_input": reference_input(registry.backbone, plan),
+                "metrics": PlanMetrics.from_plan_json(plan.spec.metrics),
+            })
+        overview[task] = {"active": entry["active"], "plans": plans}
+    for task, status in adaptive.items():
+        if task in overview:
+            overview[task]["adaptive"] = {**status, "ladder": registry.ladder(task)}
+    return PlansOverview.model_validate(
+        {"tasks": overview, "load_errors": registry.errors, "store_error": registry.store_error})
+

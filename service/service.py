@@ -1,10 +1,15 @@
 """The DAS Serve BentoML service: VQA, NLVR2 and image-text retrieval over per-task DAS plans.
 
 Thin by design: each endpoint turns HTTP input into a call on ``models.runtime.DASRuntime`` with a
-plan from ``service.registry.PlanRegistry``, and the result back into JSON. Configuration comes
-from environment variables (see the README): DAS_BACKBONE, DAS_PLANS, DAS_DEVICE, DAS_DTYPE,
-DAS_ADMIN_TOKEN, DAS_WORKERS, DAS_MAX_BATCH_SIZE, DAS_MAX_LATENCY_MS, DAS_MAX_QUEUE, DAS_TORCH_THREADS,
-DAS_MAX_CONCURRENCY, DAS_MALLOC_TRIM_S, DAS_MALLOC_THRESHOLD, DAS_HEADER_TIMEOUT_S.
+plan from ``service.registry.PlanRegistry``, and the result back into JSON. The settings (the DAS_*
+environment variables, docs/configuration.md) are read once, at import, into ``SETTINGS``
+(``service.config.Settings``) and handed down from here; a bad value stops the import.
+
+The layers below: ``service.store`` (the plan store on disk), ``service.policy`` (plan costs, budget
+and ladder choice), ``service.registry`` (what one worker has loaded), ``service.batching``,
+``service.adaptive``, ``service.guard`` and ``service.errors`` (ASGI middleware), ``service.inputs``,
+``service.schemas`` and ``service.openapi`` (request and response shapes), ``service.metrics``,
+``service.memory``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import contextlib
 import dataclasses
 import hmac
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -31,39 +35,36 @@ from models.tasks import TASKS
 from service import openapi
 from service.adaptive import LoadShifter
 from service.batching import MicroBatcher, Overloaded
-from service.errors import ErrorShapeMiddleware, quiet_client_errors
+from service.config import DEFAULT_PLANS, Settings, SettingsError
+from service.errors import ErrorShapeMiddleware, RegistryError, quiet_client_errors
 from service.guard import (
+    ADMIN_DISABLED,
+    ADMIN_UNAUTHORIZED,
     ARRIVED_KEY,
     FORM_LISTS_KEY,
-    InputGuardMiddleware,
     RETRY_AFTER_S,
+    InputGuardMiddleware,
     JsonOnlyMiddleware,
     install_header_timeout,
     serve_behind_edge,
 )
 from service.inputs import InputError, check_text, load_image, text_list
-from service.memory import MAX_MMAP_THRESHOLD, pin_malloc_thresholds, trim_heap
-from service.registry import (
-    PlanRegistry,
-    PlanStore,
-    RegistryError,
-    check_flops_budget,
-    default_store_for,
-    reference_input,
-)
+from service.memory import pin_malloc_thresholds, trim_heap
+from service.policy import check_flops_budget
+from service.registry import PlanRegistry
 from service.schemas import (
     AdminResponse,
     ImageRankingResponse,
     NLVR2Response,
-    PlanMetrics,
     PlansOverview,
     TextRankingResponse,
     VQAResponse,
+    flops_info,
+    plan_info,
+    plans_overview,
 )
+from service.store import PlanStore, default_store_for
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PLANS = REPO_ROOT / "plans"
-DEFAULT_BACKBONE = DEFAULT_PLANS / "backbone"
 SYNC_INTERVAL_S = 0.5  # how often a worker re-reads the plan store (swaps reach it within this)
 SYNC_ERROR_LOG_S = 60.0  # the sync loop logs the same failure again at most this often
 log = logging.getLogger(__name__)
@@ -89,26 +90,15 @@ ArchiveFile = Annotated[Path, ContentType("application/*")]
 Model = TypeVar("Model", bound=BaseModel)
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        raise SystemExit(f"{name} must be an integer, got {os.environ[name]!r}") from None
-
-
-def _torch_threads_setting() -> int | None:
-    """DAS_TORCH_THREADS: torch threads per worker, or None (unset) for torch's default (one per core).
-    The default oversubscribes a busy or shared host, or one with several workers: set it to about
-    cores / workers there. Checked at import so that `bentoml serve` stops at once on a bad value."""
-    if not os.environ.get("DAS_TORCH_THREADS", "").strip():
-        return None
-    threads = _env_int("DAS_TORCH_THREADS", 0)
-    if threads < 1:
-        raise SystemExit(f"DAS_TORCH_THREADS must be an integer >= 1, got {os.environ['DAS_TORCH_THREADS']!r}")
-    return threads
+try:
+    SETTINGS = Settings.from_env()  # the one read of the environment (in each worker process, at import)
+except SettingsError as exc:
+    raise SystemExit(str(exc)) from None  # `bentoml serve` stops at once, naming the variable
 
 
 def _set_torch_threads(threads: int | None) -> None:
+    """DAS_TORCH_THREADS; None keeps torch's default (one per core), which oversubscribes a busy or
+    shared host, or one with several workers."""
     if threads is None:
         return
     import torch
@@ -118,42 +108,9 @@ def _set_torch_threads(threads: int | None) -> None:
         torch.set_num_interop_threads(threads)
 
 
-TORCH_THREADS = _torch_threads_setting()
-# Worker memory under a varied input mix (service/memory.py). Every DAS_MALLOC_TRIM_S seconds each worker
-# returns the heap's free pages to the system (0 = never); DAS_MALLOC_THRESHOLD pins glibc's mmap threshold
-# instead (0 = glibc's own, the default: a pin slows forward passes by 10-40%).
-MALLOC_THRESHOLD = _env_int("DAS_MALLOC_THRESHOLD", 0)
-if not 0 <= MALLOC_THRESHOLD <= MAX_MMAP_THRESHOLD:
-    raise SystemExit(f"DAS_MALLOC_THRESHOLD must be 0 (off) or 1..{MAX_MMAP_THRESHOLD} bytes, got {MALLOC_THRESHOLD}")
-try:
-    MALLOC_TRIM_S = float(os.environ.get("DAS_MALLOC_TRIM_S", 10))
-except ValueError:
-    raise SystemExit(f"DAS_MALLOC_TRIM_S must be a number of seconds, got {os.environ['DAS_MALLOC_TRIM_S']!r}") from None
-if not 0 <= MALLOC_TRIM_S < float("inf"):
-    raise SystemExit(f"DAS_MALLOC_TRIM_S must be >= 0 (0: never trim), got {MALLOC_TRIM_S}")
-WORKERS = _env_int("DAS_WORKERS", 1)
-# In-flight HTTP requests per worker (0: no cap). Past it BentoML answers 429 (+ Retry-After, see
-# service/guard.py) at once, before the body is read. 64 = the running batch plus three full batches
-# waiting (DAS_MAX_BATCH_SIZE 16): more in flight adds only queueing latency and upload memory.
-MAX_CONCURRENCY = _env_int("DAS_MAX_CONCURRENCY", 64)
-if WORKERS < 1 or MAX_CONCURRENCY < 0:
-    raise SystemExit(f"need DAS_WORKERS >= 1 and DAS_MAX_CONCURRENCY >= 0, got {WORKERS} and {MAX_CONCURRENCY}")
-# Requests waiting for a batch, per worker; past it the handler answers 503 + Retry-After, after the
-# upload was read and decoded. By default the in-flight cap: the cheap 429 at the door sheds first and
-# the queue limit backs it up (it binds only when DAS_MAX_QUEUE is set lower, or with no in-flight cap).
-MAX_QUEUE = _env_int("DAS_MAX_QUEUE", MAX_CONCURRENCY or 256)
-if MAX_QUEUE < 1:
-    raise SystemExit(f"DAS_MAX_QUEUE must be an integer >= 1, got {MAX_QUEUE}")
-# Seconds a connection may take to send a request's headers (0: no limit); uvicorn has no such
-# timeout, so slowly trickled headers held a connection forever.
-try:
-    HEADER_TIMEOUT_S = float(os.environ.get("DAS_HEADER_TIMEOUT_S", 10))
-except ValueError:
-    raise SystemExit(f"DAS_HEADER_TIMEOUT_S must be a number of seconds, got {os.environ['DAS_HEADER_TIMEOUT_S']!r}") from None
-if not 0 <= HEADER_TIMEOUT_S < float("inf"):
-    raise SystemExit(f"DAS_HEADER_TIMEOUT_S must be >= 0 (0: no limit), got {HEADER_TIMEOUT_S}")
-if HEADER_TIMEOUT_S:
-    install_header_timeout(HEADER_TIMEOUT_S)
+# uvicorn has no timeout for a request's headers: slowly trickled headers held a connection forever
+if SETTINGS.header_timeout_s:
+    install_header_timeout(SETTINGS.header_timeout_s)
 
 
 def _error(ctx: bentoml.Context, message: str, status: int, **headers: str) -> JSONResponse:
@@ -163,17 +120,8 @@ def _error(ctx: bentoml.Context, message: str, status: int, **headers: str) -> J
     return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers or None)
 
 
-def _plan_info(plan) -> dict[str, Any]:
-    return {"task": plan.task, "name": plan.name, "version": plan.version, "skipped_layers": list(plan.skipped_layers)}
-
-
-def _flops_info(report) -> dict[str, Any]:
-    return {"full": report.full, "executed": report.executed, "saved_ratio": round(report.saved_ratio, 6)}
-
-
 async def _list_plans(request: Request) -> JSONResponse:
-    overview = PlansOverview.model_validate(bentoml.get_current_service().plans_overview())
-    return JSONResponse(overview.model_dump(mode="json"))
+    return JSONResponse(bentoml.get_current_service().plans_overview().model_dump(mode="json"))
 
 
 async def _docs_json(request: Request) -> JSONResponse:
@@ -190,41 +138,49 @@ quiet_client_errors()
 @bentoml.asgi_app(root_app, path="/")
 @bentoml.service(
     name="das-serve",
-    workers=WORKERS,
-    # BentoML's max_concurrency is per service and split evenly over the workers; its 429 is the
-    # cheapest refusal there is (outside every middleware, before the body is read)
-    traffic={"timeout": 120, **({"max_concurrency": MAX_CONCURRENCY * WORKERS} if MAX_CONCURRENCY else {})},
+    workers=SETTINGS.workers,
+    # DAS_MAX_CONCURRENCY is per worker; BentoML's max_concurrency is per service and split evenly over
+    # the workers. Its 429 is the cheapest refusal there is (outside every middleware, before the body
+    # is read); 64 = the running batch plus three full batches waiting (DAS_MAX_BATCH_SIZE 16): more in
+    # flight adds only queueing latency and upload memory.
+    traffic={"timeout": 120, **({"max_concurrency": SETTINGS.max_concurrency * SETTINGS.workers}
+                                if SETTINGS.max_concurrency else {})},
 )
 class DASService:
     """One frozen backbone, per-task DAS plans, hot-swappable."""
 
     def __init__(self) -> None:
-        _set_torch_threads(TORCH_THREADS)  # before any torch work in this worker
-        if MALLOC_THRESHOLD:
-            pin_malloc_thresholds(MALLOC_THRESHOLD)
+        self.settings = settings = SETTINGS
+        _set_torch_threads(settings.torch_threads)  # before any torch work in this worker
+        # worker memory under a varied input mix (service/memory.py): a periodic heap trim (_trim_loop)
+        # by default; a pinned mmap threshold instead only when asked (it slows forward passes by 10-40%)
+        if settings.malloc_threshold:
+            pin_malloc_thresholds(settings.malloc_threshold)
         from models.backbones.base import load_backbone
         from models.runtime import DASRuntime
         from service.metrics import ServiceMetrics
 
-        backbone_dir = os.environ.get("DAS_BACKBONE", str(DEFAULT_BACKBONE))
-        self.backbone = load_backbone(backbone_dir, os.environ.get("DAS_DEVICE", "auto"), os.environ.get("DAS_DTYPE", "float32"))
+        self.backbone = load_backbone(settings.backbone, settings.device, settings.dtype)
         self.runtime = DASRuntime(self.backbone)
         # no DAS_PLANS: the store the backbone ships in (DAS_BACKBONE=plans/meter/backbone serves plans/meter)
-        plans_dir = os.environ.get("DAS_PLANS") or default_store_for(backbone_dir, DEFAULT_PLANS)
-        self.registry = PlanRegistry(self.backbone, PlanStore(plans_dir))
+        plans_dir = settings.plans or default_store_for(settings.backbone, DEFAULT_PLANS)
+        self.registry = PlanRegistry(self.backbone, PlanStore(plans_dir, settings.max_plan_archive_bytes))
         self.metrics = ServiceMetrics()
+        # DAS_MAX_QUEUE: requests waiting for a batch, per worker; past it the handler answers 503 +
+        # Retry-After, after the upload was read and decoded. By default the in-flight cap: the cheap
+        # 429 at the door sheds first and the queue limit backs it up.
         self.batcher = MicroBatcher(
-            max_batch_size=_env_int("DAS_MAX_BATCH_SIZE", 16),
-            max_latency_ms=_env_int("DAS_MAX_LATENCY_MS", 0),  # work-conserving: no wait by default
-            max_queue=MAX_QUEUE,
+            max_batch_size=settings.max_batch_size,
+            max_latency_ms=settings.max_latency_ms,  # work-conserving: no wait by default
+            max_queue=settings.max_queue,
             on_batch=lambda key, size: self.metrics.batch_size.labels(key[0]).observe(size),
         )
         self.shifter = LoadShifter(on_shift=self.metrics.observe_shift, on_serving=self.metrics.set_served_plan)
-        self.admin_token = os.environ.get("DAS_ADMIN_TOKEN", "")
+        self.admin_token = settings.admin_token
         self._sync()
         self._stop = threading.Event()
         threading.Thread(target=self._sync_loop, name="das-plan-sync", daemon=True).start()
-        if MALLOC_TRIM_S:
+        if settings.malloc_trim_s:
             threading.Thread(target=self._trim_loop, name="das-malloc-trim", daemon=True).start()
 
     # -- plan store convergence ---------------------------------------------------------------
@@ -252,31 +208,16 @@ class DASService:
                     last_message, last_logged = message, now
 
     def _trim_loop(self) -> None:
-        while not self._stop.wait(MALLOC_TRIM_S):
+        while not self._stop.wait(self.settings.malloc_trim_s):
             trim_heap()
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self._stop.set()
 
-    def plans_overview(self) -> dict[str, Any]:
-        overview: dict[str, Any] = {}
-        for task, entry in self.registry.snapshot().items():
-            plans = []
-            for name, plan in sorted(entry["plans"].items()):
-                cost = self.registry.cost(plan)
-                plans.append({
-                    **_plan_info(plan), "active": name == entry["active"],
-                    "flops_ratio": cost.flops_ratio, "flops_saved_ratio": round(1 - cost.flops_ratio, 6),
-                    "score": cost.score, "reference_input": reference_input(self.backbone, plan),
-                    "metrics": PlanMetrics.from_plan_json(plan.spec.metrics),
-                })
-            overview[task] = {"active": entry["active"], "plans": plans}
-        adaptive = self.shifter.status(time.perf_counter())
-        for task, status in adaptive.items():
-            if task in overview:
-                overview[task]["adaptive"] = {**status, "ladder": self.registry.ladder(task)}
-        return {"tasks": overview, "load_errors": self.registry.errors, "store_error": self.registry.store_error}
+    def plans_overview(self) -> PlansOverview:
+        """GET /plans/: the loaded plans per task, with their costs and load-adaptive status."""
+        return plans_overview(self.registry, self.shifter.status(time.perf_counter()))
 
     # -- request plumbing -----------------------------------------------------------------------
     def _choose(self, task: str, plan_name: str | None, max_flops_ratio: float | None, now: float) -> tuple[Any, str]:
@@ -319,9 +260,13 @@ class DASService:
         seconds = finished - started
         self.metrics.observe_request(task, label, "ok", seconds, flops.full, flops.executed)
         self.shifter.observe(task, seconds, chosen_at, finished)
-        plan_info = {**_plan_info(plan), "flops_ratio": self.registry.cost(plan).flops_ratio, "chosen_by": chosen_by}
+        used = {**plan_info(plan), "flops_ratio": self.registry.cost(plan).flops_ratio, "chosen_by": chosen_by}
         return response.model_validate(
-            {**body, "plan": plan_info, "flops": _flops_info(flops), "latency_ms": round(seconds * 1000, 3)})
+            {**body, "plan": used, "flops": flops_info(flops), "latency_ms": round(seconds * 1000, 3)})
+
+    def _image(self, path: Path | None, field: str):
+        """An uploaded image, decoded within DAS_MAX_IMAGE_BYTES and DAS_MAX_IMAGE_PIXELS."""
+        return load_image(path, field, self.settings.max_image_bytes, self.settings.max_image_pixels)
 
     def _batch_key(self, plan) -> tuple:
         """A batch never mixes plans, versions or weights."""
@@ -339,7 +284,7 @@ class DASService:
         async def work(chosen):
             if not 1 <= top_k <= 100:
                 raise InputError("top_k must be between 1 and 100")
-            picture, text = load_image(image, "image"), check_text(question, "question")
+            picture, text = self._image(image, "image"), check_text(question, "question")
             def run(items):  # one batch may hold different top_k values: compute the largest, cut each
                 results = self.runtime.vqa(chosen, [i[0] for i in items], [i[1] for i in items], max(i[2] for i in items))
                 return [dataclasses.replace(r, answers=r.answers[: i[2]]) for r, i in zip(results, items)]
@@ -357,7 +302,7 @@ class DASService:
         """Is the statement true of the pair of images? Returns label, probability, plan, FLOPs, latency."""
 
         async def work(chosen):
-            left, right = load_image(image_left, "image_left"), load_image(image_right, "image_right")
+            left, right = self._image(image_left, "image_left"), self._image(image_right, "image_right")
             text = check_text(statement, "statement")
             result = await self.batcher.submit(
                 self._batch_key(chosen), (left, right, text),
@@ -376,8 +321,8 @@ class DASService:
 
         async def work(chosen):
             repeated = ctx.request.scope.get(FORM_LISTS_KEY, {}).get("texts", [])
-            candidates = text_list(texts, repeated, "texts")
-            picture = load_image(image, "image")
+            candidates = text_list(texts, repeated, "texts", self.settings.max_candidates)
+            picture = self._image(image, "image")
             result = await self.batcher.run_alone(lambda: self.runtime.rank_texts(chosen, picture, candidates))
             ranking = [{"index": r.index, "text": candidates[r.index], "score": round(r.score, 6)} for r in result.ranking]
             return {"ranking": ranking}, result.flops
@@ -388,15 +333,15 @@ class DASService:
     async def retrieval_images(self, ctx: bentoml.Context, text: Caption, images: list[ImageFile], plan: PlanName = None,
                                max_flops_ratio: FlopsBudget = None) -> ImageRankingResponse:
         """Rank candidate images for one caption (image retrieval)."""
-        from service.inputs import MAX_CANDIDATES
+        limit = self.settings.max_candidates
 
         async def work(chosen):
             caption = check_text(text, "text")
             if not images:
                 raise InputError("'images' needs at least one file")
-            if len(images) > MAX_CANDIDATES:
-                raise InputError(f"'images' has {len(images)} candidates; the limit is {MAX_CANDIDATES}", 413)
-            pictures = [load_image(path, f"images[{i}]") for i, path in enumerate(images)]
+            if len(images) > limit:
+                raise InputError(f"'images' has {len(images)} candidates; the limit is {limit}", 413)
+            pictures = [self._image(path, f"images[{i}]") for i, path in enumerate(images)]
             result = await self.batcher.run_alone(lambda: self.runtime.rank_images(chosen, caption, pictures))
             return {"ranking": [{"index": r.index, "score": round(r.score, 6)} for r in result.ranking]}, result.flops
 
@@ -405,11 +350,11 @@ class DASService:
     # -- admin API (bearer token) ---------------------------------------------------------------------
     def _authorized(self, ctx: bentoml.Context) -> JSONResponse | None:
         if not self.admin_token:
-            return _error(ctx, "admin API disabled: set DAS_ADMIN_TOKEN to enable it", 403)
+            return _error(ctx, ADMIN_DISABLED, 403)
         header = ctx.request.headers.get("authorization", "")
         given = header[7:] if header.lower().startswith("bearer ") else ""
         if not hmac.compare_digest(given.encode(), self.admin_token.encode()):
-            return _error(ctx, "missing or wrong admin token (Authorization: Bearer <DAS_ADMIN_TOKEN>)", 401)
+            return _error(ctx, ADMIN_UNAUTHORIZED, 401)
         return None
 
     def _admin(self, ctx: bentoml.Context, task: str, operation) -> AdminResponse | JSONResponse:
@@ -427,13 +372,13 @@ class DASService:
             return _error(ctx, f"the plan store cannot be written: {exc}", 503)
         self.metrics.plan_swaps.labels(plan.task, "ok").inc()
         self.metrics.set_active_plans(self.registry.snapshot())
-        return AdminResponse(ok=True, plan=_plan_info(plan), active=self.registry.active_name(plan.task))
+        return AdminResponse(ok=True, plan=plan_info(plan), active=self.registry.active_name(plan.task))
 
     @bentoml.api(route="/list_plans")
     def list_plans(self) -> PlansOverview:
         """The loaded plans per task, as GET /plans: for clients that speak only BentoML APIs (POST),
         such as bentoml.SyncHTTPClient (client.list_plans())."""
-        return PlansOverview.model_validate(self.plans_overview())
+        return self.plans_overview()
 
     @bentoml.api(route="/admin/plans/load")
     def admin_load(self, ctx: bentoml.Context, path: str | None = None, archive: list[ArchiveFile] = []) -> AdminResponse:  # noqa: B006
@@ -466,7 +411,9 @@ class DASService:
 
 # first added runs first: every answer of the guard and the APIs passes the error shaper
 DASService.add_asgi_middleware(ErrorShapeMiddleware)
-DASService.add_asgi_middleware(InputGuardMiddleware)  # inside BentoML's middlewares, before the handlers
+DASService.add_asgi_middleware(InputGuardMiddleware, admin_token=SETTINGS.admin_token,  # inside BentoML's
+                               max_body_bytes=SETTINGS.max_body_bytes,  # middlewares, before the handlers
+                               max_archive_bytes=SETTINGS.max_plan_archive_bytes)
 DASService.add_asgi_middleware(JsonOnlyMiddleware, routes=("/list_plans", "/admin/plans/activate", "/admin/plans/rollback",
                                                            "/admin/plans/unload"))
 serve_behind_edge(DASService)  # outside them all: unknown routes, and BentoML's 429/504 in our shape

@@ -23,7 +23,8 @@ from transformers import ViltConfig
 from models.backbones.vilt.checkpoint import save_vilt_checkpoint
 from models.backbones.vilt.modeling import ViltBackbone
 from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
-from service.registry import STATE_FILE, PlanRegistry
+from service.registry import PlanRegistry
+from service.store import STATE_FILE
 
 WORDS = ["what", "color", "is", "the", "circle", "square", "red", "blue", "green", "left", "right",
          "of", "a", "there", "two", "one", "how", "many", "shapes", "are", "image", "both", "images"]

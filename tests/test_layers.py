@@ -176,3 +176,19 @@ def test_no_test_module_imports_another():
             wrong += [f"tests/{path.name}:{node.lineno} imports {name} (shared helpers go in tests/helpers.py)"
                       for name in names if name.split(".")[0] in local or name.startswith("tests.")]
     assert not wrong, "\n".join(wrong)
+
+
+def test_loadtests_and_service_import_only_public_names_of_other_modules():
+    """loadtests/ drives the service and models/ through their public names only (and service/ uses
+    models/ that way): a leading-underscore name imported from another module is an internal that
+    may move, as the split of service/registry.py into store, policy and registry showed."""
+    private = []
+    files = project_files()
+    for module, path in files.items():
+        if layer(module) not in ("loadtests", "service"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in PACKAGES:
+                private += [f"{path.relative_to(REPO)}:{node.lineno} imports {node.module}.{a.name}"
+                            for a in node.names if a.name.startswith("_") and node.module != module]
+    assert not private, "\n".join(private)

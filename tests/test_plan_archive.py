@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import service.registry as registry_module
+import service.store as store_module
 from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
 from models.backbones.vilt.modeling import ViltBackbone
-from service.registry import PlanRegistry, PlanStore, RegistryError
+from service.errors import RegistryError
+from service.registry import PlanRegistry
+from service.store import PlanStore
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +86,7 @@ def test_bad_archives_are_refused_with_reasons(backbone, plan_dir, tmp_path, mon
     with pytest.raises(RegistryError, match="checksum") as bad:
         registry.load_archive(_tar(tmp_path / "b.tar.gz", corrupt))
     assert bad.value.status == 422
-    monkeypatch.setattr(registry_module, "MAX_ARCHIVE_BYTES", 100)
+    monkeypatch.setattr(store_module, "MAX_ARCHIVE_BYTES", 100)
     with pytest.raises(RegistryError, match="limit") as big:
         registry.load_archive(_tar(tmp_path / "c.tar.gz", _plan_files(plan_dir)))
     assert big.value.status == 413

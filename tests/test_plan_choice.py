@@ -13,10 +13,10 @@ import torch
 from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
 from models.tasks import primary_score
 from service.adaptive import AdaptiveSettings
-from service.registry import (
-    ADAPTIVE_ERROR_KEY, STATE_FILE, PlanCost, PlanRegistry, PlanStore, RegistryError, check_flops_budget,
-    cheaper_ladder, choose_within_budget,
-)
+from service.errors import RegistryError
+from service.policy import PlanCost, check_flops_budget, cheaper_ladder, choose_within_budget
+from service.registry import ADAPTIVE_ERROR_KEY, PlanRegistry
+from service.store import STATE_FILE, PlanStore
 
 COSTS = [
     PlanCost("full", 1.0, None),

@@ -21,7 +21,9 @@ from models.das.plan import (
     PlanSpec,
     save_plan,
 )
-from service.registry import STATE_FILE, PlanRegistry, PlanStore, RegistryError, default_store_for
+from service.errors import RegistryError
+from service.registry import PlanRegistry
+from service.store import STATE_FILE, PlanStore, default_store_for
 from helpers import make_spec, random_image, served, store_json, write_plan
 
 

@@ -30,15 +30,9 @@ from helpers import png as _png
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.das.plan import FULL_PLAN_NAME
-from service.registry import (
-    HISTORY_LIMIT,
-    LOCK_FILE,
-    STATE_FILE,
-    PlanRegistry,
-    PlanStore,
-    RegistryError,
-    StoreStateError,
-)
+from service.errors import RegistryError
+from service.registry import PlanRegistry
+from service.store import HISTORY_LIMIT, LOCK_FILE, STATE_FILE, PlanStore, StoreStateError
 
 
 @pytest.fixture
