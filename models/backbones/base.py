@@ -29,7 +29,7 @@ from torch import nn
 
 from models.das.adapters import PlanModules
 from models.das.flops import FlopsReport
-from models.das.plan import PlanBackbone, PlanSpec
+from models.das.plan import PlanBackbone, PlanError, PlanSpec
 
 # model_type in config.json -> "module:Class" (imported on first use: a ViLT never loads METER's code)
 ARCHITECTURES = {
@@ -113,6 +113,26 @@ class BackboneClass(Protocol):
 
     def config_flops_at(self, config: Any, task: str, spec: PlanSpec | None, text_len: int,
                         image_size: int | tuple[int, int], num_labels: int | None = None) -> FlopsReport: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Modality token types (shared by the ViLT and METER plans)
+# ---------------------------------------------------------------------------------------------
+NLVR2_TOKEN_TYPES = 3  # 0 text, 1 left image, 2 right image (NLVR2 fine-tuning adds the third)
+
+
+def token_type_vocab(task: str, backbone_types: int) -> int:
+    """Token types a plan's own ``token_type_embeddings`` holds: NLVR2 needs one per image."""
+    return max(backbone_types, NLVR2_TOKEN_TYPES) if task == "nlvr2" else backbone_types
+
+
+def check_nlvr2_token_types(spec: PlanSpec, backbone_types: int) -> None:
+    """An NLVR2 plan on a backbone with fewer token types must carry its own embeddings."""
+    if spec.task == "nlvr2" and "token_type_embeddings" not in spec.own_parts and backbone_types < NLVR2_TOKEN_TYPES:
+        raise PlanError(
+            f"plan nlvr2/{spec.name}: NLVR2 needs {NLVR2_TOKEN_TYPES} modality token types, the backbone has "
+            f"{backbone_types}; the plan must carry its own token_type_embeddings"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

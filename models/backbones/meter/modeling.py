@@ -51,7 +51,15 @@ from transformers import (
 )
 from transformers.models.bert.modeling_bert import BertAttention, BertIntermediate, BertOutput, BertPooler
 
-from models.backbones.base import BackboneError, fingerprint, padded_region, read_checkpoint_state, to_rgb
+from models.backbones.base import (
+    BackboneError,
+    check_nlvr2_token_types,
+    fingerprint,
+    padded_region,
+    read_checkpoint_state,
+    to_rgb,
+    token_type_vocab,
+)
 from models.backbones.meter.configuration import MODEL_TYPE, MeterConfig, arm_names
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.flops import (
@@ -67,7 +75,6 @@ from models.das.flops import (
 )
 from models.das.plan import PlanError, PlanSpec
 
-NLVR2_TOKEN_TYPES = 3  # 0 text, 1 left image, 2 right image (METER's NLVR2 fine-tuning adds the third)
 SKIP_BOTTLENECK = 288  # the DAS reference's METER skip adapter
 # METER resizes the shorter side and centre-crops; padding first bounds what a very elongated image
 # costs to resize (a 1 x 10000 image would otherwise become 288 x 2.9M pixels). Up to this ratio
@@ -356,19 +363,10 @@ class MeterBackbone(nn.Module):
 
     # -- plans ---------------------------------------------------------------------------------------
     def _token_type_vocab(self, task: str) -> int:
-        size = self.config.modality_type_vocab_size
-        return max(size, NLVR2_TOKEN_TYPES) if task == "nlvr2" else size
+        return token_type_vocab(task, self.config.modality_type_vocab_size)
 
     def check_plan_spec(self, spec: PlanSpec) -> None:
-        if (
-            spec.task == "nlvr2"
-            and "token_type_embeddings" not in spec.own_parts
-            and self.config.modality_type_vocab_size < NLVR2_TOKEN_TYPES
-        ):
-            raise PlanError(
-                f"plan nlvr2/{spec.name}: NLVR2 needs {NLVR2_TOKEN_TYPES} modality token types, the backbone has "
-                f"{self.config.modality_type_vocab_size}; the plan must carry its own token_type_embeddings"
-            )
+        check_nlvr2_token_types(spec, self.config.modality_type_vocab_size)
 
     def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:
         """Modules with the shapes ``spec`` implies (every arm has the fusion width). ``init_from_backbone``

@@ -29,7 +29,9 @@ from transformers import ViltConfig, ViltModel, ViltProcessor
 from transformers.models.vilt.modeling_vilt import ViltLayer, ViltPooler
 
 from models.backbones.base import (
-    BackboneError, fingerprint, limit_aspect_ratio, read_checkpoint_state, read_config, to_rgb,
+    BackboneError,
+    check_nlvr2_token_types,
+    token_type_vocab, fingerprint, limit_aspect_ratio, read_checkpoint_state, read_config, to_rgb,
 )
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.flops import (
@@ -49,7 +51,6 @@ FINGERPRINT_CONFIG_KEYS = (
     "max_image_length", "vocab_size", "type_vocab_size", "modality_type_vocab_size",
     "max_position_embeddings", "num_images", "id2label",
 )
-NLVR2_TOKEN_TYPES = 3  # 0 text, 1 left image, 2 right image
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,19 +278,10 @@ class ViltBackbone(nn.Module):
 
     # -- plans -------------------------------------------------------------------------------
     def _token_type_vocab(self, task: str) -> int:
-        size = self.config.modality_type_vocab_size
-        return max(size, NLVR2_TOKEN_TYPES) if task == "nlvr2" else size
+        return token_type_vocab(task, self.config.modality_type_vocab_size)
 
     def check_plan_spec(self, spec: PlanSpec) -> None:
-        if (
-            spec.task == "nlvr2"
-            and "token_type_embeddings" not in spec.own_parts
-            and self.config.modality_type_vocab_size < NLVR2_TOKEN_TYPES
-        ):
-            raise PlanError(
-                f"plan nlvr2/{spec.name}: NLVR2 needs {NLVR2_TOKEN_TYPES} modality token types, the backbone has "
-                f"{self.config.modality_type_vocab_size}; the plan must carry its own token_type_embeddings"
-            )
+        check_nlvr2_token_types(spec, self.config.modality_type_vocab_size)
 
     def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:
         """Modules with the shapes ``spec`` implies. ``init_from_backbone`` starts the plan's own
