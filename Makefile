@@ -71,9 +71,10 @@ BENCH_ON := --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) $(if $(BENCH_THREADS
 # the service level runs twice: at ViLT-B/32 size (random init; the model dominates a request, as in
 # production; BENCH_SERVICE_BASE= to leave it out) and on the embedded default (fixed costs dominate)
 BENCH_SERVICE_BASE ?= 1
-bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), service level vs a plain BentoML service (both sizes), HTTP overhead -> bench-results/
+bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), generation (LaVIN ~1B), service level vs a plain BentoML service (both sizes), HTTP overhead -> bench-results/
 	$(VENV)/bin/das bench --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 2 --warmup 0 --extra-rounds 0)
 	$(VENV)/bin/das bench --size embedded --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 5 --warmup 1 --extra-rounds 0)
+	$(VENV)/bin/das bench --generation --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--short)
 	if [ -n "$(BENCH_SERVICE_BASE)" ]; then $(VENV)/bin/python loadtests/bench_service.py --model base \
 	  --concurrency 1,2,4,8 --out bench-results/service-base $(BENCH_ON) $(if $(BENCH_SHORT),--short); fi
 	$(VENV)/bin/python loadtests/bench_service.py --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--short) \

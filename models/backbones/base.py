@@ -36,6 +36,7 @@ ARCHITECTURES = {
     "vilt": "models.backbones.vilt.modeling:ViltBackbone",
     "meter": "models.backbones.meter.modeling:MeterBackbone",
     "llava": "models.backbones.llava.modeling:LlavaBackbone",
+    "lavin": "models.backbones.lavin.modeling:LavinBackbone",
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

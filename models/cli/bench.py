@@ -22,6 +22,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from models.bench.report import busy_warning, describe_machine, markdown_table, output_stem, write_outputs
     from models.bench.run import BenchOptions, run_benchmark
 
+    if args.generation:
+        return cmd_bench_generation(args)
     if args.arch == "meter" and args.size == "embedded":
         print("error: --size embedded is the shipped ViLT; use --arch vilt with it", file=sys.stderr)
         return 2
@@ -39,6 +41,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_outputs(result, Path(args.out))
         stem = Path(args.out) / output_stem(args.size, args.arch)
         print(f"\nwrote {stem}.json and {stem}.md")
+    return 0
+
+
+def cmd_bench_generation(args: argparse.Namespace) -> int:
+    # heavy (torch): only when the command runs
+    from models.bench.generation import GenerationOptions, markdown, run_generation_benchmark, write_outputs
+
+    options = GenerationOptions(
+        short=args.short or args.size == "tiny", device=args.device, dtype=args.dtype, skips=list(args.skips),
+        placement=args.placement, repeats=args.repeats, warmup=args.warmup, new_tokens=args.new_tokens,
+        prompt_tokens=args.prompt_tokens, threads=args.threads,
+    )
+    result = run_generation_benchmark(options)
+    print(markdown(result))
+    if args.out:
+        stem = write_outputs(result, Path(args.out))
+        print(f"wrote {stem}.json and {stem}.md")
     return 0
 
 
@@ -93,4 +112,16 @@ def register(commands: argparse._SubParsersAction) -> None:
                             "takes minutes at base size)")
     bench.add_argument("--out", metavar="DIR",
                        help="also write DIR/bench-runtime.json (every timing) and DIR/bench-runtime.md")
+    generation = bench.add_argument_group(
+        "generation", "--generation: decode tokens/s and time to first token of plans on a random ~1B LaVIN "
+                      "(models/bench/generation.py); --skips, --placement, --repeats, --warmup, --device, --dtype, "
+                      "--threads and --out apply")
+    generation.add_argument("--generation", action="store_true",
+                            help="run the generation benchmark instead (writes bench-generation.{json,md} with --out)")
+    generation.add_argument("--short", action="store_true",
+                            help="with --generation: a tiny LaVIN, 4 new tokens, 2 rounds (a smoke run of seconds)")
+    generation.add_argument("--new-tokens", type=positive_int, default=None,
+                            help="with --generation: tokens generated per request (default 32)")
+    generation.add_argument("--prompt-tokens", type=positive_int, default=None,
+                            help="with --generation: prompt text tokens (default 128, a ScienceQA-like prompt)")
     bench.set_defaults(func=cmd_bench)

@@ -133,13 +133,16 @@ class _Row:
 
 def _check(backbone: LlavaBackbone, plan: Plan) -> None:
     if plan.task != "vqa":
-        raise PlanError(f"plan {plan.task}/{plan.name}: a LLaVA backbone generates for vqa plans, not {plan.task}")
+        name = {"llava": "LLaVA", "lavin": "LaVIN"}.get(backbone.architecture, backbone.architecture)
+        raise PlanError(f"plan {plan.task}/{plan.name}: a {name} backbone generates for vqa plans, not {plan.task}")
     if plan.spec.backbone.fingerprint != backbone.fingerprint:
         raise PlanError(f"plan {plan.task}/{plan.name} was made for another backbone")
 
 
 def _eos_ids(backbone: LlavaBackbone) -> set[int]:
     ids: set[int] = set()
+    if hasattr(backbone, "eos_token_ids"):  # a backbone that says itself (LaVIN)
+        return set(backbone.eos_token_ids())
     configured = getattr(backbone.llava.generation_config, "eos_token_id", None)
     for value in ([configured] if isinstance(configured, int) else list(configured or [])):
         ids.add(int(value))

@@ -20,7 +20,7 @@ this backbone's :meth:`~LlavaBackbone.prefill` and :meth:`~LlavaBackbone.decode_
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -238,17 +238,23 @@ class KVCache:
 def decoder_block_forward(
     layer: LlamaDecoderLayer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attention_mask: torch.Tensor,
     adapters: ParallelAdapters | None, cache: KVCache | None = None, layer_index: int = 0,
+    attention_in: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mlp_in: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """LlamaDecoderLayer's computation (RMSNorm, rotary grouped-query attention, RMSNorm, gated MLP)
     with fused attention, over the cached keys/values of this block when ``cache`` is given.
 
     ``attention_mask``: bool, (B, 1, new, keys), True where a query may attend to a key.
     Parallel adapters read the sub-block's input and add their output beside the sub-block's.
+    ``attention_in`` / ``mlp_in`` (LaVIN's sequential adapters) map the normed input of attention /
+    the MLP before the sub-block reads it.
     """
     attention = layer.self_attn
     batch, new, _ = x.shape
     head_dim = attention.head_dim
     normed = layer.input_layernorm(x)
+    if attention_in is not None:
+        normed = attention_in(normed)
     q = attention.q_proj(normed).view(batch, new, -1, head_dim).transpose(1, 2)
     k = attention.k_proj(normed).view(batch, new, -1, head_dim).transpose(1, 2)
     v = attention.v_proj(normed).view(batch, new, -1, head_dim).transpose(1, 2)
@@ -263,7 +269,10 @@ def decoder_block_forward(
     if adapters is not None:
         attention_out = attention_out + adapters.attention(x)
     x = x + attention_out
-    mlp_out = layer.mlp(layer.post_attention_layernorm(x))
+    normed = layer.post_attention_layernorm(x)
+    if mlp_in is not None:
+        normed = mlp_in(normed)
+    mlp_out = layer.mlp(normed)
     if adapters is not None:
         mlp_out = mlp_out + adapters.mlp(x)
     return x + mlp_out
