@@ -52,10 +52,10 @@ bento: $(STAMP)  ## build the Bento (das-serve) with torch pinned to the venv's 
 	HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml build -f build/bentofile.yaml .
 
 plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, plans; ~90 min on 2 cores)
-	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force --update-readme
+	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force
 
 plans-meter: $(STAMP)  ## regenerate the tiny METER and its plans in plans/meter/ (~80 min on 2 cores)
-	$(VENV)/bin/das pipeline --arch meter --out plans/meter --work build/pipeline-meter --force --update-readme
+	$(VENV)/bin/das pipeline --arch meter --out plans/meter --work build/pipeline-meter --force
 
 bench-runtime: $(STAMP)  ## model-level latency vs FLOPs benchmark (ViLT-B/32 size, random init)
 	$(VENV)/bin/das bench --out bench-results

@@ -51,7 +51,7 @@ from models.backbones.vilt.checkpoint import build_processor
 from models.backbones.vilt.modeling import ViltBackbone
 from models.das.adapters import PlanModules
 from models.producer.datasets import read_task
-from models.producer.train import ImageCache
+from models.producer.data import open_rgb
 from models.producer.world.export import load_scenes
 from models.producer.world.language import hard_negative_captions, scene_captions
 from models.producer.world.scenes import Scene
@@ -208,7 +208,7 @@ def pretrain_backbone(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    images = ImageCache()
+
     empty_plan = PlanModules()
     history = {"itm_loss": [], "mlm_loss": [], "itm_accuracy": []}
 
@@ -225,7 +225,7 @@ def pretrain_backbone(
         matched = [rng.random() < 0.5 for _ in batch_pairs]
         captions = [p.caption if keep else negative(p) for p, keep in zip(batch_pairs, matched)]
         matched = [keep or caption == p.caption for keep, caption, p in zip(matched, captions, batch_pairs)]
-        batch = backbone.preprocess([images(p.image_path) for p in batch_pairs], captions)
+        batch = backbone.preprocess([open_rgb(p.image_path) for p in batch_pairs], captions)
         masked_ids, mlm_labels = mask_tokens(batch.input_ids, batch.attention_mask, tokenizer,
                                              config.mlm_probability, generator, maskable)
         # ITM sees the unmasked text, MLM the masked one (as ViLT computes them in separate passes)
