@@ -287,6 +287,14 @@ class StepLoss(nn.Module):
         return self.data.losses(plan, batch)
 
 
+def one_cycle(optimizer, lr: float, total: int):
+    """OneCycleLR warming up over 10% of the steps (at least 2: torch's schedule divides by zero below
+    that); a constant rate for runs of fewer than 4 steps."""
+    if total < 4:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=max(0.1, 2 / total))
+
+
 def total_steps(examples: int, config: TrainConfig) -> int:
     return max(1, math.ceil(config.epochs * max(1, examples // config.batch_size)))
 
@@ -318,7 +326,7 @@ def run_training(
     total = total_steps(len(dataset), config)
     optimizer = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=0.1)
+    schedule = one_cycle(optimizer, config.lr, total)
     scaler = grad_scaler(device, config.precision)
     run = {"task": data.task, "examples": len(dataset), "batch_size": config.batch_size, "total_steps": total,
            "seed": config.seed, "lr": config.lr, "precision": config.precision}
