@@ -61,13 +61,13 @@ def _load(backbone_dir: str | Path | None, device="cpu") -> Backbone:
 
 
 def _is_main() -> bool:
-    from models.producer.engine import world_from_env
+    from models.producer.engine import world_from_env  # heavy (torch): only when a command runs
 
     return world_from_env().is_main
 
 
 def _close() -> None:
-    from models.producer.engine import close_world
+    from models.producer.engine import close_world  # heavy (torch): only when a command runs
 
     close_world()
 

@@ -119,7 +119,7 @@ def wrap_ddp(module: torch.nn.Module, world: World) -> torch.nn.Module:
     Unused parameters are allowed: the search runs a different subset of its adapters each step."""
     if not world.distributed:
         return module
-    from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel import DistributedDataParallel  # only distributed runs need it
 
     return DistributedDataParallel(module, find_unused_parameters=True)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from models.tasks import PRIMARY_METRIC, primary_score
 
-SELECTION_NOTE = ("Selection uses val only: store.json's active plan (marked *) is the cheapest plan whose val score "
+SELECTION_NOTE = ("Selection uses val only: store.json's active plan (column active) is the cheapest plan whose val score "
                   "keeps >= 97% of the adapters-only plan's val score. Test numbers are reported, never used to choose. "
                   "[low, high]: 95% percentile bootstrap interval over the split's examples (retrieval: its queries; "
                   "n is then the gallery size), 1000 resamples.")
@@ -31,8 +31,8 @@ def _interval(task: str, r: dict[str, Any]) -> str:
 
 def results_table(report: dict[str, Any]) -> str:
     lines = ["| task | plan | skipped layers | score (val) | val vs adapters-only | n (val) | score (test) | n (test) | "
-             "GFLOPs / request (test mean) | FLOPs saved | trainable params |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GFLOPs / request (test mean) | FLOPs saved | trainable params | active |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, task_report in report["tasks"].items():
         plans = task_report["plans"]
         val_of = {name: r.get("val") or {} for name, r in plans.items()}
@@ -41,7 +41,7 @@ def results_table(report: dict[str, Any]) -> str:
         metric = "mean(IR,TR) R@1" if task == "retrieval" else PRIMARY_METRIC[task]
         for name, r in plans.items():
             val = val_of[name]
-            active = "*" if task_report.get("active") == name else ""
+            active = "yes" if task_report.get("active") == name else ""
             if has_val:
                 score = _score(task, val)
                 val_cell = f"{metric} {score:.3f}{_interval(task, val)}"
@@ -49,9 +49,9 @@ def results_table(report: dict[str, Any]) -> str:
             else:
                 val_cell, ratio = "-", "-"
             lines.append(
-                f"| {task} | {name}{active} | {r['skipped_layers'] or '-'} | {val_cell} | {ratio} | {val.get('n', '-')} | "
+                f"| {task} | {name} | {r['skipped_layers'] or '-'} | {val_cell} | {ratio} | {val.get('n', '-')} | "
                 f"{metric} {_score(task, r):.3f}{_interval(task, r)} | {r.get('n', '-')} | "
-                f"{r['flops_reduced'] / 1e9:.4f} | {r['flops_saved_ratio']:.1%} | {r.get('trainable_params', '')} |"
+                f"{r['flops_reduced'] / 1e9:.4f} | {r['flops_saved_ratio']:.1%} | {r.get('trainable_params', '')} | {active} |"
             )
     lines += ["", SELECTION_NOTE, ""]
     lines.append("Search vs random skip sets (same K, same short training, val split):")
