@@ -310,3 +310,33 @@ def test_the_pipeline_never_writes_readme():
     assert not hasattr(report, "update_readme") and "README" not in Path(report.__file__).read_text().replace(
         "Nothing here writes README.md", "").replace("never README.md", "")
     assert "--update-readme" not in (REPO / "Makefile").read_text()
+
+
+PRETRAIN = ["--epochs", "1", "--hidden-size", "32", "--layers", "2", "--heads", "2", "--image-size", "32",
+            "--batch-size", "8", "--device", "cpu"]
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this Python")
+def test_pretrain_under_torchrun_matches_one_process_and_resumes(world, tmp_path):
+    root, _, _ = world
+    base = ["pretrain", "--data", str(root / "retrieval"), *PRETRAIN]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    _torchrun([*base, "--out", str(tmp_path / "two")], tmp_path)
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert set(one) == set(two)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-4
+    load_backbone(tmp_path / "two", device="cpu")  # a loadable checkpoint, written by rank 0
+
+    from models.producer.pretrain import PretrainConfig, pretrain_backbone
+
+    config = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=128, image_size=32, batch_size=8,
+                  epochs=1, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(TrainingStopped):
+        pretrain_backbone(root / "retrieval", tmp_path / "stopped", PretrainConfig(**config, stop_after=3), progress=False)
+    pretrain_backbone(root / "retrieval", tmp_path / "resumed", PretrainConfig(**config, resume=True), progress=False)
+    resumed = _weights(tmp_path / "resumed")
+    assert max((one[k] - resumed[k]).abs().max().item() for k in one) <= 1e-6

@@ -78,11 +78,20 @@ def _close() -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from models.producer.pretrain import PretrainConfig, pretrain_backbone  # heavy: only when the command runs
 
+    checkpoint_dir = _checkpoint_dir(args)
     config = PretrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, hidden_size=args.hidden_size,
                             num_layers=args.layers, vision_layers=args.vision_layers, text_layers=args.text_layers,
-                            num_heads=args.heads, intermediate_size=4 * args.hidden_size, image_size=args.image_size)
+                            num_heads=args.heads, intermediate_size=4 * args.hidden_size, image_size=args.image_size,
+                            batch_size=args.batch_size, device=args.device, precision=args.precision,
+                            workers=args.workers, checkpoint_every=args.checkpoint_every,
+                            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=args.resume)
     extra = {task: Path(d) for task, d in (("vqa", args.vqa_data), ("nlvr2", args.nlvr2_data)) if d}
-    summary = pretrain_backbone(args.data, args.out, config, extra_text_dirs=extra)
+    try:
+        summary = pretrain_backbone(args.data, args.out, config, extra_text_dirs=extra)
+    finally:
+        _close()
+    if not _is_main():  # rank 0 alone writes the checkpoint and reports
+        return 0
     print(json.dumps({"out": str(args.out), **summary}, indent=2))
     return 0
 
@@ -199,6 +208,10 @@ def _training_options(parser: argparse.ArgumentParser, epochs: float) -> None:
     parser.add_argument("--max-eval", type=int, help="evaluate on at most this many examples")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _run_options(parser)
+    _checkpoint_options(parser)
+
+
+def _checkpoint_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=positive_int, metavar="STEPS",
                         help="write a checkpoint (trainable parts, optimizer, scheduler, RNG, data position) every "
                              "STEPS steps and at the end")
@@ -239,6 +252,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     pretrain.add_argument("--image-size", type=int, default=64, help="image size (default 64)")
     pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pretrain.add_argument("--batch-size", type=positive_int, default=48,
+                          help="batch size (default 48; under torchrun the global batch)")
+    _run_options(pretrain)
+    _checkpoint_options(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
 
     search = commands.add_parser(
