@@ -129,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _close()
     if not _is_main():  # rank 0 alone writes the plan and reports
         return 0
-    print(json.dumps({"plan": str(args.out), "metrics": result.spec.metrics}, indent=2))
+    print(json.dumps({"plan": str(args.out), "metrics": result.spec.metrics, "throughput": result.timing}, indent=2))
     return 0
 
 

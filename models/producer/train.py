@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,6 +310,7 @@ def run_training(
     world: World | None = None,
     state: Callable[[], dict[str, Any]] | None = None,
     load_state: Callable[[dict[str, Any]], None] | None = None,
+    timing: dict[str, float] | None = None,
 ) -> list[float]:
     """AdamW over ``trainable``; ``plan_for_step(step)`` gives the plan to run at each step (fixed
     for training, sampled for search). Returns the loss per step (the global batch's mean).
@@ -317,7 +318,9 @@ def run_training(
     Distributed (``world``): DDP over the trainable parts; every rank reads its shard of each global
     batch of ``config.batch_size`` examples; the per-rank loss is the sum over its examples divided by
     the global batch size times the world size, so DDP's gradient average is the one-process gradient.
-    ``state``/``load_state`` add the caller's own state (the search's gates) to checkpoints."""
+    ``state``/``load_state`` add the caller's own state (the search's gates) to checkpoints.
+    ``timing``, when given, receives the throughput: global samples per second from the end of the
+    first step to the end of the last (data loading included; the first step's warm-up not)."""
     world = world or World()
     device = data.backbone.device
     check_precision(config.precision, device)
@@ -362,6 +365,7 @@ def run_training(
     trainable.train()
     bar = tqdm(total=total, initial=start, desc=desc, disable=not progress or not world.is_main, leave=False)
     scale = world.world_size / config.batch_size
+    clock: list[float] = []
     for step, batch in enumerate(batches, start):
         step_plan = plan_for_step(step)
         with autocast(device, config.precision):
@@ -380,6 +384,8 @@ def run_training(
             on_step(step, losses[-1])
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if timing is not None:  # .item() above has synchronised the device
+            clock.append(time.perf_counter())
         done = step + 1
         if checkpoint_dir is not None and config.checkpoint_every and (done % config.checkpoint_every == 0 or done == total):
             checkpoint(done)
@@ -387,6 +393,11 @@ def run_training(
             bar.close()
             raise TrainingStopped(f"stopped after {done} of {total} steps (stop_after)")
     bar.close()
+    if timing is not None and len(clock) > 1:
+        seconds = clock[-1] - clock[0]
+        timing.update(steps=len(clock) - 1, seconds=seconds, global_batch=config.batch_size,
+                      samples_per_s=(len(clock) - 1) * config.batch_size / seconds if seconds > 0 else 0.0,
+                      world_size=world.world_size, precision=config.precision, workers=config.workers)
     trainable.eval()
     return losses
 
@@ -413,6 +424,7 @@ class TrainResult:
     losses: list[float]
     metrics: dict[str, float] = field(default_factory=dict)
     evaluation: Evaluation | None = None
+    timing: dict[str, float] = field(default_factory=dict)  # throughput (run_training's ``timing``)
 
 
 def train_plan(
@@ -437,14 +449,15 @@ def train_plan(
     torch.manual_seed(config.seed)
     modules = backbone.build_plan_modules(spec, init_from_backbone=True).to(backbone.device)
     plan = Plan(spec, modules)
+    timing: dict[str, float] = {}
     losses = run_training(data, modules, lambda step: plan, config, progress=progress, desc=f"train {task}/{name}",
-                          world=world)
+                          world=world, timing=timing)
     if not world.is_main:
-        return TrainResult(spec, losses, {})
+        return TrainResult(spec, losses, {}, timing=timing)
     evaluation = data.evaluate(plan, eval_split, config.max_eval_examples, progress=progress)
     trainable = sum(p.numel() for p in modules.parameters())
     spec = dataclasses.replace(spec, metrics={**evaluation.plan_metrics(eval_split), **reference_flops(backbone, spec),
                                               "trainable_params": trainable})
     if out_dir is not None:
         spec = save_plan(out_dir, spec, modules, overwrite=True)
-    return TrainResult(spec, losses, evaluation.metrics, evaluation)
+    return TrainResult(spec, losses, evaluation.metrics, evaluation, timing)
