@@ -111,7 +111,8 @@ def serve(root: Path, **settings: str):
     # BentoML keeps the Prometheus multiprocess files in $BENTOML_HOME/prometheus_multiproc_dir and a
     # starting server empties it: servers sharing one home mix and erase each other's metrics.
     env = dict(os.environ, DAS_ADMIN_TOKEN=TOKEN, DAS_DEVICE="cpu", HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="true",
-               BENTOML_HOME=str(root / f"bentoml-home-{port}"), **settings)
+               BENTOML_HOME=str(root / f"bentoml-home-{port}"))
+    env.update(settings)  # may override DAS_DEVICE (the CUDA tests serve on the GPU)
     log_path = root / f"serve-{port}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(

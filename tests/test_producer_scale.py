@@ -340,3 +340,35 @@ def test_pretrain_under_torchrun_matches_one_process_and_resumes(world, tmp_path
     pretrain_backbone(root / "retrieval", tmp_path / "resumed", PretrainConfig(**config, resume=True), progress=False)
     resumed = _weights(tmp_path / "resumed")
     assert max((one[k] - resumed[k]).abs().max().item() for k in one) <= 1e-6
+
+
+def test_a_killed_das_train_resumes_to_the_uninterrupted_plan(world, tmp_path):
+    """A real SIGKILL of `das train` after its first checkpoint, then `--resume`: the same plan weights
+    as a run never interrupted."""
+    import signal
+    import time
+
+    root, _, ckpt = world
+    base = [sys.executable, "-m", "models.cli.main", "train", "--backbone", str(ckpt), "--task", "nlvr2",
+            "--data", str(root / "nlvr2"), "--skip", "1", "--epochs", "12", "--batch-size", "4", "--max-train", "32",
+            "--max-eval", "4", "--lr", "1e-3", "--skip-bottleneck", "8", "--parallel-bottleneck", "4",
+            "--device", "cpu", "--checkpoint-every", "2"]
+    killed = subprocess.Popen([*base, "--out", str(tmp_path / "killed")], env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed.ckpt" / "last.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert checkpoint.exists() and not (tmp_path / "killed" / "plan.json").exists(), "killed before the end"
+    step = torch.load(checkpoint, weights_only=False)["step"]
+    assert 2 <= step < 96
+    done = subprocess.run([*base, "--out", str(tmp_path / "killed"), "--resume"], env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole = subprocess.run([*base[:-2], "--out", str(tmp_path / "whole")], env=_env(), capture_output=True, text=True,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "whole" / "weights.safetensors")), load_file(str(tmp_path / "killed" / "weights.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
