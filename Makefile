@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve bento plans plans-meter bench bench-runtime loadtest loadtest-hotswap clean help
+.PHONY: install test serve bento plans plans-meter bench bench-runtime gpu-check loadtest loadtest-hotswap clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sed -e 's|$$(TORCH_SPEC)|$(TORCH_SPEC)|' -e 's|$$(HOST)|$(HOST)|' -e 's|$$(PORT)|$(PORT)|' \
@@ -52,10 +52,10 @@ bento: $(STAMP)  ## build the Bento (das-serve) with torch pinned to the venv's 
 	HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml build -f build/bentofile.yaml .
 
 plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, plans; ~90 min on 2 cores)
-	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force --update-readme
+	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force
 
 plans-meter: $(STAMP)  ## regenerate the tiny METER and its plans in plans/meter/ (~80 min on 2 cores)
-	$(VENV)/bin/das pipeline --arch meter --out plans/meter --work build/pipeline-meter --force --update-readme
+	$(VENV)/bin/das pipeline --arch meter --out plans/meter --work build/pipeline-meter --force
 
 bench-runtime: $(STAMP)  ## model-level latency vs FLOPs benchmark (ViLT-B/32 size, random init)
 	$(VENV)/bin/das bench --out bench-results
@@ -71,7 +71,7 @@ BENCH_ON := --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) $(if $(BENCH_THREADS
 # the service level runs twice: at ViLT-B/32 size (random init; the model dominates a request, as in
 # production; BENCH_SERVICE_BASE= to leave it out) and on the embedded default (fixed costs dominate)
 BENCH_SERVICE_BASE ?= 1
-bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), generation (LaVIN ~1B), service level vs a plain BentoML service (both sizes), HTTP overhead -> bench-results/
+bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), generation (LaVIN ~1B), service level vs a plain BentoML service (both sizes), HTTP overhead, producer throughput -> bench-results/
 	$(VENV)/bin/das bench --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 2 --warmup 0 --extra-rounds 0)
 	$(VENV)/bin/das bench --size embedded --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 5 --warmup 1 --extra-rounds 0)
 	$(VENV)/bin/das bench --generation --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--short)
@@ -80,6 +80,12 @@ bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + em
 	$(VENV)/bin/python loadtests/bench_service.py --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--short) \
 	  --model-results bench-results/bench-runtime.json bench-results/bench-runtime-embedded.json \
 	  $(if $(BENCH_SERVICE_BASE),--service-results bench-results/service-base/bench-service.json)
+	$(VENV)/bin/das bench --producer --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--short)
+
+# make gpu-check (scripts/gpu_check.sh; --dry-run checks the set-up without a GPU): the CUDA-marked tests
+# (pytest -m cuda) and make bench BENCH_DEVICE=cuda BENCH_DTYPE=float16 BENCH_SHORT=1, in under 8 minutes
+gpu-check: $(STAMP)  ## on a GPU host: the CUDA tests + a short CUDA bench (< 8 min) -> build/gpu-check/summary.md
+	VENV=$(VENV) scripts/gpu_check.sh --out build/gpu-check
 
 # Load tests (loadtests/README.md): bounded and localhost only; reports go to loadtests/results/.
 #   make loadtest USERS=8 SPAWN_RATE=4 DURATION=1m      make loadtest-hotswap SWAPS=20

@@ -63,3 +63,19 @@ def test_full_plan_of_the_embedded_default_equals_transformers_on_the_converted_
         expected = {model.config.id2label[i]: s for i, s in enumerate(scores.tolist())}
         assert {a.answer for a in result.answers} == set(expected)
         assert max(abs(a.score - expected[a.answer]) for a in result.answers) < 1e-4
+
+
+def test_bench_producer_row_in_its_tiniest_mode_reports_every_column(tmp_path, capsys):
+    """Correctness of the producer row's report only (no timing assertions): bound, one process, DDP."""
+    assert main(["bench", "--producer", "--producer-sizes", "tiny", "--producer-batch", "2", "--producer-steps", "2",
+                 "--workers", "0", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| size | compute bound (samples/s) |" in table and "| tiny |" in table
+    result = json.loads((tmp_path / "bench-producer.json").read_text())
+    (row,) = result["rows"]
+    assert row["size"] == "tiny" and row["steps"] == 2 and row["batch_size"] == 2
+    for key in ("bound_samples_per_s", "train_samples_per_s", "ddp_samples_per_s"):
+        assert row[key] > 0, key
+    assert row["ratio_to_bound"] == row["train_samples_per_s"] / row["bound_samples_per_s"]
+    assert row["ddp_scaling"] == row["ddp_samples_per_s"] / row["train_samples_per_s"]
+    assert "DDP scaling" in (tmp_path / "bench-producer.md").read_text()

@@ -17,6 +17,8 @@ DEFAULT_BATCH_SIZES = (1, 32)
 
 def cmd_bench(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.producer:
+        return cmd_bench_producer(args)
     # heavy (torch): only when the command runs
     from models.bench.fixtures import log
     from models.bench.report import busy_warning, describe_machine, markdown_table, output_stem, write_outputs
@@ -59,6 +61,28 @@ def cmd_bench_generation(args: argparse.Namespace) -> int:
         stem = write_outputs(result, Path(args.out))
         print(f"wrote {stem}.json and {stem}.md")
     return 0
+
+
+def cmd_bench_producer(args: argparse.Namespace) -> int:
+    # heavy (torch): only when the command runs
+    from models.bench.producer import ProducerBenchOptions, producer_table, run_producer_bench, write_producer_outputs
+
+    options = ProducerBenchOptions(sizes=tuple(args.producer_sizes), batch_size=args.producer_batch,
+                                   steps=args.producer_steps, short=args.short, ddp=not args.no_ddp,
+                                   workers=args.workers, device=args.device, dtype=args.dtype, threads=args.threads)
+    result = run_producer_bench(options)
+    print(producer_table(result))
+    if args.out:
+        json_path, md_path = write_producer_outputs(result, Path(args.out))
+        print(f"\nwrote {json_path} and {md_path}")
+    return 0
+
+
+def _sizes(text: str) -> list[str]:
+    sizes = [part.strip() for part in text.split(",") if part.strip()]
+    if not sizes or any(s not in ("embedded", "base", "tiny") for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected sizes among embedded, base, tiny like embedded,base; got {text!r}")
+    return sizes
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -119,9 +143,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     generation.add_argument("--generation", action="store_true",
                             help="run the generation benchmark instead (writes bench-generation.{json,md} with --out)")
     generation.add_argument("--short", action="store_true",
-                            help="with --generation: a tiny LaVIN, 4 new tokens, 2 rounds (a smoke run of seconds)")
+                            help="a quick run: with --generation a tiny LaVIN, 4 new tokens, 2 rounds (seconds); with "
+                                 "--producer fewer steps")
     generation.add_argument("--new-tokens", type=positive_int, default=None,
                             help="with --generation: tokens generated per request (default 32)")
     generation.add_argument("--prompt-tokens", type=positive_int, default=None,
                             help="with --generation: prompt text tokens (default 128, a ScienceQA-like prompt)")
+    producer = bench.add_argument_group(
+        "producer row (--producer)",
+        "Training throughput of `das train` (1 process and 2-process DDP under torchrun) against the same plan's "
+        "forward+backward on pre-made tensors; results in bench-producer.{json,md}. See models/bench/producer.py.")
+    producer.add_argument("--producer", action="store_true", help="run the producer row instead of the latency benchmark")
+    producer.add_argument("--producer-sizes", type=_sizes, default=["embedded", "base"], metavar="S,S",
+                          help="embedded (the shipped backbone), base (ViLT-B/32 size), tiny (default embedded,base)")
+    producer.add_argument("--producer-batch", type=positive_int, default=8, help="global batch size (default 8)")
+    producer.add_argument("--producer-steps", type=positive_int, default=None,
+                          help="timed steps per measurement (default 30; 6 with --short)")
+    producer.add_argument("--workers", type=non_negative_int, default=2,
+                          help="DataLoader workers per process of das train (default 2)")
+    producer.add_argument("--no-ddp", action="store_true", help="leave out the 2-process DDP row")
     bench.set_defaults(func=cmd_bench)

@@ -41,10 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # here, not at the top: after parsing, so that --help never loads torch
     from models.backbones.base import BackboneError
     from models.das.plan import PlanError
+    from models.producer.engine import RunError
 
     try:
         return args.func(args)
-    except (PlanError, BackboneError, FileNotFoundError) as exc:
+    except (PlanError, BackboneError, RunError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
 

@@ -1,5 +1,8 @@
 """`das pretrain`, `das search`, `das train`, `das eval`, `das pipeline`: producing plans.
 
+`das search`, `das train` and `das pretrain` run under torchrun too (data parallel):
+``torchrun --nproc-per-node N --no-python das train ...``; --batch-size is then the global batch.
+
 Light at import (argparse and paths only): the producer is imported when a command runs.
 """
 
@@ -11,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.cli.argtypes import layer_list
+from models.cli.argtypes import layer_list, non_negative_int, positive_int
 from models.paths import REPO_ROOT, SHIPPED_BACKBONE, SHIPPED_METER_PLANS, SHIPPED_PLANS
 from models.tasks import TASKS
 
@@ -26,14 +29,47 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, skip_bottleneck=args.skip_bottleneck,
         parallel_bottleneck=args.parallel_bottleneck or None, max_train_examples=args.max_train,
-        max_eval_examples=args.max_eval, seed=args.seed,
+        max_eval_examples=args.max_eval, seed=args.seed, precision=args.precision, workers=args.workers,
+        checkpoint_every=args.checkpoint_every, checkpoint_dir=str(_checkpoint_dir(args)) if _checkpoint_dir(args) else None,
+        resume=args.resume,
     )
 
 
-def _load(backbone_dir: str | Path | None) -> Backbone:
+def _checkpoint_dir(args: argparse.Namespace) -> Path | None:
+    """--checkpoint-dir, else <out>.ckpt beside --out when checkpoints are asked for."""
+    if args.checkpoint_dir:
+        return Path(args.checkpoint_dir)
+    if args.checkpoint_every or args.resume:
+        out = Path(args.out)
+        return out.with_name(out.name + ".ckpt")
+    return None
+
+
+def _run_device(args: argparse.Namespace):
+    """The device this process trains on (under torchrun on CUDA: cuda:LOCAL_RANK), the precision checked."""
+    from models.producer.engine import check_precision, resolve_run_device  # heavy (torch): only when it runs
+
+    device = resolve_run_device(args.device)
+    check_precision(args.precision, device)
+    return device
+
+
+def _load(backbone_dir: str | Path | None, device="cpu") -> Backbone:
     from models.backbones.base import load_backbone  # heavy (torch): only when a command runs
 
-    return load_backbone(backbone_dir or SHIPPED_BACKBONE, device="cpu")
+    return load_backbone(backbone_dir or SHIPPED_BACKBONE, device=device)
+
+
+def _is_main() -> bool:
+    from models.producer.engine import world_from_env  # heavy (torch): only when a command runs
+
+    return world_from_env().is_main
+
+
+def _close() -> None:
+    from models.producer.engine import close_world  # heavy (torch): only when a command runs
+
+    close_world()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,11 +78,20 @@ def _load(backbone_dir: str | Path | None) -> Backbone:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from models.producer.pretrain import PretrainConfig, pretrain_backbone  # heavy: only when the command runs
 
+    checkpoint_dir = _checkpoint_dir(args)
     config = PretrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, hidden_size=args.hidden_size,
                             num_layers=args.layers, vision_layers=args.vision_layers, text_layers=args.text_layers,
-                            num_heads=args.heads, intermediate_size=4 * args.hidden_size, image_size=args.image_size)
+                            num_heads=args.heads, intermediate_size=4 * args.hidden_size, image_size=args.image_size,
+                            batch_size=args.batch_size, device=args.device, precision=args.precision,
+                            workers=args.workers, checkpoint_every=args.checkpoint_every,
+                            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=args.resume)
     extra = {task: Path(d) for task, d in (("vqa", args.vqa_data), ("nlvr2", args.nlvr2_data)) if d}
-    summary = pretrain_backbone(args.data, args.out, config, extra_text_dirs=extra)
+    try:
+        summary = pretrain_backbone(args.data, args.out, config, extra_text_dirs=extra)
+    finally:
+        _close()
+    if not _is_main():  # rank 0 alone writes the checkpoint and reports
+        return 0
     print(json.dumps({"out": str(args.out), **summary}, indent=2))
     return 0
 
@@ -54,10 +99,15 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from models.producer.search import SearchConfig, das_search, write_search_outputs  # heavy: only when it runs
 
-    backbone = _load(args.backbone)
+    backbone = _load(args.backbone, _run_device(args))
     config = SearchConfig(skip_num=args.skip_num, update_every=args.update_every, gate_lr=args.gate_lr,
                           warmup_fraction=args.warmup, train=_train_config(args))
-    result = das_search(backbone, args.task, args.data, config)
+    try:
+        result = das_search(backbone, args.task, args.data, config)
+    finally:
+        _close()
+    if not _is_main():  # rank 0 alone writes and reports
+        return 0
     files = write_search_outputs(result, args.out)
     print(f"ranking (most skippable first): {result.ranking}")
     print(f"gates: {result.gates}")
@@ -71,10 +121,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from models.producer.train import train_plan  # heavy: only when the command runs
 
-    backbone = _load(args.backbone)
-    result = train_plan(backbone, args.task, args.data, args.skip, _train_config(args), out_dir=args.out,
-                        name=args.name, version=args.version)
-    print(json.dumps({"plan": str(args.out), "metrics": result.spec.metrics}, indent=2))
+    backbone = _load(args.backbone, _run_device(args))
+    try:
+        result = train_plan(backbone, args.task, args.data, args.skip, _train_config(args), out_dir=args.out,
+                            name=args.name, version=args.version)
+    finally:
+        _close()
+    if not _is_main():  # rank 0 alone writes the plan and reports
+        return 0
+    print(json.dumps({"plan": str(args.out), "metrics": result.spec.metrics, "throughput": result.timing}, indent=2))
     return 0
 
 
@@ -83,21 +138,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from models.producer.evaluate import backbone_dir_for_plan, check_default_backbone, evaluate_plan_dir
 
     backbone_dir = Path(args.backbone) if args.backbone else backbone_dir_for_plan(args.plan)
-    backbone = _load(backbone_dir)
+    backbone = _load(backbone_dir, _run_device(args))
     if not args.backbone:
         check_default_backbone(args.plan, backbone, backbone_dir)
-    result = evaluate_plan_dir(args.plan, args.data, backbone, args.split, args.max_eval, progress=not args.json)
+    result = evaluate_plan_dir(args.plan, args.data, backbone, args.split, args.max_eval, progress=not args.json,
+                               workers=args.workers, precision=args.precision)
     if args.json:
         print(json.dumps(result))
-    else:
-        for key, value in result.items():
+        return 0
+    intervals = result.get("intervals", {})
+    for key, value in result.items():
+        if key == "intervals":
+            continue
+        if key in intervals:
+            low, high = intervals[key]
+            print(f"{key:<18} {value:.4f}  95% CI [{low:.4f}, {high:.4f}]")
+        elif key == "n":
+            print(f"{key:<18} {value}" + ("  (gallery size)" if result.get("task") == "retrieval" else "  (examples)"))
+        else:
             print(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
+    print("(95% CI: percentile bootstrap over the examples, 1000 resamples, seed 0)")
     return 0
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     # heavy (torch): only when the command runs
-    from models.producer.pipeline import PipelineSettings, clear_store, run_pipeline
+    from models.producer.pipeline import PipelineSettings, clear_store, remeasure_store, run_pipeline
     from models.producer.report import write_reports
 
     if args.arch == "meter":
@@ -106,6 +172,14 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         settings = PipelineSettings.quick() if args.quick else PipelineSettings()
     default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
     out, work = Path(args.out or default_out), Path(args.work or REPO_ROOT / "build" / default_work)
+    if args.remeasure:
+        if not (out / "store.json").is_file():
+            print(f"error: {out} is no plan store (no store.json) to re-measure", file=sys.stderr)
+            return 2
+        report = remeasure_store(out, work, settings, seed=args.seed, progress=not args.quiet)
+        (out / "pipeline-report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(write_reports(report, out, args.arch))
+        return 0
     if out.exists() and any(out.iterdir()) and not (args.force or args.resume):
         print(f"error: {out} is not empty (use --force to regenerate into it, --resume to continue)", file=sys.stderr)
         return 2
@@ -114,7 +188,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = run_pipeline(out, work, settings, seed=args.seed, progress=not args.quiet)
     (out / "pipeline-report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(write_reports(report, out, args.arch, readme=args.update_readme))
+    print(write_reports(report, out, args.arch))
     return 0
 
 
@@ -133,6 +207,28 @@ def _training_options(parser: argparse.ArgumentParser, epochs: float) -> None:
     parser.add_argument("--max-train", type=int, help="use at most this many training examples")
     parser.add_argument("--max-eval", type=int, help="evaluate on at most this many examples")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _run_options(parser)
+    _checkpoint_options(parser)
+
+
+def _checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint-every", type=positive_int, metavar="STEPS",
+                        help="write a checkpoint (trainable parts, optimizer, scheduler, RNG, data position) every "
+                             "STEPS steps and at the end")
+    parser.add_argument("--checkpoint-dir", help="where checkpoints go (default: <out>.ckpt beside --out)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from the last checkpoint in the checkpoint directory (a fresh start if there is none)")
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto (CUDA when present), cpu or cuda; under torchrun on CUDA each process takes "
+                             "cuda:LOCAL_RANK (default auto)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="fp32, or autocast in bf16 (CPU or CUDA) or fp16 (CUDA only, with a GradScaler); "
+                             "trainable parts stay fp32 (default fp32)")
+    parser.add_argument("--workers", type=non_negative_int, default=0,
+                        help="DataLoader worker processes that decode and preprocess (default 0: in the main process)")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -156,6 +252,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     pretrain.add_argument("--image-size", type=int, default=64, help="image size (default 64)")
     pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pretrain.add_argument("--batch-size", type=positive_int, default=48,
+                          help="batch size (default 48; under torchrun the global batch)")
+    _run_options(pretrain)
+    _checkpoint_options(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
 
     search = commands.add_parser(
@@ -193,7 +293,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                                              "the plan lies in, <store>/backbone; else the shipped one)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (default test)")
     evaluate.add_argument("--max-eval", type=int, help="evaluate on at most this many examples")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.add_argument("--json", action="store_true",
+                          help="print one JSON object: every metric a plain number, plus n and intervals ({metric: [low, high]})")
+    _run_options(evaluate)
     evaluate.set_defaults(func=cmd_eval)
 
     pipeline = commands.add_parser(
@@ -212,7 +314,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--force", action="store_true", help="overwrite an existing plan store")
     pipeline.add_argument("--resume", action="store_true",
                           help="continue an interrupted run: reuse the backbone, trained plans and results cached in --work")
-    pipeline.add_argument("--update-readme", action="store_true", help="write the results table into README.md")
+    pipeline.add_argument("--remeasure", action="store_true",
+                          help="no training: regenerate the synthetic data (same seed and sizes) into --work, evaluate "
+                               "every plan of the store on val and test, write val metrics with n and 95%% intervals "
+                               "into each plan.json, re-decide store.json's active plans on val, rewrite RESULTS.md")
     pipeline.add_argument("--quiet", action="store_true", help="no progress bars")
     pipeline.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pipeline.set_defaults(func=cmd_pipeline)

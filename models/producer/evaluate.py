@@ -38,16 +38,21 @@ def check_default_backbone(plan: str | Path, backbone: Backbone, backbone_dir: P
 
 
 def evaluate_plan_dir(plan_dir: str | Path, data_dir: str | Path, backbone: Backbone, split: str = "test",
-                      limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+                      limit: int | None = None, progress: bool = True, workers: int = 0,
+                      precision: str = "fp32") -> dict[str, Any]:
+    """The plan's metrics on ``split`` (each a plain number), ``n`` (examples; retrieval: the gallery
+    size), ``intervals`` ({metric: [low, high]}, 95% bootstrap over the examples, see
+    ``models/producer/stats.py``) and the mean FLOPs per request."""
     plan = load_plan(plan_dir, backbone) if Path(plan_dir).is_dir() else None
     if plan is None:  # "TASK/full" names a built-in plan
         task, _, name = str(plan_dir).partition("/")
         plan = builtin_full_plan(backbone, task)
-    data = task_data(plan.task, DASRuntime(backbone), data_dir, TrainConfig())
-    metrics, (flops_full, flops_reduced) = data.evaluate(plan, split, limit, progress=progress)
+    data = task_data(plan.task, DASRuntime(backbone), data_dir, TrainConfig(workers=workers, precision=precision))
+    evaluation = data.evaluate(plan, split, limit, progress=progress)
+    flops_full, flops_reduced = evaluation.flops
     return {"task": plan.task, "plan": plan.name, "version": plan.version, "split": split,
-            "skipped_layers": list(plan.skipped_layers), **metrics,
-            "flops_full": flops_full, "flops_reduced": flops_reduced,
+            "skipped_layers": list(plan.skipped_layers), **evaluation.metrics, "n": evaluation.n,
+            "intervals": evaluation.intervals, "flops_full": flops_full, "flops_reduced": flops_reduced,
             "flops_saved_ratio": 1 - flops_reduced / flops_full if flops_full else 0.0}
 
 

@@ -1,6 +1,8 @@
 """`das pipeline`: regenerates a plan store (the embedded default: backbone + plans for every task) from
-seeds, deterministically: synthetic data, pre-training, search, a plan per skip level, test evaluation,
-searched vs random skip sets, and store.json. ``models/producer/report.py`` writes its tables and plot.
+seeds, deterministically: synthetic data, pre-training, search, a plan per skip level, val and test
+evaluation, searched vs random skip sets, and store.json. Selection (store.json's active plan, the
+"within 97%" rule) uses val numbers only; test numbers are reported, never used to choose.
+:func:`remeasure_store` re-evaluates an existing store's plans (no retraining). ``models/producer/report.py`` writes its tables and plot.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import random
 import shutil
 import time
@@ -16,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from models.backbones.base import Backbone, load_backbone
-from models.das.plan import PlanError, validate_plan
+from models.das.plan import PLAN_FILE, PlanError, PlanSpec, validate_plan
 from models.paths import STORE_BACKBONE_DIR, STORE_STATE_FILE
 from models.producer.evaluate import evaluate_plan_dir
 from models.producer.pretrain import PretrainConfig, pretrain_backbone
@@ -24,6 +27,9 @@ from models.producer.search import SearchConfig, das_search, write_search_output
 from models.producer.train import TrainConfig, train_plan
 from models.producer.world.export import synthesize
 from models.tasks import TASKS, primary_score
+
+# every task's metric keys (plain numbers in plan.json's metrics)
+METRIC_KEYS = ("vqa_score", "accuracy", "ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10")
 
 
 @dataclass
@@ -53,7 +59,7 @@ class PipelineSettings:
     search_k: int | None = None  # skip_num of the search (default: the first skip level)
     random_baselines: int = 3
     batch_size: int = 32
-    max_eval: int | None = 1000
+    max_eval: int | None = None  # whole val/test splits (retrieval: its gallery of RETRIEVAL_EVAL_IMAGES)
 
     @classmethod
     def quick(cls) -> PipelineSettings:
@@ -86,12 +92,7 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
             reused.append(message)
         print_line(message)
 
-    data = {task: work / "data" / task for task in TASKS}
-    for offset, task in enumerate(TASKS):
-        if not (data[task] / "synth.json").is_file():
-            log(f"[data] synthesising {task}: {settings.n[task]} examples")
-            synthesize(task, data[task], n=settings.n[task], seed=seed + offset, image_size=settings.image_size,
-                       progress=progress)
+    data = _synthesize(work, settings, seed, progress, log)
     backbone_dir = out / STORE_BACKBONE_DIR
     pretrain_file = work / "pretrain.json"
     if (backbone_dir / "config.json").is_file() and pretrain_file.is_file():
@@ -127,9 +128,10 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
     return report
 
 
-def _cached(path: Path, make, log, what: str):
-    """Resume support: a step whose JSON result exists in the work directory is not run again."""
-    if path.is_file():
+def _cached(path: Path, make, log, what: str, valid=lambda result: True):
+    """Resume support: a step whose JSON result exists in the work directory (and passes ``valid``) is
+    not run again."""
+    if path.is_file() and valid(json.loads(path.read_text())):
         log(f"[resume] {what}: reusing {path}")
         return json.loads(path.read_text())
     result = make()
@@ -169,8 +171,8 @@ def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Pa
                               progress=progress).spec
         evaluation = _cached(work / "eval" / task / f"{name}.json",
                              lambda: evaluate_plan_dir(plan_dir, data_dir, backbone, "test", settings.max_eval, progress),
-                             log, f"{task}/{name} test evaluation")
-        task_report["plans"][name] = {**evaluation, "trainable_params": spec.metrics["trainable_params"]}
+                             log, f"{task}/{name} test evaluation", valid=lambda r: "intervals" in r)
+        task_report["plans"][name] = plan_report(spec, evaluation)
 
     # evidence for the search: same K, same (shorter) training, searched vs random skip sets, on val
     baseline_config = TrainConfig(**{**asdict(train_config), "epochs": settings.baseline_epochs})
@@ -191,17 +193,88 @@ def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Pa
     return task_report
 
 
+def plan_report(spec, test: dict[str, Any]) -> dict[str, Any]:
+    """A plan's entry in the pipeline report: its test evaluation (reported), and under ``val`` the val
+    metrics of its plan.json (what selection uses)."""
+    return {**test, "trainable_params": spec.metrics["trainable_params"], "val": val_metrics(spec.metrics)}
+
+
+def val_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    if metrics.get("eval_split", "val") != "val":
+        raise PlanError(f"plan metrics are on {metrics.get('eval_split')!r}; selection needs val metrics")
+    return {k: v for k, v in metrics.items() if k in METRIC_KEYS or k in ("eval_split", "n", "intervals")}
+
+
+def choose_active(task: str, plans: dict[str, dict[str, Any]]) -> str:
+    """The cheapest plan whose *val* score keeps >= 97% of the adapters-only plan's val score (else the
+    adapters-only plan). Test numbers never enter."""
+    reference = primary_score(task, plans["adapters"]["val"])
+    keeping = [name for name, r in plans.items() if primary_score(task, r["val"]) >= 0.97 * reference]
+    return min(keeping, key=lambda name: plans[name]["flops_reduced"]) if keeping else "adapters"
+
+
 def _write_store_state(out: Path, task: str, task_report: dict[str, Any]) -> None:
-    """store.json: every trained plan loaded; active = the cheapest plan keeping >= 97% of the
-    adapters-only score (or the adapters-only plan)."""
+    """store.json: every trained plan loaded; active = :func:`choose_active` (decided on val)."""
     path = out / STORE_STATE_FILE
     state = json.loads(path.read_text()) if path.is_file() else {"loaded": {}, "active": {}, "history": {}}
     plans = task_report["plans"]
     state["loaded"][task] = sorted(plans)
-    reference = primary_score(task, plans["adapters"])
-    keeping = [name for name, r in plans.items() if primary_score(task, r) >= 0.97 * reference]
-    state["active"][task] = min(keeping, key=lambda name: plans[name]["flops_reduced"]) if keeping else "adapters"
+    state["active"][task] = choose_active(task, plans)
+    task_report["active"] = state["active"][task]
     path.write_text(json.dumps(state, indent=2) + "\n")
+
+
+def _synthesize(work: Path, settings: PipelineSettings, seed: int, progress: bool, log) -> dict[str, Path]:
+    data = {task: work / "data" / task for task in TASKS}
+    for offset, task in enumerate(TASKS):
+        if not (data[task] / "synth.json").is_file():
+            log(f"[data] synthesising {task}: {settings.n[task]} examples")
+            synthesize(task, data[task], n=settings.n[task], seed=seed + offset, image_size=settings.image_size,
+                       progress=progress)
+    return data
+
+
+def write_plan_metrics(plan_dir: Path, metrics: dict[str, Any]) -> None:
+    """Replace plan.json's ``metrics`` (nothing else: the weights and their checksum stay), atomically."""
+    path = plan_dir / PLAN_FILE
+    spec = PlanSpec.from_json_dict(json.loads(path.read_text()), where=str(path))
+    spec = dataclasses.replace(spec, metrics=metrics)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(spec.to_json_dict(), indent=2) + "\n")
+    os.replace(staging, path)
+
+
+def remeasure_store(out: Path, work: Path, settings: PipelineSettings, seed: int = 0, progress: bool = True,
+                    log=print) -> dict[str, Any]:
+    """Re-measure a shipped store's plans without retraining: regenerate the pipeline's synthetic data
+    (same seed and sizes) under ``work``, evaluate every plan on val and test, write the val metrics
+    (with split, n and 95% intervals) into each plan.json, re-decide store.json's active plans on val,
+    and return the pipeline report with the new numbers (its pre-training and search parts kept)."""
+    data = _synthesize(work, settings, seed, progress, log)
+    backbone = load_backbone(out / STORE_BACKBONE_DIR, device="cpu")
+    report_path = out / "pipeline-report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {"tasks": {}}
+    for task in TASKS:
+        task_report = report["tasks"].setdefault(task, {})
+        names = [p.parent.name for p in sorted((out / task).glob("*/" + PLAN_FILE))]
+        order = [n for n in task_report.get("plans", {}) if n in names] + [n for n in names if n not in task_report.get("plans", {})]
+        plans = {}
+        for name in order:
+            plan_dir = out / task / name
+            spec = validate_plan(plan_dir, backbone)
+            log(f"[remeasure] {task}/{name}: val and test")
+            val = evaluate_plan_dir(plan_dir, data[task], backbone, "val", settings.max_eval, progress)
+            test = evaluate_plan_dir(plan_dir, data[task], backbone, "test", settings.max_eval, progress)
+            kept = {k: v for k, v in spec.metrics.items() if k not in METRIC_KEYS and k not in ("eval_split", "n", "intervals")}
+            metrics = {**{k: val[k] for k in METRIC_KEYS if k in val}, "eval_split": "val", "n": val["n"],
+                       "intervals": val["intervals"], **kept}
+            write_plan_metrics(plan_dir, metrics)
+            spec = validate_plan(plan_dir, backbone)
+            plans[name] = plan_report(spec, test)
+        task_report["plans"] = plans
+        _write_store_state(out, task, task_report)
+    report["remeasured"] = {"seed": seed, "data": str(work / "data"), "max_eval": settings.max_eval}
+    return report
 
 
 def clear_store(out: Path) -> None:

@@ -31,6 +31,7 @@ import json
 import math
 import random
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 from transformers.models.vilt.modeling_vilt import ViltMLMHead
@@ -51,7 +53,11 @@ from models.backbones.vilt.checkpoint import build_processor
 from models.backbones.vilt.modeling import ViltBackbone
 from models.das.adapters import PlanModules
 from models.producer.datasets import read_task
-from models.producer.train import ImageCache
+from models.producer.data import Item, StepBatches, item_rng, loader, open_rgb
+from models.producer.engine import (RunError, all_reduce_sum, autocast, check_precision, check_resumable, grad_scaler,
+                                    init_world, load_checkpoint, resolve_run_device, rng_state, save_checkpoint,
+                                    set_rng_state, wrap_ddp)
+from models.producer.train import TrainingStopped, one_cycle
 from models.producer.world.export import load_scenes
 from models.producer.world.language import hard_negative_captions, scene_captions
 from models.producer.world.scenes import Scene
@@ -79,6 +85,14 @@ class PretrainConfig:
     hard_negative_fraction: float = 0.5  # of the ITM negatives, where the image's scene is known
     captions_per_scene: int = 5  # for images of other tasks' data sets, captioned from their scenes
     seed: int = 0
+    # how to run (models/producer/engine.py), as TrainConfig's
+    device: str = "cpu"  # auto | cpu | cuda
+    precision: str = "fp32"
+    workers: int = 0
+    checkpoint_every: int | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    stop_after: int | None = None  # test hook
 
 
 def words_in(texts: Iterable[str]) -> list[str]:
@@ -175,6 +189,67 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokenizer
     return masked, labels
 
 
+class PairDataset(Dataset):
+    """Pre-training items: pair ``index`` of ``epoch`` is its caption (matched) or, with probability
+    1/2, a negative (a hard one with ``hard_negative_fraction`` where the scene is known, else another
+    pair's caption); all drawn from (seed, epoch, index), so a step's data do not depend on the number
+    of processes. The image is decoded on demand (nothing cached)."""
+
+    def __init__(self, pairs: list[CaptionPair], config: PretrainConfig) -> None:
+        self.pairs, self.config = pairs, config
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> Item:
+        epoch, index = key
+        pair, rng = self.pairs[index], item_rng(self.config.seed, epoch, index, "itm")
+        caption = pair.caption
+        if rng.random() >= 0.5:
+            hard = (hard_negative_captions(pair.scene, k=1, rng=rng)
+                    if pair.scene is not None and rng.random() < self.config.hard_negative_fraction else [])
+            caption = hard[0] if hard else self.pairs[rng.randrange(len(self.pairs))].caption
+        return Item(index, [(open_rgb(pair.image_path), caption)], (float(caption == pair.caption), epoch))
+
+
+class PairCollate:
+    """Items -> (batch, masked input ids, MLM labels, ITM targets). Each row's masking is drawn from its
+    own (seed, epoch, index) generator over its unpadded tokens, so it is the same in any batch."""
+
+    def __init__(self, preprocess, tokenizer, config: PretrainConfig, maskable: torch.Tensor) -> None:
+        self.preprocess, self.tokenizer, self.config, self.maskable = preprocess, tokenizer, config, maskable
+
+    def __call__(self, items: list[Item]):
+        batch = self.preprocess([i.pairs[0][0] for i in items], [i.pairs[0][1] for i in items])
+        masked, labels = batch.input_ids.clone(), torch.full_like(batch.input_ids, -100)
+        for row, item in enumerate(items):
+            length = int(batch.attention_mask[row].sum())
+            generator = torch.Generator().manual_seed(
+                int.from_bytes(f"{self.config.seed}:{item.target[1]}:{item.index}".encode(), "little") % (2**63))
+            ids, mask = batch.input_ids[row:row + 1, :length], batch.attention_mask[row:row + 1, :length]
+            row_masked, row_labels = mask_tokens(ids, mask, self.tokenizer, self.config.mlm_probability, generator,
+                                                 self.maskable)
+            masked[row, :length], labels[row, :length] = row_masked[0], row_labels[0]
+        targets = torch.tensor([i.target[0] for i in items], dtype=torch.float32)
+        return batch, masked, labels, targets
+
+
+class PretrainModel(nn.Module):
+    """Backbone + MLM head + ITM head as one module (what DDP wraps): ITM on the unmasked text, MLM on
+    the masked one (as ViLT computes them in separate passes)."""
+
+    def __init__(self, backbone, mlm_head: nn.Module, itm_head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.mlm_head, self.itm_head = backbone, mlm_head, itm_head
+
+    def forward(self, batch, masked_ids: torch.Tensor):
+        empty_plan = PlanModules()
+        itm_logits = self.itm_head(self.backbone.encode(batch, empty_plan))[:, 0]
+        masked_batch = dataclasses.replace(batch, input_ids=masked_ids)
+        sequence = self.backbone.sequence_output(masked_batch, empty_plan)[:, : masked_ids.shape[1]]
+        return itm_logits.float(), self.mlm_head(sequence).float()
+
+
 def pretrain_backbone(
     retrieval_data: str | Path,
     out_dir: str | Path,
@@ -185,71 +260,104 @@ def pretrain_backbone(
 ) -> dict[str, float]:
     """Pre-train on the retrieval dataset's image-caption pairs (plus captioned train scenes of
     ``scene_dirs``, see :func:`pretraining_pairs`); save the checkpoint to ``out_dir``.
-    ``extra_text_dirs`` ({task: dir}) adds those datasets' words to the vocabulary."""
+    ``extra_text_dirs`` ({task: dir}) adds those datasets' words to the vocabulary.
+
+    Runs on ``config.device`` in ``config.precision``, with DataLoader workers, under torchrun as DDP
+    (``config.batch_size`` is the global batch; rank 0 alone writes the checkpoint), and resumably
+    (``checkpoint_every`` / ``resume``), as ``das train`` does."""
     retrieval_data, out_dir = Path(retrieval_data), Path(out_dir)
     texts = task_texts("retrieval", retrieval_data)
     for task, directory in (extra_text_dirs or {}).items():
         texts += task_texts(task, Path(directory))
     if config.arch not in ARCHS:
         raise ValueError(f"unknown architecture {config.arch!r} (use {', '.join(ARCHS)})")
+    device = resolve_run_device(config.device)
+    check_precision(config.precision, device)
+    world = init_world(device)
     torch.manual_seed(config.seed)
-    backbone, new_itm_head, save = (_new_vilt if config.arch == "vilt" else _new_meter)(config, words_in(texts), out_dir)
+    # every rank builds the same tokenizer; rank 0 alone writes it into out_dir
+    scratch = tempfile.TemporaryDirectory(prefix="das-pretrain-") if not world.is_main else None
+    target = out_dir if world.is_main else Path(scratch.name)
+    backbone, new_itm_head, save = (_new_vilt if config.arch == "vilt" else _new_meter)(config, words_in(texts), target)
     tokenizer = backbone.tokenizer if config.arch == "meter" else backbone.processor.tokenizer
     backbone.requires_grad_(True).train()
     # ViLT's MLM head (dense, GELU, LayerNorm, decoder) reads only these four settings
     mlm_head = ViltMLMHead(ViltConfig(hidden_size=config.hidden_size, vocab_size=len(tokenizer), hidden_act="gelu",
                                       layer_norm_eps=1e-12))
     itm_head = new_itm_head()
-    parameters = list(backbone.parameters()) + list(mlm_head.parameters()) + list(itm_head.parameters())
+    model = PretrainModel(backbone, mlm_head, itm_head).to(device)
+    parameters = list(model.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     pairs = pretraining_pairs(retrieval_data, scene_dirs, config.captions_per_scene, config.seed)
     maskable = content_token_mask(tokenizer, [p.caption for p in pairs])
     steps = max(1, math.ceil(config.epochs * len(pairs) / config.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1)
-    rng = random.Random(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    images = ImageCache()
-    empty_plan = PlanModules()
+    schedule = one_cycle(optimizer, config.lr, steps)
+    scaler = grad_scaler(device, config.precision)
     history = {"itm_loss": [], "mlm_loss": [], "itm_accuracy": []}
+    run = {"task": "pretrain", "arch": config.arch, "examples": len(pairs), "batch_size": config.batch_size,
+           "total_steps": steps, "seed": config.seed, "lr": config.lr, "precision": config.precision}
+    checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if (config.checkpoint_every or config.resume) and checkpoint_dir is None:
+        raise RunError("checkpoints need a checkpoint directory (checkpoint_dir)")
+    start = 0
+    if config.resume and (saved := load_checkpoint(checkpoint_dir, device)) is not None:
+        check_resumable(saved, run, checkpoint_dir)
+        model.load_state_dict(saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+        start, history = saved["step"], saved["extra"]["history"]
 
-    def negative(pair: CaptionPair) -> str:
-        if pair.scene is not None and rng.random() < config.hard_negative_fraction:
-            hard = hard_negative_captions(pair.scene, k=1, rng=rng)
-            if hard:
-                return hard[0]
-        return pairs[rng.randrange(len(pairs))].caption
-
-    bar = tqdm(range(steps), desc="pretrain", disable=not progress)
-    for _ in bar:
-        batch_pairs = [pairs[rng.randrange(len(pairs))] for _ in range(config.batch_size)]
-        matched = [rng.random() < 0.5 for _ in batch_pairs]
-        captions = [p.caption if keep else negative(p) for p, keep in zip(batch_pairs, matched)]
-        matched = [keep or caption == p.caption for keep, caption, p in zip(matched, captions, batch_pairs)]
-        batch = backbone.preprocess([images(p.image_path) for p in batch_pairs], captions)
-        masked_ids, mlm_labels = mask_tokens(batch.input_ids, batch.attention_mask, tokenizer,
-                                             config.mlm_probability, generator, maskable)
-        # ITM sees the unmasked text, MLM the masked one (as ViLT computes them in separate passes)
-        pooled = backbone.encode(batch, empty_plan)
-        itm_logits = itm_head(pooled)[:, 0]
-        itm_target = torch.tensor(matched, dtype=torch.float32)
-        itm_loss = F.binary_cross_entropy_with_logits(itm_logits, itm_target)
-        masked_batch = dataclasses.replace(batch, input_ids=masked_ids)
-        sequence = backbone.sequence_output(masked_batch, empty_plan)[:, : masked_ids.shape[1]]
-        mlm_logits = mlm_head(sequence)
-        mlm_loss = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), mlm_labels.reshape(-1), ignore_index=-100)
-        loss = itm_loss + mlm_loss
+    dataset = PairDataset(pairs, config)
+    order = StepBatches(len(pairs), min(config.batch_size, len(pairs) // world.world_size * world.world_size),
+                        seed=config.seed, rank=world.rank, world_size=world.world_size, start=start, stop=steps)
+    collate = PairCollate(backbone.preprocess, tokenizer, config, maskable)
+    batches = loader(dataset, collate, workers=config.workers, batch_sampler=order, pin_memory=device.type == "cuda")
+    ddp = wrap_ddp(model, world)
+    global_batch = order.global_batch
+    bar = tqdm(total=steps, initial=start, desc="pretrain", disable=not progress or not world.is_main)
+    for step, (batch, masked_ids, mlm_labels, itm_target) in enumerate(batches, start):
+        batch = batch.to(device, torch.float32)
+        masked_ids, mlm_labels, itm_target = masked_ids.to(device), mlm_labels.to(device), itm_target.to(device)
+        # the MLM loss is a mean over the global batch's masked tokens: count them over every rank first
+        masked_count = all_reduce_sum((mlm_labels != -100).sum().float().reshape(1), world).clamp(min=1)
+        with autocast(device, config.precision):
+            itm_logits, mlm_logits = ddp(batch, masked_ids)
+        itm_sum = F.binary_cross_entropy_with_logits(itm_logits, itm_target, reduction="sum")
+        mlm_sum = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), mlm_labels.reshape(-1),
+                                  ignore_index=-100, reduction="sum")
+        loss = (itm_sum / global_batch + mlm_sum / masked_count[0]) * world.world_size
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
-        history["itm_loss"].append(itm_loss.item())
-        history["mlm_loss"].append(mlm_loss.item())
-        history["itm_accuracy"].append(((itm_logits > 0).float() == itm_target).float().mean().item())
-        bar.set_postfix(itm=f"{itm_loss.item():.3f}", mlm=f"{mlm_loss.item():.3f}")
-    save(backbone, itm_head)
+        correct = ((itm_logits > 0).float() == itm_target).float().sum()
+        totals = all_reduce_sum(torch.stack([itm_sum.detach(), mlm_sum.detach(), correct]), world)
+        history["itm_loss"].append(totals[0].item() / global_batch)
+        history["mlm_loss"].append(totals[1].item() / masked_count.item())
+        history["itm_accuracy"].append(totals[2].item() / global_batch)
+        bar.update(1)
+        bar.set_postfix(itm=f"{history['itm_loss'][-1]:.3f}", mlm=f"{history['mlm_loss'][-1]:.3f}")
+        done = step + 1
+        if checkpoint_dir is not None and config.checkpoint_every and (done % config.checkpoint_every == 0 or done == steps):
+            save_checkpoint(checkpoint_dir, {
+                "run": run, "step": done, "trainable": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "extra": {"history": history}}, world)
+        if config.stop_after is not None and done >= config.stop_after and done < steps:
+            bar.close()
+            raise TrainingStopped(f"stopped after {done} of {steps} steps (stop_after)")
+    bar.close()
+    if world.is_main:
+        save(backbone.to("cpu"), itm_head.to("cpu"))
+    if scratch is not None:
+        scratch.cleanup()
     tail = max(1, steps // 10)
-    return {key: sum(values[-tail:]) / tail for key, values in history.items()}
+    return {key: sum(values[-tail:]) / len(values[-tail:]) for key, values in history.items() if values}
 
 
 def _new_vilt(config: PretrainConfig, words: list[str], out_dir: Path):

@@ -5,7 +5,7 @@ probability of skipping it. Each training step samples ``skip_num`` distinct arm
 replacement), runs that reduced network (skipped layers -> skip adapters, kept layers -> parallel
 adapters) and takes a gradient step on the trainable parts. After the warm-up, every
 ``update_every`` steps it samples ``num_samples`` skip sets, scores each on a validation batch
-without gradients (reward r = exp(-loss)), and for every arm i in a sampled set updates
+without gradients (reward r = exp(-loss), the batch's mean loss), and for every arm i in a sampled set updates
 g_i += gate_lr * (r - mean(r)) * p_i * (1 - p_i). Arms whose removal keeps the loss low gain weight.
 The final skip set is the ``skip_num`` arms with the largest gates.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,9 @@ from torch import nn
 from models.backbones.base import Backbone
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.plan import Plan
-from models.producer.train import TrainConfig, make_spec, minibatches, run_training, task_data
+from models.producer.data import StepBatches, loader
+from models.producer.engine import RunError, all_reduce_sum, autocast, init_world
+from models.producer.train import TrainConfig, make_spec, run_training, task_data, total_steps
 from models.runtime import DASRuntime
 
 
@@ -85,6 +86,10 @@ def sample_skip_set(gates: torch.Tensor, k: int, generator: torch.Generator) -> 
 def das_search(
     backbone: Backbone, task: str, data_dir: str | Path, config: SearchConfig, progress: bool = True
 ) -> SearchResult:
+    """One bandit, also under torchrun: every rank draws the same skip sets from the same generator
+    (seeded alike), so the gates stay identical on every rank; each reward's validation batch is
+    split across the ranks and its loss sums are all-reduced."""
+    world = init_world(backbone.device)
     runtime = DASRuntime(backbone)
     data = task_data(task, runtime, data_dir, config.train)
     spec = make_spec(backbone, data, "search", 1, [], config.train)
@@ -96,21 +101,22 @@ def das_search(
         raise ValueError(f"skip_num must be between 1 and {n - 1}, got {config.skip_num}")
     gates = torch.zeros(n)
     generator = torch.Generator().manual_seed(config.train.seed)
-    rng = random.Random(config.train.seed + 1)
-    val_examples = data.examples("val", config.train.max_eval_examples)
-    val_batches = minibatches(val_examples, min(config.train.batch_size, len(val_examples)), rng)
+    val_data = data.dataset("val", config.train.max_eval_examples, seed=config.train.seed + 1)
+    val_batch = min(config.train.batch_size, len(val_data)) // world.world_size * world.world_size
+    if val_batch < 1:
+        raise RunError(f"the val split has {len(val_data)} examples, fewer than the {world.world_size} processes")
     train_examples = len(data.examples("train", config.train.max_train_examples))
-    total_steps = max(1, int(config.train.epochs * max(1, train_examples // config.train.batch_size)))
-    warmup = int(config.warmup_fraction * total_steps)
+    warmup = int(config.warmup_fraction * total_steps(train_examples, config.train))
     log: list[dict[str, Any]] = [{"step": 0, "reward_mean": None, **{f"g{i}": 0.0 for i in range(n)}}]
+    val_iter = None
 
-    def next_val_batch() -> list:
-        nonlocal val_batches
-        try:
-            return next(val_batches)
-        except StopIteration:
-            val_batches = minibatches(val_examples, min(config.train.batch_size, len(val_examples)), rng)
-            return next(val_batches)
+    def next_val_batch():
+        nonlocal val_iter
+        if val_iter is None:  # starts where a resumed run left off: one val batch per gate update
+            order = StepBatches(len(val_data), val_batch, seed=config.train.seed + 1, rank=world.rank,
+                                world_size=world.world_size, start=len(log) - 1)
+            val_iter = iter(loader(val_data, data.collate(), workers=config.train.workers, batch_sampler=order))
+        return next(val_iter)
 
     def plan_for_step(step: int) -> Plan:
         return Plan(spec, supernet.plan_modules(sample_skip_set(gates, config.skip_num, generator)))
@@ -120,11 +126,9 @@ def das_search(
             return
         batch = next_val_batch()
         sets = [sample_skip_set(gates, config.skip_num, generator) for _ in range(config.num_samples)]
-        with torch.no_grad():
-            rewards = torch.tensor([
-                torch.exp(-data.loss(Plan(spec, supernet.plan_modules(s)), batch, random.Random(0))).item()
-                for s in sets
-            ])
+        with torch.no_grad(), autocast(backbone.device, config.train.precision):
+            sums = torch.stack([data.losses(Plan(spec, supernet.plan_modules(s)), batch).sum() for s in sets])
+        rewards = torch.exp(-all_reduce_sum(sums.float(), world).cpu() / val_batch)
         baseline = rewards.mean()
         probs = torch.sigmoid(gates)
         for skip_set, reward in zip(sets, rewards):
@@ -133,8 +137,16 @@ def das_search(
         log.append({"step": step + 1, "reward_mean": round(baseline.item(), 6),
                     **{f"g{i}": round(gates[i].item(), 6) for i in range(n)}})
 
+    def state() -> dict[str, Any]:
+        return {"gates": gates.clone(), "generator": generator.get_state(), "log": [dict(row) for row in log]}
+
+    def load_state(saved: dict[str, Any]) -> None:
+        gates.copy_(saved["gates"].cpu())
+        generator.set_state(saved["generator"].cpu())
+        log[:] = saved["log"]
+
     run_training(data, supernet, plan_for_step, config.train, on_step=on_step, progress=progress,
-                 desc=f"search {task} k={config.skip_num}")
+                 desc=f"search {task} k={config.skip_num}", world=world, state=state, load_state=load_state)
     ranking = sorted(range(n), key=lambda i: -gates[i].item())
     return SearchResult(task, config.skip_num, [round(g, 6) for g in gates.tolist()], ranking,
                         sorted(ranking[: config.skip_num]), log)

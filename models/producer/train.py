@@ -4,13 +4,17 @@ One training loop for every task: a :class:`TaskData` object per task turns data
 model inputs, a loss and evaluation metrics (VQA ``vqa_score``; NLVR2 ``accuracy``; retrieval
 ``ir_r1/5/10`` and ``tr_r1/5/10``, fractions in 0-1). The forward pass is the serving runtime's own
 (``DASRuntime.*_logits``), so what is trained is exactly what is served.
+
+Data come from ``torch.utils.data`` Datasets decoding on demand (``models/producer/data.py``; with
+``TrainConfig.workers`` worker processes decode and preprocess); a run may be one process or several
+under torchrun (DDP), in fp32, bf16 or fp16, and resumable from checkpoints (``models/producer/engine.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +22,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
 from models.backbones.base import Backbone
 from models.das.adapters import PlanModules
 from models.das.plan import AdapterShapes, BackboneRef, Plan, PlanSpec, save_plan
+from models.producer.data import Collate, RetrievalRows, StepBatches, TaskBatch, TaskDataset, loader, scenes_of
 from models.producer.datasets import read_task
-from models.producer.world.export import load_scenes
-from models.producer.world.language import hard_negative_captions
+from models.producer.engine import (RunError, World, all_reduce_sum, autocast, check_precision, check_resumable,
+                                    grad_scaler, init_world, load_checkpoint, rng_state, save_checkpoint,
+                                    set_rng_state, wrap_ddp)
+from models.producer.stats import bootstrap_interval
 from models.runtime import DASRuntime
 
 REFERENCE_TEXT_LEN = 16
@@ -45,28 +52,41 @@ class TrainConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     seed: int = 0
+    # how to run (not what is learnt): models/producer/engine.py
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only)
+    workers: int = 0  # DataLoader worker processes decoding and preprocessing
+    checkpoint_every: int | None = None  # steps between checkpoints (and one at the end)
+    checkpoint_dir: str | None = None
+    resume: bool = False  # go on from checkpoint_dir's last checkpoint, if there is one
+    stop_after: int | None = None  # test hook: stop (TrainingStopped) after this many steps, as if killed
 
 
-class ImageCache:
-    """Decoded RGB images by path; the synthetic and benchmark images are small."""
+class TrainingStopped(RuntimeError):
+    """Raised by the ``stop_after`` test hook: the run stopped as if killed after that many steps."""
 
-    def __init__(self) -> None:
-        self._images: dict[Path, Image.Image] = {}
 
-    def __call__(self, path: Path) -> Image.Image:
-        image = self._images.get(path)
-        if image is None:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-            self._images[path] = image
-        return image
+@dataclass
+class Evaluation:
+    """A split's metrics (fractions), how many examples they are over (retrieval: the gallery size), a
+    95% bootstrap interval per metric, and the mean (full, executed) FLOPs per request."""
+
+    metrics: dict[str, float]
+    n: int
+    intervals: dict[str, list[float]]
+    flops: tuple[float, float]
+
+    def plan_metrics(self, split: str) -> dict[str, Any]:
+        """As plan.json's ``metrics`` records them: every metric a plain number, then split, n, intervals."""
+        return {**self.metrics, "eval_split": split, "n": self.n, "intervals": self.intervals}
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-task data, loss and metrics
 # ---------------------------------------------------------------------------------------------
 class TaskData:
-    """What differs between tasks; the training loop is shared."""
+    """What differs between tasks; the training loop is shared. Holds the split's example records
+    (light), never decoded images: :meth:`dataset` gives a ``torch.utils.data`` Dataset that decodes
+    on demand (see ``models/producer/data.py``)."""
 
     task: str
 
@@ -75,8 +95,8 @@ class TaskData:
         self.backbone: Backbone = runtime.backbone
         self.data_dir = Path(data_dir)
         self.config = config
-        self.images = ImageCache()
         self._splits: dict[str, Any] = {}
+        self._scenes: dict[Path, Any] | None = None
 
     def split(self, name: str):
         if name not in self._splits:
@@ -87,23 +107,48 @@ class TaskData:
         examples = list(self.split(name).examples)
         return examples[:limit] if limit else examples
 
+    def scenes(self) -> dict[Path, Any]:
+        if self._scenes is None:
+            self._scenes = scenes_of(self.data_dir)
+        return self._scenes
+
+    def dataset(self, split: str, limit: int | None = None, seed: int | None = None) -> TaskDataset:
+        """The training-style Dataset of ``split`` (VQA targets over the plan's labels, i.e. the train
+        split's answer vocabulary; retrieval: negatives drawn from ``seed``, default the run's)."""
+        labels = self.plan_fields()["labels"] if self.task == "vqa" else None
+        return TaskDataset(self.task, self.examples(split, limit), labels=labels,
+                           seed=self.config.seed if seed is None else seed,
+                           negatives=self.config.retrieval_negatives,
+                           scenes=self.scenes() if self.task == "retrieval" else None)
+
+    def collate(self) -> Collate:
+        return Collate(self.backbone.preprocess, self.task)
+
+    def _on_device(self, batch: TaskBatch) -> list:
+        return [b.to(self.backbone.device, self.backbone.dtype) for b in batch.inputs]
+
     # what the plan carries for this task
     def plan_fields(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def loss(self, plan: Plan, examples: Sequence, rng: random.Random) -> torch.Tensor:
+    def losses(self, plan: Plan, batch: TaskBatch) -> torch.Tensor:
+        """The loss of every example of the batch (fp32); a step's loss is their sum over the global batch
+        divided by its size."""
         raise NotImplementedError
 
-    def evaluate(self, plan: Plan, split: str, limit: int | None = None, progress: bool = False) -> tuple[dict[str, float], tuple[float, float]]:
-        """Metrics and (mean full FLOPs, mean executed FLOPs) per request over the split."""
+    def evaluate(self, plan: Plan, split: str, limit: int | None = None, progress: bool = False) -> Evaluation:
         raise NotImplementedError
 
-    def _prepare(self, images: Sequence[Image.Image], texts: Sequence[str]):
-        return self.backbone.preprocess(images, texts).to(self.backbone.device, self.backbone.dtype)
+    def _loader(self, dataset, batch_size: int):
+        return loader(dataset, self.collate(), workers=self.config.workers, batch_size=batch_size,
+                      pin_memory=self.backbone.device.type == "cuda")
 
     def _mean_flops(self, plan: Plan, batches: Sequence, index: int) -> tuple[int, int]:
         report = self.backbone.flops(plan.task, plan.spec, batches[0].text_lengths[index], [b.patch_grids[index] for b in batches])
         return report.full, report.executed
+
+    def _autocast(self):
+        return autocast(self.backbone.device, self.config.precision)
 
 
 class VQATaskData(TaskData):
@@ -112,37 +157,30 @@ class VQATaskData(TaskData):
     def plan_fields(self) -> dict[str, Any]:
         return {"own_head": True, "labels": tuple(self.split("train").answer_vocab), "own_parts": ("pooler",)}
 
-    def _targets(self, examples: Sequence, labels: Sequence[str]) -> torch.Tensor:
-        index = {label: i for i, label in enumerate(labels)}
-        targets = torch.zeros(len(examples), len(labels))
-        for row, example in enumerate(examples):
-            for answer, score in example.answer_scores.items():
-                if answer in index:
-                    targets[row, index[answer]] = score
-        return targets
-
-    def loss(self, plan: Plan, examples: Sequence, rng: random.Random) -> torch.Tensor:
-        batch = self._prepare([self.images(e.image_path) for e in examples], [e.question for e in examples])
-        logits = self.runtime.vqa_logits(plan, batch).float()
-        targets = self._targets(examples, plan.spec.labels).to(logits.device)
-        # ViLT's VQA loss: BCE summed over answers (mean over batch)
-        return F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
+    def losses(self, plan: Plan, batch: TaskBatch) -> torch.Tensor:
+        (inputs,) = self._on_device(batch)
+        logits = self.runtime.vqa_logits(plan, inputs).float()
+        targets = batch.targets.to(logits.device)
+        # ViLT's VQA loss: BCE summed over answers (mean over the batch)
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1)
 
     @torch.no_grad()
     def evaluate(self, plan, split, limit=None, progress=False):
         examples = self.examples(split, limit)
         labels = self.runtime.labels(plan)
-        score, flops_full, flops_exec = 0.0, 0, 0
-        for start in tqdm(range(0, len(examples), 64), desc=f"eval vqa/{split}", disable=not progress, leave=False):
-            chunk = examples[start:start + 64]
-            batch = self._prepare([self.images(e.image_path) for e in chunk], [e.question for e in chunk])
-            best = self.runtime.vqa_logits(plan, batch).argmax(dim=-1).tolist()
-            for i, (example, answer) in enumerate(zip(chunk, best)):
-                score += example.answer_scores.get(labels[answer], 0.0)
-                full, executed = self._mean_flops(plan, [batch], i)
+        scores, flops_full, flops_exec = [], 0, 0
+        dataset = TaskDataset("vqa", examples, labels=labels)
+        for batch in tqdm(self._loader(dataset, 64), desc=f"eval vqa/{split}", disable=not progress, leave=False):
+            (inputs,) = self._on_device(batch)
+            with self._autocast():
+                best = self.runtime.vqa_logits(plan, inputs).argmax(dim=-1).tolist()
+            for i, (index, answer) in enumerate(zip(batch.indices, best)):
+                scores.append(examples[index].answer_scores.get(labels[answer], 0.0))
+                full, executed = self._mean_flops(plan, batch.inputs, i)
                 flops_full, flops_exec = flops_full + full, flops_exec + executed
-        n = max(1, len(examples))
-        return {"vqa_score": score / n}, (flops_full / n, flops_exec / n)
+        n = max(1, len(scores))
+        return Evaluation({"vqa_score": sum(scores) / n}, len(scores), {"vqa_score": bootstrap_interval(scores)},
+                          (flops_full / n, flops_exec / n))
 
 
 class NLVR2TaskData(TaskData):
@@ -151,101 +189,77 @@ class NLVR2TaskData(TaskData):
     def plan_fields(self) -> dict[str, Any]:
         return {"own_head": True, "labels": ("False", "True"), "own_parts": ("pooler", "token_type_embeddings")}
 
-    def _logits(self, plan: Plan, examples: Sequence):
-        texts = [e.statement for e in examples]
-        left = self._prepare([self.images(e.left_image_path) for e in examples], texts)
-        right = self._prepare([self.images(e.right_image_path) for e in examples], texts)
-        return self.runtime.nlvr2_logits(plan, left, right).float(), (left, right)
+    def _logits(self, plan: Plan, batch: TaskBatch) -> torch.Tensor:
+        left, right = self._on_device(batch)
+        return self.runtime.nlvr2_logits(plan, left, right).float()
 
-    def loss(self, plan: Plan, examples: Sequence, rng: random.Random) -> torch.Tensor:
-        logits, _ = self._logits(plan, examples)
-        targets = torch.tensor([int(e.label) for e in examples], device=logits.device)
-        return F.cross_entropy(logits, targets)
+    def losses(self, plan: Plan, batch: TaskBatch) -> torch.Tensor:
+        logits = self._logits(plan, batch)
+        true_index = [label.lower() for label in self.runtime.labels(plan)].index("true")
+        targets = batch.targets.to(logits.device)
+        targets = targets if true_index == 1 else 1 - targets
+        return F.cross_entropy(logits, targets, reduction="none")
 
     @torch.no_grad()
     def evaluate(self, plan, split, limit=None, progress=False):
         examples = self.examples(split, limit)
         true_index = [label.lower() for label in self.runtime.labels(plan)].index("true")
-        correct, flops_full, flops_exec = 0, 0, 0
-        for start in tqdm(range(0, len(examples), 64), desc=f"eval nlvr2/{split}", disable=not progress, leave=False):
-            chunk = examples[start:start + 64]
-            logits, batches = self._logits(plan, chunk)
-            predictions = (logits.argmax(dim=-1) == true_index).tolist()
-            for i, (example, predicted) in enumerate(zip(chunk, predictions)):
-                correct += int(predicted == example.label)
-                full, executed = self._mean_flops(plan, batches, i)
+        correct, flops_full, flops_exec = [], 0, 0
+        dataset = TaskDataset("nlvr2", examples)
+        for batch in tqdm(self._loader(dataset, 64), desc=f"eval nlvr2/{split}", disable=not progress, leave=False):
+            with self._autocast():
+                predictions = (self._logits(plan, batch).argmax(dim=-1) == true_index).tolist()
+            for i, (index, predicted) in enumerate(zip(batch.indices, predictions)):
+                correct.append(float(predicted == examples[index].label))
+                full, executed = self._mean_flops(plan, batch.inputs, i)
                 flops_full, flops_exec = flops_full + full, flops_exec + executed
-        n = max(1, len(examples))
-        return {"accuracy": correct / n}, (flops_full / n, flops_exec / n)
+        n = max(1, len(correct))
+        return Evaluation({"accuracy": sum(correct) / n}, len(correct), {"accuracy": bootstrap_interval(correct)},
+                          (flops_full / n, flops_exec / n))
 
 
 class RetrievalTaskData(TaskData):
-    """Image-text matching: each positive pair is scored against negatives (other images'
-    captions), cross-entropy over the candidates, as ViLT fine-tunes retrieval."""
+    """Image-text matching: each positive pair is scored against negatives (a hard negative where the
+    data set records scenes, then other images' captions), cross-entropy over the candidates, as ViLT
+    fine-tunes retrieval. The Dataset draws the candidates from (seed, epoch, index)."""
 
     task = "retrieval"
 
     def plan_fields(self) -> dict[str, Any]:
         return {"own_head": True, "labels": None, "own_parts": ("pooler",)}
 
-    def _hard_negative(self, example, rng: random.Random) -> str | None:
-        """A caption false for the image by one attribute, when the data set records its scenes
-        (`das data synth` writes scenes.jsonl); None for real data sets."""
-        if not hasattr(self, "_scenes"):
-            try:
-                self._scenes = {(self.data_dir / k).resolve(): v for k, v in load_scenes(self.data_dir).items()}
-            except FileNotFoundError:
-                self._scenes = {}
-        scene = self._scenes.get(Path(example.image_path).resolve())
-        if scene is None:
-            return None
-        captions = hard_negative_captions(scene, k=1, rng=rng)
-        return captions[0] if captions else None
-
-    def loss(self, plan: Plan, examples: Sequence, rng: random.Random) -> torch.Tensor:
-        pool = self.split("train").examples
-        k = self.config.retrieval_negatives
-        images, texts = [], []
-        for example in examples:
-            image = self.images(example.image_path)
-            candidates = [rng.choice(example.captions)]
-            hard = self._hard_negative(example, rng) if k > 1 else None
-            if hard is not None:
-                candidates.append(hard)
-            while len(candidates) < k + 1:
-                other = pool[rng.randrange(len(pool))]
-                if other.image_id != example.image_id:
-                    candidates.append(rng.choice(other.captions))
-            images += [image] * len(candidates)
-            texts += candidates
-        scores = self.runtime.retrieval_logits(plan, self._prepare(images, texts)).float().view(len(examples), k + 1)
-        return F.cross_entropy(scores, torch.zeros(len(examples), dtype=torch.long, device=scores.device))
+    def losses(self, plan: Plan, batch: TaskBatch) -> torch.Tensor:
+        (inputs,) = self._on_device(batch)
+        scores = self.runtime.retrieval_logits(plan, inputs).float().view(len(batch), batch.group)
+        return F.cross_entropy(scores, torch.zeros(len(batch), dtype=torch.long, device=scores.device), reduction="none")
 
     @torch.no_grad()
     def evaluate(self, plan, split, limit=None, progress=False):
         """Recall@1/5/10 over the first N images of the split (N <= RETRIEVAL_EVAL_IMAGES, since every
-        image is scored against every caption) and their first captions."""
+        image is scored against every caption) and their first captions; ``n`` is the gallery size."""
         examples = self.examples(split, min(limit or RETRIEVAL_EVAL_IMAGES, RETRIEVAL_EVAL_IMAGES))
         n = len(examples)
-        images = [self.images(e.image_path) for e in examples]
-        captions = [e.captions[0] for e in examples]
         scores = torch.empty(n, n)  # [image, caption]
         flops_full, flops_exec, pairs = 0, 0, 0
-        for i in tqdm(range(n), desc=f"eval retrieval/{split}", disable=not progress, leave=False):
-            batch = self._prepare([images[i]] * n, captions)
-            scores[i] = self.runtime.retrieval_logits(plan, batch).float().cpu()
+        rows = self._loader(RetrievalRows(examples), 1)
+        for batch in tqdm(rows, total=n, desc=f"eval retrieval/{split}", disable=not progress, leave=False):
+            (i,) = batch.indices
+            (inputs,) = self._on_device(batch)
+            with self._autocast():
+                scores[i] = self.runtime.retrieval_logits(plan, inputs).float().cpu()
             if i == 0 or i == n - 1:  # FLOPs per pair depend only on text length and image grid
                 for j in range(n):
-                    full, executed = self._mean_flops(plan, [batch], j)
+                    full, executed = self._mean_flops(plan, batch.inputs, j)
                     flops_full, flops_exec, pairs = flops_full + full, flops_exec + executed, pairs + 1
         target = torch.arange(n)
-        metrics = {}
+        metrics, intervals = {}, {}
         for k in (1, 5, 10):
-            ir_top = scores.t().topk(min(k, n), dim=1).indices  # caption -> images
-            tr_top = scores.topk(min(k, n), dim=1).indices  # image -> captions
-            metrics[f"ir_r{k}"] = (ir_top == target[:, None]).any(dim=1).float().mean().item()
-            metrics[f"tr_r{k}"] = (tr_top == target[:, None]).any(dim=1).float().mean().item()
-        return metrics, (flops_full / max(1, pairs), flops_exec / max(1, pairs))
+            ir_hits = (scores.t().topk(min(k, n), dim=1).indices == target[:, None]).any(dim=1).float()  # caption queries
+            tr_hits = (scores.topk(min(k, n), dim=1).indices == target[:, None]).any(dim=1).float()  # image queries
+            for key, hits in ((f"ir_r{k}", ir_hits), (f"tr_r{k}", tr_hits)):
+                metrics[key] = hits.mean().item() if n else 0.0
+                intervals[key] = bootstrap_interval(hits.tolist())
+        return Evaluation(metrics, n, intervals, (flops_full / max(1, pairs), flops_exec / max(1, pairs)))
 
 
 TASK_DATA: dict[str, type[TaskData]] = {"vqa": VQATaskData, "nlvr2": NLVR2TaskData, "retrieval": RetrievalTaskData}
@@ -260,11 +274,29 @@ def task_data(task: str, runtime: DASRuntime, data_dir: str | Path, config: Trai
 # ---------------------------------------------------------------------------------------------
 # The shared loop
 # ---------------------------------------------------------------------------------------------
-def minibatches(examples: Sequence, batch_size: int, rng: random.Random) -> Iterator[list]:
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    for start in range(0, len(order) - batch_size + 1, batch_size):
-        yield [examples[i] for i in order[start:start + batch_size]]
+class StepLoss(nn.Module):
+    """The trainable parts and the task's loss as one module, so that DistributedDataParallel can wrap
+    it (the frozen backbone is not a sub-module: DDP neither broadcasts nor synchronises it)."""
+
+    def __init__(self, trainable: nn.Module, data: TaskData) -> None:
+        super().__init__()
+        self.trainable = trainable
+        self.data = data
+
+    def forward(self, plan: Plan, batch: TaskBatch) -> torch.Tensor:
+        return self.data.losses(plan, batch)
+
+
+def one_cycle(optimizer, lr: float, total: int):
+    """OneCycleLR warming up over 10% of the steps (at least 2: torch's schedule divides by zero below
+    that); a constant rate for runs of fewer than 4 steps."""
+    if total < 4:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=max(0.1, 2 / total))
+
+
+def total_steps(examples: int, config: TrainConfig) -> int:
+    return max(1, math.ceil(config.epochs * max(1, examples // config.batch_size)))
 
 
 def run_training(
@@ -275,38 +307,97 @@ def run_training(
     on_step: Callable[[int, float], None] | None = None,
     progress: bool = True,
     desc: str = "train",
+    world: World | None = None,
+    state: Callable[[], dict[str, Any]] | None = None,
+    load_state: Callable[[dict[str, Any]], None] | None = None,
+    timing: dict[str, float] | None = None,
 ) -> list[float]:
     """AdamW over ``trainable``; ``plan_for_step(step)`` gives the plan to run at each step (fixed
-    for training, sampled for search). Returns the loss per step."""
-    rng = random.Random(config.seed)
+    for training, sampled for search). Returns the loss per step (the global batch's mean).
+
+    Distributed (``world``): DDP over the trainable parts; every rank reads its shard of each global
+    batch of ``config.batch_size`` examples; the per-rank loss is the sum over its examples divided by
+    the global batch size times the world size, so DDP's gradient average is the one-process gradient.
+    ``state``/``load_state`` add the caller's own state (the search's gates) to checkpoints.
+    ``timing``, when given, receives the throughput: global samples per second from the end of the
+    first step to the end of the last (data loading included; the first step's warm-up not)."""
+    world = world or World()
+    device = data.backbone.device
+    check_precision(config.precision, device)
     torch.manual_seed(config.seed)
-    examples = data.examples("train", config.max_train_examples)
-    steps_per_epoch = max(1, len(examples) // config.batch_size)
-    total = max(1, math.ceil(config.epochs * steps_per_epoch))
+    dataset = data.dataset("train", config.max_train_examples)
+    total = total_steps(len(dataset), config)
     optimizer = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=0.1)
+    schedule = one_cycle(optimizer, config.lr, total)
+    scaler = grad_scaler(device, config.precision)
+    run = {"task": data.task, "examples": len(dataset), "batch_size": config.batch_size, "total_steps": total,
+           "seed": config.seed, "lr": config.lr, "precision": config.precision}
+    checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if (config.checkpoint_every or config.resume) and checkpoint_dir is None:
+        raise RunError("checkpoints need a checkpoint directory (checkpoint_dir)")
+    start, losses = 0, []
+    if config.resume:
+        saved = load_checkpoint(checkpoint_dir, device)
+        if saved is not None:
+            check_resumable(saved, run, checkpoint_dir)
+            trainable.load_state_dict(saved["trainable"])
+            optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["scheduler"])
+            scaler.load_state_dict(saved["scaler"])
+            set_rng_state(saved["rng"])
+            if load_state is not None:
+                load_state(saved["extra"])
+            start, losses = saved["step"], list(saved["losses"])
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(checkpoint_dir, {
+            "run": run, "step": step, "losses": losses, "trainable": trainable.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state(), "extra": state() if state is not None else {},
+        }, world)
+
+    model = wrap_ddp(StepLoss(trainable, data), world)
+    order = StepBatches(len(dataset), config.batch_size, seed=config.seed, rank=world.rank,
+                        world_size=world.world_size, start=start, stop=total)
+    batches = loader(dataset, data.collate(), workers=config.workers, batch_sampler=order,
+                     pin_memory=device.type == "cuda")
     trainable.train()
-    losses: list[float] = []
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
-    step = 0
-    while step < total:
-        for batch in minibatches(examples, config.batch_size, rng):
-            if step >= total:
-                break
-            loss = data.loss(plan_for_step(step), batch, rng)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, losses[-1])
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not progress or not world.is_main, leave=False)
+    scale = world.world_size / config.batch_size
+    clock: list[float] = []
+    for step, batch in enumerate(batches, start):
+        step_plan = plan_for_step(step)
+        with autocast(device, config.precision):
+            per_example = model(step_plan, batch)
+        loss = per_example.sum() * scale
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        mean = all_reduce_sum(per_example.detach().sum().reshape(1), world) / config.batch_size
+        losses.append(mean.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if timing is not None:  # .item() above has synchronised the device
+            clock.append(time.perf_counter())
+        done = step + 1
+        if checkpoint_dir is not None and config.checkpoint_every and (done % config.checkpoint_every == 0 or done == total):
+            checkpoint(done)
+        if config.stop_after is not None and done >= config.stop_after and done < total:
+            bar.close()
+            raise TrainingStopped(f"stopped after {done} of {total} steps (stop_after)")
     bar.close()
+    if timing is not None and len(clock) > 1:
+        seconds = clock[-1] - clock[0]
+        timing.update(steps=len(clock) - 1, seconds=seconds, global_batch=config.batch_size,
+                      samples_per_s=(len(clock) - 1) * config.batch_size / seconds if seconds > 0 else 0.0,
+                      world_size=world.world_size, precision=config.precision, workers=config.workers)
     trainable.eval()
     return losses
 
@@ -332,6 +423,8 @@ class TrainResult:
     spec: PlanSpec
     losses: list[float]
     metrics: dict[str, float] = field(default_factory=dict)
+    evaluation: Evaluation | None = None
+    timing: dict[str, float] = field(default_factory=dict)  # throughput (run_training's ``timing``)
 
 
 def train_plan(
@@ -346,18 +439,25 @@ def train_plan(
     eval_split: str = "val",
     progress: bool = True,
 ) -> TrainResult:
-    """Train one plan with a fixed skip set; evaluate it; write it (if ``out_dir``) with metrics."""
+    """Train one plan with a fixed skip set; evaluate it; write it (if ``out_dir``) with metrics.
+    Under torchrun every rank trains its shard; rank 0 alone evaluates and writes the plan (the other
+    ranks' results have no metrics)."""
+    world = init_world(backbone.device)
     runtime = DASRuntime(backbone)
     data = task_data(task, runtime, data_dir, config)
     spec = make_spec(backbone, data, name, version, skipped, config)
     torch.manual_seed(config.seed)
     modules = backbone.build_plan_modules(spec, init_from_backbone=True).to(backbone.device)
     plan = Plan(spec, modules)
-    losses = run_training(data, modules, lambda step: plan, config, progress=progress, desc=f"train {task}/{name}")
-    metrics, _ = data.evaluate(plan, eval_split, config.max_eval_examples, progress=progress)
+    timing: dict[str, float] = {}
+    losses = run_training(data, modules, lambda step: plan, config, progress=progress, desc=f"train {task}/{name}",
+                          world=world, timing=timing)
+    if not world.is_main:
+        return TrainResult(spec, losses, {}, timing=timing)
+    evaluation = data.evaluate(plan, eval_split, config.max_eval_examples, progress=progress)
     trainable = sum(p.numel() for p in modules.parameters())
-    spec = dataclasses.replace(spec, metrics={**metrics, "eval_split": eval_split, **reference_flops(backbone, spec),
+    spec = dataclasses.replace(spec, metrics={**evaluation.plan_metrics(eval_split), **reference_flops(backbone, spec),
                                               "trainable_params": trainable})
     if out_dir is not None:
         spec = save_plan(out_dir, spec, modules, overwrite=True)
-    return TrainResult(spec, losses, metrics)
+    return TrainResult(spec, losses, evaluation.metrics, evaluation, timing)
