@@ -12,7 +12,8 @@ resumable from what it wrote into a work directory:
   phrase" prompt) and captioning ("describe the image." -> a caption), next-token loss on the answer
   tokens (and the end-of-sequence token) only. The validation curve (loss, exact-match accuracy) is
   measured every ``eval_every`` steps; training stops when it flattens (``patience`` evaluations without
-  a gain of ``min_gain``), at ``max_steps`` or after ``max_minutes``.
+  a relative gain of ``min_gain`` in val loss), at ``max_steps`` or after ``max_minutes`` (the cosine
+  learning-rate schedule runs to whichever of the two ends first).
 * :func:`search_skips` -- the DAS search over the decoder blocks as a bandit (docs/plans.md, "The
   search"): one gate per block, each step skips ``k`` blocks sampled from the gates (their skip
   adapters, shared across steps, are trained), and every ``update_every`` steps three sampled skip
@@ -138,15 +139,15 @@ class PretrainConfig:
     size: LlavaSize = LlavaSize()
     data: DataConfig = DataConfig()
     batch_size: int = 48
-    lr: float = 2e-3
+    lr: float = 5e-4
     min_lr_fraction: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 200
     weight_decay: float = 0.01
     max_steps: int = 6000
     max_minutes: float = 40.0
     eval_every: int = 200
     val_examples: int = 400
-    patience: int = 6  # evaluations without min_gain in val accuracy -> stop (the curve flattened)
+    patience: int = 6  # evaluations without a relative gain of min_gain in val loss -> stop (the curve flattened)
     min_gain: float = 0.005
     checkpoint_every: int = 200
     save_dtype: str = "bfloat16"  # the shipped weights (the computation is float32 unless asked otherwise)
@@ -394,6 +395,13 @@ def _trainable_backbone(directory: Path) -> LlavaBackbone:
     return LlavaBackbone(LlavaBackboneConfig(model.config), processor, model.train())
 
 
+def _best_loss(curve: list[dict[str, Any]], min_gain: float) -> tuple[float, int]:
+    best = (math.inf, 0)
+    for point in curve:
+        best = (point["val_loss"], 0) if point["val_loss"] < best[0] * (1 - min_gain) else (best[0], best[1] + 1)
+    return best
+
+
 def pretrain_llava(out: str | Path, config: PretrainConfig = PretrainConfig(), work: str | Path | None = None,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train the tiny LLaVA from scratch into ``out`` (a backbone directory); resumable from ``work``
@@ -423,12 +431,13 @@ def pretrain_llava(out: str | Path, config: PretrainConfig = PretrainConfig(), w
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
-    start, curve, elapsed, best = 0, [], 0.0, (-1.0, 0)
+    start, curve, elapsed, best = 0, [], 0.0, (math.inf, 0)  # (best val loss, evaluations since)
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        start, curve, elapsed, best = state["step"], state["curve"], state["elapsed"], tuple(state["best"])
+        start, curve, elapsed = state["step"], state["curve"], state["elapsed"]
+        best = tuple(state["best_loss"]) if "best_loss" in state else _best_loss(curve, config.min_gain)
         log(f"resumed at step {start} ({elapsed / 60:.1f} min trained)")
     empty = PlanModules()
     done_reason = None
@@ -466,8 +475,8 @@ def pretrain_llava(out: str | Path, config: PretrainConfig = PretrainConfig(), w
                          "by_kind": metrics["exact_by_kind"]}
                 curve.append(point)
                 log(json.dumps(point))
-                if metrics["exact"] > best[0] + config.min_gain:
-                    best = (metrics["exact"], 0)
+                if metrics["loss"] < best[0] * (1 - config.min_gain):
+                    best = (metrics["loss"], 0)
                 else:
                     best = (best[0], best[1] + 1)
                 if best[1] >= config.patience:
@@ -475,7 +484,7 @@ def pretrain_llava(out: str | Path, config: PretrainConfig = PretrainConfig(), w
                     curve[-1]["stop"] = done_reason
             if done % config.checkpoint_every == 0 or done_reason:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                            "curve": curve, "elapsed": time.time() - run_start, "best": list(best)},
+                            "curve": curve, "elapsed": time.time() - run_start, "best_loss": list(best)},
                            state_path)
             if done_reason:
                 step = done
@@ -917,8 +926,9 @@ def write_results(out: Path, report: dict[str, Any], pretrain: dict[str, Any], b
     for k, s in report["search"].items():
         lines.append(f"| {k} | {s['gates']} | {s['ranking']} | {s['skip_set']} | {s.get('minutes', '-')} |")
     speed_note = next((p["speed"] for _, p in rows if "speed" in p), None)
+    average = f"{speed_note['tokens'] / max(1, speed_note['requests']):.1f}" if speed_note else "?"
     lines += ["", "tokens/s: captions (\"describe the image.\", greedy, "
-              f"{speed_note['tokens'] / max(1, speed_note['requests']) if speed_note else '?'} tokens on average) "
+              f"{average} tokens on average) "
               f"at batch 1, {speed_note['requests'] if speed_note else '?'} requests one after another, float32 on CPU "
               f"({speed_note.get('threads', '?') if speed_note else '?'} torch threads) on a machine shared with other "
               "jobs: compare the plans with each other, not with other machines. TTFT: median time to the first "
