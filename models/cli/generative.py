@@ -93,7 +93,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     search = g.SearchConfig(seed=args.seed, **({"steps": 10, "warmup_fraction": 0.2, "update_every": 2}
                                                  if args.micro else {}))
     config = g.PipelineConfig(pretrain=_pretrain_config(args), plan=_plan_config(args), search=search, levels=levels,
-                              speed_requests=2 if args.micro else 20, speed_new_tokens=8 if args.micro else 24,
+                              speed_requests=2 if args.micro else 40, speed_new_tokens=8 if args.micro else 24,
+                              speed_repeats=1 if args.micro else 3,
                               threads=args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
