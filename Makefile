@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test serve bento plans plans-meter bench bench-runtime gpu-check loadtest loadtest-hotswap clean help
+.PHONY: install test serve bento plans plans-meter plans-llava bench bench-runtime gpu-check loadtest loadtest-hotswap clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | sed -e 's|$$(TORCH_SPEC)|$(TORCH_SPEC)|' -e 's|$$(HOST)|$(HOST)|' -e 's|$$(PORT)|$(PORT)|' \
@@ -56,6 +56,11 @@ plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, pla
 
 plans-meter: $(STAMP)  ## regenerate the tiny METER and its plans in plans/meter/ (~80 min on 2 cores)
 	$(VENV)/bin/das pipeline --arch meter --out plans/meter --work build/pipeline-meter --force
+
+# resumable: every step's result stays in build/llava and is reused (LLAVA_FRESH=1 starts over)
+LLAVA_FRESH ?=
+plans-llava: $(STAMP)  ## regenerate the tiny generative LLaVA and its plans in plans/llava/ (~60 min on 2 cores, resumable)
+	$(PY) -m models.cli.main llava pipeline --out plans/llava --work build/llava $(if $(LLAVA_FRESH),--fresh)
 
 bench-runtime: $(STAMP)  ## model-level latency vs FLOPs benchmark (ViLT-B/32 size, random init)
 	$(VENV)/bin/das bench --out bench-results

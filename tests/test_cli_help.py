@@ -39,8 +39,9 @@ def test_building_the_parser_loads_neither_torch_nor_transformers():
 
 def test_the_tree_has_every_command():
     assert {p[0] for p in PATHS if p} == {"plan", "flops", "bench", "pretrain", "search", "train", "eval", "pipeline",
-                                         "data", "meter", "lavin"}
-    assert {("plan", "inspect"), ("plan", "validate"), ("data", "synth"), ("meter", "convert"), ("lavin", "convert")} <= set(PATHS)
+                                         "data", "meter", "lavin", "llava"}
+    assert {("plan", "inspect"), ("plan", "validate"), ("data", "synth"), ("meter", "convert"), ("lavin", "convert"),
+            ("llava", "pipeline")} <= set(PATHS)
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: " ".join(p) or "das")

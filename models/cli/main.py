@@ -7,6 +7,7 @@
     das data synth --task T --out DIR ...    write a synthetic VQA/NLVR2/retrieval data set
     das meter convert CKPT --out DIR         METER Lightning checkpoint -> backbone directory
     das lavin convert CKPT... --out DIR      LaVIN's released .pth layout -> backbone directory
+    das llava pipeline|pretrain|train|eval   the tiny generative LLaVA and its plans (plans/llava/)
 
 Exit status: 0 on success, 2 when a plan or checkpoint is refused (the message says why).
 """
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 # Each command group's module is light (argparse, paths, argtypes): the heavy libraries (torch,
 # transformers) are imported inside the function that runs a command, so `das --help` is instant.
-from models.cli import bench, data, flops, lavin, meter, plan, producer
+from models.cli import bench, data, flops, generative, lavin, meter, plan, producer
 
 EXIT_REFUSED = 2
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `das COMMAND --help` for each command's options.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (plan, flops, bench, producer, data, meter, lavin):
+    for group in (plan, flops, bench, producer, data, meter, lavin, generative):
         group.register(commands)
     return parser
 
