@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from service.batching import Overloaded, each_alone_on, unwrap
+from service.batching import STREAM_BUFFER, Overloaded, each_alone_on, unwrap
 from service.errors import RegistryError, _validation_summary
 from service.guard import ARRIVED_KEY, RETRY_AFTER_S
 from service.inputs import InputError, load_image
@@ -454,7 +454,10 @@ class Call:
         from models.backbones.llava.generation import Finished
 
         generator, plan = self.svc.generator, self.plan
-        events = self.svc.batcher.stream_alone(lambda: generator.stream(plan, [conversation], [images], params))
+        # room for the whole answer (a token event each, then Finished): the shared model thread never
+        # waits on a slow reader, and the buffer is still bounded by max_tokens
+        events = self.svc.batcher.stream_alone(lambda: generator.stream(plan, [conversation], [images], params),
+                                               buffer=max(STREAM_BUFFER, params.max_new_tokens + 2))
         try:
             first = await anext(events)
         except ValueError as exc:
