@@ -15,14 +15,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 RunBatch = Callable[[Sequence[Any]], Sequence[Any]]
 MAX_BATCH_SPANS = 4096  # busy spans remembered for busy_fraction (a bound on memory)
+STREAM_BUFFER = 64  # items a streamed run may hand over before the model thread waits for the consumer
+STREAM_POLL_S = 0.05  # how often a waiting producer checks whether its consumer went away
 SPAN_MERGE_GAP_S = 0.002  # a batch starting this soon after the last one extends its span: a saturated model is one span
 
 
@@ -101,6 +104,65 @@ class MicroBatcher:
         """Run one call on the model thread as a batch of its own (no batch-mates, no idle wait),
         in turn with the batches and counted against the queue bound."""
         return await self._enqueue(object(), None, lambda _: [fn()], 1, reported=False)
+
+    async def stream_alone(self, make_events: Callable[[], Iterator[Any]], buffer: int = STREAM_BUFFER) -> AsyncIterator[Any]:
+        """Run ``make_events()`` (an iterator, e.g. a generation's token events) on the model thread
+        as a batch of its own, as :meth:`run_alone` does, and yield its items here as they come.
+
+        Backpressure: at most ``buffer`` items wait for the consumer; the model thread waits when
+        they do. Closing this iterator early (a client that went away: Starlette closes the response
+        body's iterator) stops the producer at its next item, or drops it from the queue if it has
+        not started, so the model thread is free for the next batch. An exception of the producer is
+        raised here after the items before it."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue(maxsize=buffer)
+        stop, started = threading.Event(), threading.Event()
+
+        def put(item: Any) -> bool:
+            """Hand an item to the event loop, waiting while the buffer is full; False once stopped."""
+            handed = asyncio.run_coroutine_threadsafe(items.put(item), loop)
+            while True:
+                try:
+                    handed.result(timeout=STREAM_POLL_S)
+                    return True
+                except concurrent.futures.TimeoutError:
+                    if stop.is_set():
+                        handed.cancel()
+                        return False
+                except concurrent.futures.CancelledError:  # the loop is closing
+                    return False
+
+        def produce() -> None:
+            started.set()
+            if stop.is_set():
+                return
+            events = make_events()
+            try:
+                for item in events:
+                    if stop.is_set() or not put(item):
+                        return
+            finally:
+                close = getattr(events, "close", None)
+                if close is not None:
+                    close()
+
+        job = asyncio.ensure_future(self.run_alone(produce))
+        try:
+            while True:
+                getting = asyncio.ensure_future(items.get())
+                done, _ = await asyncio.wait({getting, job}, return_when=asyncio.FIRST_COMPLETED)
+                if getting in done:
+                    yield getting.result()
+                    continue
+                getting.cancel()
+                while not items.empty():  # what the producer handed over before it ended
+                    yield items.get_nowait()
+                job.result()  # the producer's exception, if any
+                return
+        finally:
+            stop.set()
+            if not job.done() and not started.is_set():
+                job.cancel()  # still queued: dropped by the dispatcher, never run
 
     async def _enqueue(self, key: Hashable, item: Any, run_batch: RunBatch, limit: int, reported: bool) -> Any:
         if self._pending >= self.max_queue:
@@ -192,6 +254,43 @@ class MicroBatcher:
                 if not pending.future.done():
                     pending.future.set_result(result)
         self._dispatch(idle_wait=False)
+
+
+@dataclass(frozen=True)
+class Failed:
+    """One item's failure inside a batch that :func:`each_alone_on` split up: the caller raises it."""
+
+    error: Exception
+
+
+def each_alone_on(errors: tuple[type[Exception], ...], run_batch: RunBatch) -> RunBatch:
+    """``run_batch``, except that when the whole batch raises one of ``errors`` (one item's bad input
+    fails a batched call, e.g. a prompt too long for the model's context), each item runs again on
+    its own, and the items that fail alone get :class:`Failed` as their result: one request's
+    problem never fails its batch-mates. See :func:`unwrap`."""
+
+    def run(items: Sequence[Any]) -> Sequence[Any]:
+        try:
+            return run_batch(items)
+        except errors as exc:
+            if len(items) == 1:
+                return [Failed(exc)]
+        results: list[Any] = []
+        for item in items:
+            try:
+                results.extend(run_batch([item]))
+            except errors as exc:
+                results.append(Failed(exc))
+        return results
+
+    return run
+
+
+def unwrap(result: Any) -> Any:
+    """A result of an :func:`each_alone_on` batch: raises the item's own error."""
+    if isinstance(result, Failed):
+        raise result.error
+    return result
 
 
 def _drop_cancelled(queue: _Queue) -> bool:

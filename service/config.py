@@ -156,6 +156,15 @@ class Settings:
         "DAS_MAX_BODY_BYTES", integer(1), "bytes per inference request body"))
     max_plan_archive_bytes: int = field(default=256 * MIB, metadata=env(
         "DAS_MAX_PLAN_ARCHIVE_BYTES", integer(1), "unpacked bytes of an uploaded plan archive"))
+    # generative backbones (POST /v1/chat/completions)
+    max_new_tokens: int = field(default=256, metadata=env(
+        "DAS_MAX_NEW_TOKENS", integer(1), "most tokens a chat completion may generate (max_tokens' cap and default)"))
+    max_messages: int = field(default=64, metadata=env(
+        "DAS_MAX_MESSAGES", integer(1), "messages per chat completion request"))
+    max_prompt_chars: int = field(default=32_000, metadata=env(
+        "DAS_MAX_PROMPT_CHARS", integer(1), "characters of text over all messages of a chat completion request"))
+    max_request_images: int = field(default=4, metadata=env(
+        "DAS_MAX_REQUEST_IMAGES", integer(1), "images per chat completion request"))
     # memory
     malloc_trim_s: float = field(default=10.0, metadata=env(
         "DAS_MALLOC_TRIM_S", seconds("never trim"), "how often each worker returns its heap's free pages"))

@@ -2,7 +2,7 @@
 
 ``InputGuardMiddleware`` (inside BentoML's middlewares, in front of the handlers) bounds request
 bodies before they are read (a declared Content-Length over the limit is refused at once, a
-streamed body once it passes it), checks the admin token before an admin body is read, refuses
+streamed body once it passes it; the uploads and the JSON of ``JSON_BODY_ROUTES``), checks the admin token before an admin body is read, refuses
 non-file values in file fields (BentoML would otherwise treat such a string as a URL and fetch it),
 and keeps every value of repeated list fields (`-F texts=a -F texts=b`; BentoML keeps only the last)
 in ``scope[FORM_LISTS_KEY]`` for the endpoint.
@@ -59,6 +59,7 @@ FILE_FIELDS = {
     ADMIN_LOAD: ("archive",),
 }
 LIST_FIELDS = {"/retrieval/texts": ("texts",)}
+JSON_BODY_ROUTES = ("/v1/chat/completions",)  # JSON inference bodies, bounded like the uploads
 
 
 async def _send_error(send: Send, status: int, message: str, *extra: tuple[bytes, bytes]) -> None:
@@ -106,7 +107,8 @@ class InputGuardMiddleware:
                 await _send_error(send, *denied, CLOSE, *(
                     [(b"www-authenticate", b"Bearer")] if denied[0] == 401 else []))
                 return
-        if scope.get("method") != "POST" or (path not in FILE_FIELDS and not path.startswith(ADMIN_PREFIX)):
+        if scope.get("method") != "POST" or (path not in FILE_FIELDS and path not in JSON_BODY_ROUTES
+                                             and not path.startswith(ADMIN_PREFIX)):
             await self.app(scope, receive, send)
             return
         scope[ARRIVED_KEY] = time.perf_counter()

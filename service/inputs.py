@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -24,23 +25,28 @@ class InputError(Exception):
         self.status = status
 
 
-def load_image(path: Path | None, field: str, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: Path | bytes | None, field: str, max_bytes: int | None = None,
+               max_pixels: int | None = None) -> Image.Image:
     """Decode an uploaded image fully (so truncation is caught here), refusing bombs and empties,
     and turn it upright as its EXIF orientation says (phone photos; the processors expect upright
-    images). Memory: the decoded image twice at most, itself bounded by ``max_pixels``. The limits
-    default to MAX_IMAGE_BYTES and MAX_IMAGE_PIXELS."""
+    images). ``path``: the uploaded file, or the image's bytes (a decoded base64 data: URL).
+    Memory: the decoded image twice at most, itself bounded by ``max_pixels``. The limits default
+    to MAX_IMAGE_BYTES and MAX_IMAGE_PIXELS."""
     max_bytes = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
     max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if path is None:
         raise InputError(f"missing image field {field!r} (send it as a multipart file)")
-    path = Path(path)
-    size = path.stat().st_size
+    if isinstance(path, (bytes, bytearray)):
+        size, source = len(path), io.BytesIO(path)
+    else:
+        source = Path(path)
+        size = source.stat().st_size
     if size == 0:
         raise InputError(f"{field}: the uploaded file is empty")
     if size > max_bytes:
         raise InputError(f"{field}: file is {size} bytes; the limit is {max_bytes}", 413)
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
             if width == 0 or height == 0:
                 raise InputError(f"{field}: image has zero size")

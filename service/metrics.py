@@ -9,6 +9,7 @@ from __future__ import annotations
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 STORE_ERROR_KINDS = ("read", "write", "sync")  # das_store_errors' "kind" label: a fixed set (service.registry's and service.store's)
 
 
@@ -18,7 +19,8 @@ class ServiceMetrics:
 
         kwargs = {"registry": registry} if registry is not None else {}
         self.requests = prom.Counter(
-            "das_requests", "Inference requests by task, plan and outcome (ok, client_error, overloaded, error).",
+            "das_requests", "Inference requests by task, plan and outcome (ok, client_error, overloaded, error, cancelled: "
+            "the client went away during a streamed answer).",
             ["task", "plan", "status"], **kwargs)
         self.latency = prom.Histogram(
             "das_request_latency_seconds", "Time from request arrival to response, per task and plan.",
@@ -44,6 +46,13 @@ class ServiceMetrics:
         self.served_plan = prom.Gauge(
             "das_served_plan", "Workers whose load-adaptive default for the task is this plan (adaptive tasks only).",
             ["task", "plan"], multiprocess_mode="livesum", **kwargs)
+        # generative backbones: tokens written and how long the first one took, per plan
+        self.generated_tokens = prom.Counter(
+            "das_generated_tokens", "Tokens generated (end-of-sequence tokens included), per task and plan.",
+            ["task", "plan"], **kwargs)
+        self.time_to_first_token = prom.Histogram(
+            "das_time_to_first_token_seconds", "Time from a generative request's arrival to its first generated token.",
+            ["task", "plan"], buckets=FIRST_TOKEN_BUCKETS, **kwargs)
         # plan store problems (read: store.json unreadable or invalid, the last good state serves; write: an
         # admin change could not or must not be written; sync: the sync loop failed)
         self.store_errors = prom.Counter(
@@ -60,6 +69,13 @@ class ServiceMetrics:
         if flops_full:
             self.flops_full.labels(task, plan).inc(flops_full)
             self.flops_executed.labels(task, plan).inc(flops_executed)
+
+    def observe_generation(self, task: str, plan: str, tokens: int, first_token_s: float | None) -> None:
+        """A generative request produced ``tokens`` tokens, the first ``first_token_s`` after it arrived."""
+        if tokens:
+            self.generated_tokens.labels(task, plan).inc(tokens)
+        if first_token_s is not None:
+            self.time_to_first_token.labels(task, plan).observe(max(0.0, first_token_s))
 
     def observe_shift(self, shift) -> None:
         """shift: service.adaptive.Shift."""

@@ -9,7 +9,8 @@ The layers below: ``service.store`` (the plan store on disk), ``service.policy``
 and ladder choice), ``service.registry`` (what one worker has loaded), ``service.batching``,
 ``service.adaptive``, ``service.guard`` and ``service.errors`` (ASGI middleware), ``service.inputs``,
 ``service.schemas`` and ``service.openapi`` (request and response shapes), ``service.metrics``,
-``service.memory``.
+``service.memory``; ``service.openai_api`` serves /v1 (OpenAI-compatible chat completions) for a
+generative backbone, which also answers /vqa by generating its answer (docs/api.md).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from models.tasks import TASKS
-from service import openapi
+from service import openai_api, openapi
 from service.adaptive import LoadShifter
-from service.batching import MicroBatcher, Overloaded
+from service.batching import MicroBatcher, Overloaded, each_alone_on, unwrap
 from service.config import DEFAULT_PLANS, Settings, SettingsError
 from service.errors import ErrorShapeMiddleware, RegistryError, quiet_client_errors
 from service.guard import (
@@ -135,6 +136,7 @@ root_app = Starlette(routes=[Route("/plans", _list_plans, methods=["GET"]), Rout
 quiet_client_errors()
 
 
+@bentoml.asgi_app(openai_api.app, path="/v1")  # /v1/models, /v1/chat/completions (404 unless generative)
 @bentoml.asgi_app(root_app, path="/")
 @bentoml.service(
     name="das-serve",
@@ -162,6 +164,13 @@ class DASService:
 
         self.backbone = load_backbone(settings.backbone, settings.device, settings.dtype)
         self.runtime = DASRuntime(self.backbone)
+        # a generative backbone (LLaVA) answers in text: /vqa and /v1/chat/completions generate through it
+        self.generative = bool(getattr(self.backbone, "generative", False))
+        self.generator = None
+        if self.generative:
+            from models.backbones.llava.generation import LlavaRuntime
+
+            self.generator = LlavaRuntime(self.backbone)
         # no DAS_PLANS: the store the backbone ships in (DAS_BACKBONE=plans/meter/backbone serves plans/meter)
         plans_dir = settings.plans or default_store_for(settings.backbone, DEFAULT_PLANS)
         self.registry = PlanRegistry(self.backbone, PlanStore(plans_dir, settings.max_plan_archive_bytes))
@@ -260,9 +269,12 @@ class DASService:
         seconds = finished - started
         self.metrics.observe_request(task, label, "ok", seconds, flops.full, flops.executed)
         self.shifter.observe(task, seconds, chosen_at, finished)
-        used = {**plan_info(plan), "flops_ratio": self.registry.cost(plan).flops_ratio, "chosen_by": chosen_by}
-        return response.model_validate(
-            {**body, "plan": used, "flops": flops_info(flops), "latency_ms": round(seconds * 1000, 3)})
+        return response.model_validate({**body, "plan": self.used_plan(plan, chosen_by), "flops": flops_info(flops),
+                                        "latency_ms": round(seconds * 1000, 3)})
+
+    def used_plan(self, plan, chosen_by: str) -> dict[str, Any]:
+        """The response's ``plan`` block: the plan that ran, its cost and why it was chosen."""
+        return {**plan_info(plan), "flops_ratio": self.registry.cost(plan).flops_ratio, "chosen_by": chosen_by}
 
     def _image(self, path: Path | None, field: str):
         """An uploaded image, decoded within DAS_MAX_IMAGE_BYTES and DAS_MAX_IMAGE_PIXELS."""
@@ -279,12 +291,15 @@ class DASService:
     async def vqa(self, ctx: bentoml.Context, image: ImageFile, question: Question, plan: PlanName = None, top_k: TopK = 5,
                   max_flops_ratio: FlopsBudget = None) -> VQAResponse:
         """Answer a question about an image. Returns the top_k answers with sigmoid scores, the plan
-        used, this request's FLOPs (full vs executed) and latency."""
+        used, this request's FLOPs (full vs executed) and latency. A generative backbone returns one
+        answer, whatever top_k: the generated one, scored with its sequence probability."""
 
         async def work(chosen):
             if not 1 <= top_k <= 100:
                 raise InputError("top_k must be between 1 and 100")
             picture, text = self._image(image, "image"), check_text(question, "question")
+            if self.generative:
+                return await self._generated_answer(chosen, picture, text, ctx.request.scope.get(ARRIVED_KEY))
             def run(items):  # one batch may hold different top_k values: compute the largest, cut each
                 results = self.runtime.vqa(chosen, [i[0] for i in items], [i[1] for i in items], max(i[2] for i in items))
                 return [dataclasses.replace(r, answers=r.answers[: i[2]]) for r, i in zip(results, items)]
@@ -295,6 +310,27 @@ class DASService:
             return body, result.flops
 
         return await self._serve(ctx, "vqa", plan, work, VQAResponse, max_flops_ratio)
+
+    async def _generated_answer(self, plan, picture, question: str, arrived: float | None) -> tuple[dict, Any]:
+        """/vqa on a generative backbone: the short greedy answer and its sequence probability, batched
+        with other questions for the same plan (a question too long for the context fails alone)."""
+        def run(items):
+            batch_started = time.perf_counter()
+            answers = self.generator.answer(plan, [i[0] for i in items], [i[1] for i in items])
+            return [(a, batch_started) for a in answers]
+
+        result = await self.batcher.submit((*self._batch_key(plan), "answer"), (picture, question),
+                                           each_alone_on((ValueError,), run))
+        try:
+            answer, batch_started = unwrap(result)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        completion = answer.completion
+        first_token = batch_started + completion.time_to_first_token_s
+        self.metrics.observe_generation(plan.task, plan.name, completion.completion_tokens,
+                                        first_token - (arrived or batch_started))
+        return {"answers": [{"answer": answer.text, "score": round(answer.probability, 6)}],
+                "question_truncated": False}, answer.flops
 
     @bentoml.api(route="/nlvr2")
     async def nlvr2(self, ctx: bentoml.Context, image_left: ImageFile, image_right: ImageFile, statement: Statement, plan: PlanName = None,

@@ -1,5 +1,5 @@
-"""Helpers shared by the test modules (fixtures live in conftest.py): tiny ViLT checkpoints made with
-save_pretrained (no hub, no downloads), images, plans with perturbed adapters, and a real `bentoml serve`."""
+"""Helpers shared by the test modules (fixtures live in conftest.py): tiny ViLT and LLaVA checkpoints made
+with save_pretrained (no hub, no downloads), images, plans with perturbed adapters, and a real `bentoml serve`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from transformers import ViltConfig
 
+from models.backbones.llava.checkpoint import save_llava_checkpoint
 from models.backbones.vilt.checkpoint import save_vilt_checkpoint
 from models.backbones.vilt.modeling import ViltBackbone
 from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
@@ -29,6 +30,10 @@ from service.store import STATE_FILE
 WORDS = ["what", "color", "is", "the", "circle", "square", "red", "blue", "green", "left", "right",
          "of", "a", "there", "two", "one", "how", "many", "shapes", "are", "image", "both", "images"]
 VQA_LABELS = ["red", "blue", "green", "yes", "no", "one", "two"]
+# the tiny LLaVA's word-level vocabulary (models.backbones.llava.checkpoint); LLaVA-1.5's VQA prompt is in words
+LLAVA_WORDS = ["what", "color", "is", "the", "circle", "square", "red", "blue", "green", "left", "right", "of", "a",
+               "there", "two", "one", "how", "many", "shapes", "are", "image", "yes", "no", "describe", "answer",
+               "question", "using", "single", "word", "or", "phrase"]
 
 
 def tiny_config(head: str | None = None, **overrides) -> ViltConfig:
@@ -50,6 +55,12 @@ def tiny_config(head: str | None = None, **overrides) -> ViltConfig:
 def make_checkpoint(directory: Path, head: str | None, seed: int = 0, **overrides):
     """Save a tiny checkpoint with ``head`` into ``directory``; return the transformers model."""
     return save_vilt_checkpoint(directory, tiny_config(head, **overrides), head, WORDS, seed=seed)
+
+
+def make_llava_checkpoint(directory: Path, seed: int = 0, **config_overrides):
+    """A tiny LLaVA checkpoint (CLIP 32 wide x 2 layers at 32 px, Llama 32 wide x 4 blocks, 256 positions)
+    with its processor in ``directory``; returns the transformers model."""
+    return save_llava_checkpoint(directory, LLAVA_WORDS, seed=seed, **config_overrides)
 
 
 def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> Image.Image:

@@ -4,11 +4,12 @@ bound (pure Python, real asyncio and a real model thread; ordering is pinned wit
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 
 import pytest
 
-from service.batching import MicroBatcher, Overloaded
+from service.batching import MicroBatcher, Overloaded, each_alone_on, unwrap
 
 
 class Recorder:
@@ -356,3 +357,101 @@ def test_back_to_back_batches_are_one_busy_span():
         return len(batcher._batch_spans)
 
     assert asyncio.run(main()) <= 3  # 21 batches, dispatched back to back
+
+
+# -- streamed runs (stream_alone) and per-item failures (each_alone_on) -------------------------
+def test_a_streamed_run_yields_its_items_in_order_then_its_error():
+    def events():
+        yield from range(5)
+        raise ValueError("after five")
+
+    async def main():
+        batcher, got = MicroBatcher(), []
+        with pytest.raises(ValueError, match="after five"):
+            async for item in batcher.stream_alone(events, buffer=2):
+                got.append(item)
+        return batcher, got
+
+    batcher, got = asyncio.run(main())
+    assert got == [0, 1, 2, 3, 4] and batcher.pending == 0
+
+
+def test_a_streamed_run_waits_for_its_consumer_and_stops_when_it_goes_away():
+    produced, closed = [], threading.Event()
+
+    def endless():
+        try:
+            for i in itertools.count():
+                produced.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    async def main():
+        batcher = MicroBatcher()
+        stream = batcher.stream_alone(endless, buffer=2)
+        first = [await anext(stream) for _ in range(3)]
+        await asyncio.sleep(0.3)  # room for the producer to run ahead, if it could
+        ahead = len(produced)
+        await stream.aclose()  # the client went away
+        after = await asyncio.wait_for(batcher.run_alone(lambda: "the model thread is free"), 10)
+        return batcher, first, ahead, after
+
+    batcher, first, ahead, after = asyncio.run(main())
+    assert first == [0, 1, 2]
+    assert ahead <= 3 + 2 + 1  # consumed, buffered, and one waiting to be handed over: no more
+    assert closed.is_set() and after == "the model thread is free" and batcher.pending == 0
+
+
+def test_a_streamed_run_closed_before_it_started_never_runs():
+    ran = threading.Event()
+
+    def events():
+        ran.set()
+        yield 1
+
+    async def main():
+        batcher = MicroBatcher()
+        gate, holding = await hold_model(batcher)
+        stream = batcher.stream_alone(events)
+        waiting = asyncio.ensure_future(anext(stream))
+        await until_pending(batcher, 2)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await stream.aclose()
+        gate.set()
+        await holding
+        await batcher.run_alone(lambda: None)
+        return batcher
+
+    batcher = asyncio.run(main())
+    assert not ran.is_set() and batcher.pending == 0
+
+
+def test_one_items_failure_does_not_fail_its_batch_mates():
+    calls = []
+
+    def run(items):
+        calls.append(list(items))
+        if "bad" in items:
+            raise ValueError(f"bad item among {len(items)}")
+        return [item.upper() for item in items]
+
+    async def main():
+        batcher = MicroBatcher()
+        gate, holding = await hold_model(batcher)
+        wrapped = each_alone_on((ValueError,), run)
+        futures = [asyncio.ensure_future(batcher.submit("k", item, wrapped)) for item in ("a", "bad", "c")]
+        await until_pending(batcher, 4)
+        gate.set()
+        await holding
+        return await asyncio.gather(*futures)
+
+    results = asyncio.run(main())
+    assert unwrap(results[0]) == "A" and unwrap(results[2]) == "C"
+    with pytest.raises(ValueError, match="bad item among 1"):
+        unwrap(results[1])
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+    with pytest.raises(ValueError, match="among 1"):  # a batch of one gets its failure back too
+        unwrap(each_alone_on((ValueError,), run)(["bad"])[0])

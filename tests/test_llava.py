@@ -17,7 +17,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import random_image
+from helpers import LLAVA_WORDS, random_image
 from models.backbones.base import load_backbone
 from models.backbones.llava.checkpoint import save_llava_checkpoint
 from models.backbones.llava.generation import Finished, GenerationParams, LlavaRuntime, TokenEvent
@@ -27,9 +27,7 @@ from models.das.plan import (
     AdapterShapes, BackboneRef, PlanError, PlanSpec, builtin_full_plan, check_compatible, load_plan, save_plan,
 )
 
-WORDS = ["what", "color", "is", "the", "circle", "square", "red", "blue", "green", "left", "right", "of", "a",
-         "there", "two", "one", "how", "many", "shapes", "are", "image", "yes", "no", "describe", "answer",
-         "question", "using", "single", "word", "or", "phrase"]
+WORDS = LLAVA_WORDS
 TOL = 1e-4
 
 

@@ -283,3 +283,12 @@ def test_metrics_pass_promtool(server):
     assert "das_flops_executed_total" in text
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_openai_routes_say_the_backbone_is_not_generative(server):
+    client = server["client"]
+    for response in (client.get("/v1/models"),
+                     client.post("/v1/chat/completions", json={"model": "vqa", "messages": [
+                         {"role": "user", "content": "hi"}]})):
+        assert_client_error(response, 404, "not generative")
+        assert set(response.json()) == {"error", "status"}
