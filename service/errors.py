@@ -44,7 +44,7 @@ def _phrase(status: int) -> str:
         return "error"
 
 
-def _validation_summary(detail: list) -> str:
+def validation_summary(detail: list) -> str:
     parts = []
     for item in detail[:5]:
         if isinstance(item, dict):
@@ -70,7 +70,7 @@ def reshape(status: int, content_type: str, body: bytes) -> bytes | None:
         detail = parsed.get("detail") if isinstance(parsed.get("detail"), list) else None
         message = parsed["error"]
         if detail and message.endswith(("validation error for Input", "validation errors for Input")):
-            message = _validation_summary(detail)
+            message = validation_summary(detail)
         return error_body(status, message, detail)
     text = body.decode("utf-8", "replace").strip() if parsed is None else ""
     return error_body(status, text[:500] or _phrase(status))
@@ -162,7 +162,7 @@ def _one_line(exc: BaseException) -> str:
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):
-        return _validation_summary(exc.errors(include_context=False, include_input=False))
+        return validation_summary(exc.errors(include_context=False, include_input=False))
     return " ".join(str(exc).split())[:300]
 
 

@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from service.batching import STREAM_BUFFER, Overloaded, each_alone_on, unwrap
-from service.errors import RegistryError, _validation_summary
+from service.errors import RegistryError, validation_summary
 from service.guard import ARRIVED_KEY, RETRY_AFTER_S
 from service.inputs import InputError, load_image
 from service.schemas import FlopsReport, UsedPlan, flops_info
@@ -329,7 +329,7 @@ async def _read_body(request: Request) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
-        raise InputError(_validation_summary(exc.errors(include_context=False, include_input=False))) from None
+        raise InputError(validation_summary(exc.errors(include_context=False, include_input=False))) from None
 
 
 class EventStream(StreamingResponse):
