@@ -377,7 +377,7 @@ async def chat_completions(request: Request) -> Response:
             raise InputError(f"model {body.model!r} names a plan; with max_flops_ratio name the task only "
                              f"(model {task_named!r})")
         params = generation_params(body, svc.settings.max_new_tokens)
-        conversation, images = to_prompt(body.messages, svc.settings, svc.backbone.processor.image_token)
+        conversation, images = to_prompt(body.messages, svc.settings, svc.backbone.image_placeholder)
         chosen_at = time.perf_counter()
         plan, chosen_by = svc._choose(task_named, plan_name, body.max_flops_ratio, chosen_at)
         task, label = plan.task, plan.name

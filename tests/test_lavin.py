@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import random_image
+import base64
+
+from helpers import png, random_image, serve
 from models.backbones.base import BackboneError, load_backbone
 from models.backbones.lavin.convert import KEY_MAP, convert_checkpoint, expected_lavin_keys, to_lavin
 from models.backbones.lavin.generation import GenerationParams, LavinRuntime
@@ -455,3 +457,31 @@ def test_refusals_on_load(lavin, tmp_path):
                 (copy / f.name).write_bytes(f.read_bytes())
         with pytest.raises(BackboneError):
             load_backbone(copy, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Served over HTTP, as LLaVA is
+# ---------------------------------------------------------------------------------------------
+def test_a_served_lavin_answers_vqa_and_chat_completions_like_its_runtime(lavin, tmp_path):
+    directory, _, _, backbone = lavin
+    store = tmp_path / "plans"
+    store.mkdir()
+    image = random_image(32, 32, seed=7)
+    runtime, plan = LavinRuntime(backbone), builtin_full_plan(backbone, "vqa")
+    (answer,) = runtime.answer(plan, [image], ["what color is the circle?"])  # the service's own settings
+    with serve(tmp_path, DAS_BACKBONE=str(directory), DAS_PLANS=str(store), DAS_TORCH_THREADS="1") as client:
+        vqa = client.post("/vqa", files={"image": ("i.png", png(image), "image/png")},
+                          data={"question": "what color is the circle?"})
+        assert vqa.status_code == 200, vqa.text
+        (got,) = vqa.json()["answers"]
+        assert got["answer"] == answer.text and abs(got["score"] - answer.probability) < 1e-4
+        url = "data:image/png;base64," + base64.b64encode(png(image)).decode()
+        chat = client.post("/v1/chat/completions", json={
+            "model": "vqa:full", "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": "what color is the circle?"}]}]})
+        assert chat.status_code == 200, chat.text
+        body = chat.json()
+        assert body["usage"]["completion_tokens"] >= 1 and body["das"]["plan"]["name"] == "full"
+        assert body["das"]["flops"]["executed"] == body["das"]["flops"]["full"] > 0
+        assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["vqa", "vqa:full"]

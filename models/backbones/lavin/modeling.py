@@ -443,6 +443,11 @@ class LavinBackbone(nn.Module):
         return self.config.max_positions
 
     @property
+    def image_placeholder(self) -> str:
+        """LaVIN has one image slot outside the text, so no text token stands for an image."""
+        return ""
+
+    @property
     def tokenizer(self) -> Any:
         if self.tokenizer_ is None:
             raise BackboneError("this LaVIN backbone was built without a tokenizer")

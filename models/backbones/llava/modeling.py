@@ -400,6 +400,11 @@ class LlavaBackbone(nn.Module):
         return self.config.max_positions
 
     @property
+    def image_placeholder(self) -> str:
+        """The token that marks an image's place in a prompt's text (clients must not send it as text)."""
+        return self.processor.image_token if self.processor is not None else ""
+
+    @property
     def tokenizer(self) -> Any:
         if self.processor is None:
             raise BackboneError("this LLaVA backbone was built without a processor")
