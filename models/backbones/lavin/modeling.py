@@ -50,14 +50,20 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
 
 from models.backbones.base import BackboneError, fingerprint, read_config, to_rgb
-from models.backbones.llava.modeling import KVCache, decoder_block_flops, decoder_block_forward, prefill_mask
-from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
+from models.backbones.llava.modeling import (
+    REFERENCE_NEW_TOKENS,
+    DecoderBlockPlans,
+    KVCache,
+    decoder_block_flops,
+    decoder_block_forward,
+    prefill_mask,
+)
+from models.das.adapters import PlanModules
 from models.das.flops import FlopsReport, LayerFlops, adapter_flops, conv_patch_flops, linear_flops, transformer_layer_flops
 from models.das.plan import PlanError, PlanSpec
 
 MODEL_TYPE = "lavin"
 SKIP_BOTTLENECK = 256  # LaVIN-DAS trains its skipped blocks' adapters at 4 x the MMA width; ours: LLaVA-DAS's 256
-REFERENCE_NEW_TOKENS = 16  # decoded tokens a plan's quoted FLOPs assume
 ADAPTER_TYPES = ("attn", "block")  # MMA in front of attention only / in front of attention and the MLP
 VISUAL_ADAPTER_TYPES = ("router", "router_block", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # LaVIN's image transform: 224 x 224 bicubic, ImageNet statistics
@@ -335,8 +341,10 @@ class LavinCache(KVCache):
 # ---------------------------------------------------------------------------------------------
 # The backbone
 # ---------------------------------------------------------------------------------------------
-class LavinBackbone(nn.Module):
+class LavinBackbone(DecoderBlockPlans, nn.Module):
     """A frozen LaVIN checkpoint directory (config.json, model.safetensors, tokenizer, preprocessor)."""
+
+    family = "LaVIN"
 
     architecture = MODEL_TYPE
     default_skip_bottleneck = SKIP_BOTTLENECK
@@ -355,14 +363,6 @@ class LavinBackbone(nn.Module):
     @classmethod
     def load_config(cls, directory: str | os.PathLike) -> LavinConfig:
         return config_from_dir(directory)
-
-    @staticmethod
-    def arm_count(config: LavinConfig) -> int:
-        return config.num_hidden_layers
-
-    @staticmethod
-    def arm_names(config: LavinConfig) -> list[str]:
-        return [f"decoder block {i}" for i in range(config.num_hidden_layers)]
 
     @staticmethod
     def config_flops_at(config: LavinConfig, task: str, spec: PlanSpec | None, text_len: int,
@@ -434,13 +434,13 @@ class LavinBackbone(nn.Module):
         return self.model.lm_head.weight.dtype
 
     @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
     def max_text_len(self) -> int:
         """The context: prompt positions (modality token and image features included) plus generated tokens."""
         return self.config.max_positions
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
 
     @property
     def image_placeholder(self) -> str:
@@ -457,40 +457,7 @@ class LavinBackbone(nn.Module):
         eos = self.tokenizer.eos_token_id
         return set() if eos is None else {int(eos)}
 
-    def task_heads(self) -> dict[str, int | None]:
-        return {"vqa": None}
-
-    def labels(self, task: str) -> list[str]:
-        return []
-
     # -- plans -------------------------------------------------------------------------------
-    def check_plan_spec(self, spec: PlanSpec) -> None:
-        where = f"plan {spec.task}/{spec.name}"
-        if spec.task != "vqa":
-            raise PlanError(f"{where}: a LaVIN backbone answers vqa (in text); {spec.task} has no head here")
-        if spec.own_head:
-            raise PlanError(f"{where}: a LaVIN plan carries no head of its own (the lm head answers for every plan)")
-        if spec.own_parts:
-            raise PlanError(f"{where}: own_parts {list(spec.own_parts)} do not exist in a LaVIN backbone")
-
-    def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:
-        hidden, eps = self.config.hidden_size, self.config.layer_norm_eps
-        skipped = set(spec.skipped_layers)
-        skip = {i: SkipAdapter(hidden, spec.adapters.skip_bottleneck, eps) for i in skipped}
-        parallel = {}
-        if spec.adapters.parallel_bottleneck:
-            parallel = {i: ParallelAdapters(hidden, spec.adapters.parallel_bottleneck, eps)
-                        for i in range(self.num_layers) if i not in skipped}
-        return PlanModules(skip, parallel)
-
-    def head_for(self, task: str, plan: PlanModules) -> nn.Module:
-        if task != "vqa":
-            raise PlanError(f"no {task} head: a LaVIN backbone answers vqa in text")
-        return self.model.lm_head
-
-    def kept_layers(self, plan: PlanModules) -> list[int]:
-        return [i for i in range(self.num_layers) if plan.skip_adapter(i) is None]
-
     # -- preprocessing -------------------------------------------------------------------------
     def prompt_for(self, question: str, with_image: bool = True) -> str:
         """A short-answer VQA prompt in LaVIN's instruction style."""
@@ -658,10 +625,6 @@ class LavinBackbone(nn.Module):
         return self.model.lm_head(self.sequence_output(batch, plan))
 
     # -- FLOPs -----------------------------------------------------------------------------------
-    def flops_at(self, task: str, spec: PlanSpec | None, text_len: int, image_size: int | tuple[int, int],
-                 new_tokens: int = REFERENCE_NEW_TOKENS) -> FlopsReport:
-        return self.config_flops_at(self.config, task, spec, text_len, image_size, new_tokens=new_tokens)
-
     def flops(self, task: str, spec: PlanSpec | None, text_len: int, patch_grids: Sequence[tuple[int, int]],
               new_tokens: int = REFERENCE_NEW_TOKENS) -> FlopsReport:
         """``text_len``: the prompt positions (``LavinBatch.text_lengths``: modality token and image features included)."""

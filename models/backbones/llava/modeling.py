@@ -295,8 +295,76 @@ def prefill_mask(attention_mask: torch.Tensor, past: torch.Tensor | None = None)
 # ---------------------------------------------------------------------------------------------
 # The backbone
 # ---------------------------------------------------------------------------------------------
-class LlavaBackbone(nn.Module):
+class DecoderBlockPlans:
+    """What every generative backbone whose DAS arms are its decoder blocks shares (LLaVA, LaVIN): the
+    arms, the plans' checks and modules (skip adapters, optional parallel adapters, nothing else), and
+    the lm head that answers for every plan. A backbone sets ``family`` and provides ``config``
+    (num_hidden_layers, hidden_size, layer_norm_eps), ``lm_head`` and ``config_flops_at``."""
+
+    family = ""  # the architecture's name in messages
+
+    @staticmethod
+    def arm_count(config: Any) -> int:
+        return config.num_hidden_layers
+
+    @staticmethod
+    def arm_names(config: Any) -> list[str]:
+        return [f"decoder block {i}" for i in range(config.num_hidden_layers)]
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def task_heads(self) -> dict[str, int | None]:
+        """VQA, answered in text by the lm head (no label vocabulary: None)."""
+        return {"vqa": None}
+
+    def labels(self, task: str) -> list[str]:
+        """A generative backbone has no label vocabulary: answers are generated text."""
+        return []
+
+    def check_plan_spec(self, spec: PlanSpec) -> None:
+        where = f"plan {spec.task}/{spec.name}"
+        if spec.task != "vqa":
+            raise PlanError(f"{where}: a {self.family} backbone answers vqa (in text); {spec.task} has no head here")
+        if spec.own_head:
+            raise PlanError(f"{where}: a {self.family} plan carries no head of its own (answers come from the "
+                            "backbone's lm head, shared by every plan)")
+        if spec.own_parts:
+            raise PlanError(f"{where}: own_parts {list(spec.own_parts)} do not exist in a {self.family} backbone")
+
+    def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:
+        """Skip adapters for the skipped decoder blocks, parallel adapters (if any) for the kept ones;
+        such a plan has nothing else (``init_from_backbone`` has nothing to copy)."""
+        hidden, eps = self.config.hidden_size, self.config.layer_norm_eps
+        skipped = set(spec.skipped_layers)
+        skip = {i: SkipAdapter(hidden, spec.adapters.skip_bottleneck, eps) for i in skipped}
+        parallel = {}
+        if spec.adapters.parallel_bottleneck:
+            parallel = {i: ParallelAdapters(hidden, spec.adapters.parallel_bottleneck, eps)
+                        for i in range(self.num_layers) if i not in skipped}
+        return PlanModules(skip, parallel)
+
+    def head_for(self, task: str, plan: PlanModules) -> nn.Module:
+        """The lm head (the backbone's, for every plan)."""
+        if task != "vqa":
+            raise PlanError(f"no {task} head: a {self.family} backbone answers vqa in text")
+        return self.lm_head
+
+    def kept_layers(self, plan: PlanModules) -> list[int]:
+        return [i for i in range(self.num_layers) if plan.skip_adapter(i) is None]
+
+    def flops_at(self, task: str, spec: PlanSpec | None, text_len: int, image_size: int | tuple[int, int],
+                 new_tokens: int = REFERENCE_NEW_TOKENS) -> FlopsReport:
+        """FLOPs of a prompt of ``text_len`` text tokens with one image at ``image_size``, and
+        ``new_tokens`` generated tokens (a plan's reference input)."""
+        return self.config_flops_at(self.config, task, spec, text_len, image_size, new_tokens=new_tokens)
+
+
+class LlavaBackbone(DecoderBlockPlans, nn.Module):
     """A frozen LLaVA-style checkpoint (``LlavaForConditionalGeneration``) and its ``LlavaProcessor``."""
+
+    family = "LLaVA"
 
     architecture = MODEL_TYPE
     default_skip_bottleneck = SKIP_BOTTLENECK
@@ -314,14 +382,6 @@ class LlavaBackbone(nn.Module):
     @classmethod
     def load_config(cls, directory: str | os.PathLike) -> LlavaBackboneConfig:
         return config_from_dir(directory)
-
-    @staticmethod
-    def arm_count(config: LlavaBackboneConfig) -> int:
-        return config.num_hidden_layers
-
-    @staticmethod
-    def arm_names(config: LlavaBackboneConfig) -> list[str]:
-        return [f"decoder block {i}" for i in range(config.num_hidden_layers)]
 
     @staticmethod
     def config_flops_at(config: LlavaBackboneConfig, task: str, spec: PlanSpec | None, text_len: int,
@@ -391,13 +451,13 @@ class LlavaBackbone(nn.Module):
         return self.llava.lm_head.weight.dtype
 
     @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
     def max_text_len(self) -> int:
         """The context: prompt tokens (image tokens included) plus generated tokens."""
         return self.config.max_positions
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.llava.lm_head
 
     @property
     def image_placeholder(self) -> str:
@@ -410,46 +470,7 @@ class LlavaBackbone(nn.Module):
             raise BackboneError("this LLaVA backbone was built without a processor")
         return self.processor.tokenizer
 
-    def task_heads(self) -> dict[str, int | None]:
-        """VQA, answered in text by the lm head (no label vocabulary: None)."""
-        return {"vqa": None}
-
-    def labels(self, task: str) -> list[str]:
-        """A generative backbone has no label vocabulary: answers are generated text."""
-        return []
-
     # -- plans -------------------------------------------------------------------------------
-    def check_plan_spec(self, spec: PlanSpec) -> None:
-        where = f"plan {spec.task}/{spec.name}"
-        if spec.task != "vqa":
-            raise PlanError(f"{where}: a LLaVA backbone answers vqa (in text); {spec.task} has no head here")
-        if spec.own_head:
-            raise PlanError(f"{where}: a LLaVA plan carries no head of its own (answers come from the backbone's "
-                            "lm head, shared by every plan)")
-        if spec.own_parts:
-            raise PlanError(f"{where}: own_parts {list(spec.own_parts)} do not exist in a LLaVA backbone")
-
-    def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:
-        """Skip adapters for the skipped decoder blocks, parallel adapters (if any) for the kept ones;
-        a LLaVA plan has nothing else (``init_from_backbone`` has nothing to copy)."""
-        hidden, eps = self.config.hidden_size, self.config.layer_norm_eps
-        skipped = set(spec.skipped_layers)
-        skip = {i: SkipAdapter(hidden, spec.adapters.skip_bottleneck, eps) for i in skipped}
-        parallel = {}
-        if spec.adapters.parallel_bottleneck:
-            parallel = {i: ParallelAdapters(hidden, spec.adapters.parallel_bottleneck, eps)
-                        for i in range(self.num_layers) if i not in skipped}
-        return PlanModules(skip, parallel)
-
-    def head_for(self, task: str, plan: PlanModules) -> nn.Module:
-        """The lm head (the backbone's, for every plan)."""
-        if task != "vqa":
-            raise PlanError(f"no {task} head: a LLaVA backbone answers vqa in text")
-        return self.llava.lm_head
-
-    def kept_layers(self, plan: PlanModules) -> list[int]:
-        return [i for i in range(self.num_layers) if plan.skip_adapter(i) is None]
-
     # -- preprocessing -------------------------------------------------------------------------
     def _bounded(self, image: Image.Image) -> Image.Image:
         """What the processor (shorter side to its resolution, centre square) would see of ``image``,
@@ -601,12 +622,6 @@ class LlavaBackbone(nn.Module):
         return self.llava.lm_head(self.sequence_output(batch, plan))
 
     # -- FLOPs -----------------------------------------------------------------------------------
-    def flops_at(self, task: str, spec: PlanSpec | None, text_len: int, image_size: int | tuple[int, int],
-                 new_tokens: int = REFERENCE_NEW_TOKENS) -> FlopsReport:
-        """FLOPs of a prompt of ``text_len`` text tokens with one image at ``image_size``, and
-        ``new_tokens`` generated tokens (a plan's reference input)."""
-        return self.config_flops_at(self.config, task, spec, text_len, image_size, new_tokens=new_tokens)
-
     def flops(self, task: str, spec: PlanSpec | None, text_len: int, patch_grids: Sequence[tuple[int, int]],
               new_tokens: int = REFERENCE_NEW_TOKENS) -> FlopsReport:
         """FLOPs of one request: ``text_len`` prompt tokens (image tokens included), its images'
