@@ -23,7 +23,7 @@ from transformers import ViltConfig
 from models.backbones.llava.checkpoint import save_llava_checkpoint
 from models.backbones.vilt.checkpoint import save_vilt_checkpoint
 from models.backbones.vilt.modeling import ViltBackbone
-from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, save_plan
+from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, load_plan, save_plan
 from service.registry import PlanRegistry
 from service.store import STATE_FILE
 
@@ -192,3 +192,17 @@ def served(reg: PlanRegistry) -> dict:
     """What a worker serves: task -> (active, {name: version})."""
     return {task: (entry["active"], {name: plan.version for name, plan in entry["plans"].items()})
             for task, entry in reg.snapshot().items()}
+
+
+def perturbed_decoder_plan(backbone, tmp_path: Path, name: str = "skip", skipped=(1, 2), parallel=4, seed: int = 0):
+    """A saved and loaded vqa plan for a generative backbone (LLaVA, LaVIN) whose adapters are moved
+    away from their init (so they change outputs)."""
+    spec = PlanSpec(task="vqa", name=name, version=1, backbone=BackboneRef(backbone.architecture, backbone.fingerprint),
+                    skipped_layers=tuple(skipped), adapters=AdapterShapes(8 if skipped else None, parallel))
+    torch.manual_seed(seed)
+    modules = backbone.build_plan_modules(spec)
+    with torch.no_grad():
+        for p in modules.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_plan(tmp_path / name, spec, modules)
+    return load_plan(tmp_path / name, backbone)

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import base64
 
-from helpers import png, random_image, serve
+from helpers import perturbed_decoder_plan, png, random_image, serve
 from models.backbones.base import BackboneError, load_backbone
 from models.backbones.lavin.convert import KEY_MAP, convert_checkpoint, expected_lavin_keys, to_lavin
 from models.backbones.lavin.generation import GenerationParams, LavinRuntime
@@ -204,16 +204,6 @@ def head_and_prompt(tokenizer, prompt, with_image=True):
     return [tokenizer.bos_token_id] + ids("Image:" if with_image else "Image: N/A"), ids(prompt)
 
 
-def perturbed_plan(backbone, tmp_path, name="skip", skipped=(1, 2), parallel=4, seed=0):
-    spec = PlanSpec(task="vqa", name=name, version=1, backbone=BackboneRef("lavin", backbone.fingerprint),
-                    skipped_layers=tuple(skipped), adapters=AdapterShapes(8 if skipped else None, parallel))
-    torch.manual_seed(seed)
-    modules = backbone.build_plan_modules(spec)
-    with torch.no_grad():
-        for p in modules.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_plan(tmp_path / name, spec, modules)
-    return load_plan(tmp_path / name, backbone)
 
 
 PROMPTS = ["Question: what color is the circle?\nResponse:", "Question: is the square left of a circle?\nResponse:",
@@ -329,7 +319,7 @@ def test_cli_convert_and_its_refusals_name_lavins_keys(lavin, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 def test_plans_cover_the_decoder_blocks(lavin, tmp_path):
     _, _, _, backbone = lavin
-    plan = perturbed_plan(backbone, tmp_path)
+    plan = perturbed_decoder_plan(backbone, tmp_path)
     assert sorted(int(k) for k in plan.modules.skip_adapters) == [1, 2]
     assert sorted(int(k) for k in plan.modules.parallel_adapters) == [0, 3]
     bad = PlanSpec(task="vqa", name="bad", version=1, backbone=BackboneRef("lavin", backbone.fingerprint),
@@ -348,7 +338,7 @@ def test_incremental_decoding_equals_recomputing(lavin, tmp_path, plan_kind):
     """Greedy tokens through the cache (routing weights kept from the prefill) vs the logits of the
     whole sequence recomputed; the log-probabilities agree within 1e-4."""
     _, _, _, backbone = lavin
-    plan = builtin_full_plan(backbone, "vqa") if plan_kind == "full" else perturbed_plan(backbone, tmp_path)
+    plan = builtin_full_plan(backbone, "vqa") if plan_kind == "full" else perturbed_decoder_plan(backbone, tmp_path)
     (completion,) = LavinRuntime(backbone).generate(plan, PROMPTS[:1], images()[:1], GenerationParams(max_new_tokens=6))
     batch = backbone.preprocess(images()[:1], PROMPTS[:1])
     ids = completion.token_ids
@@ -368,7 +358,7 @@ def test_incremental_decoding_equals_recomputing(lavin, tmp_path, plan_kind):
 
 def test_batch_gives_each_prompt_what_it_gets_alone(lavin, tmp_path):
     _, _, _, backbone = lavin
-    plan = perturbed_plan(backbone, tmp_path)
+    plan = perturbed_decoder_plan(backbone, tmp_path)
     runtime = LavinRuntime(backbone)
     params = GenerationParams(max_new_tokens=4)
     together = runtime.generate(plan, PROMPTS, images(), params)
@@ -380,7 +370,7 @@ def test_batch_gives_each_prompt_what_it_gets_alone(lavin, tmp_path):
 
 def test_skipped_blocks_neither_run_nor_get_a_cache_entry(lavin, tmp_path, monkeypatch):
     _, _, _, backbone = lavin
-    plan = perturbed_plan(backbone, tmp_path)
+    plan = perturbed_decoder_plan(backbone, tmp_path)
     ran = []
     for index in range(LAYERS):
         layer = backbone.language_model.layers[index]
@@ -421,7 +411,7 @@ def test_analytic_flops_equal_torch_flop_counter(lavin, tmp_path, plan_kind):
     """A whole request (CLIP with its routed adapters, the projection, prefill with the MMA adapters and
     their routers, every decode step, the lm head per token) under FlopCounterMode: exactly the count."""
     _, _, _, backbone = lavin
-    plan = builtin_full_plan(backbone, "vqa") if plan_kind == "full" else perturbed_plan(backbone, tmp_path)
+    plan = builtin_full_plan(backbone, "vqa") if plan_kind == "full" else perturbed_decoder_plan(backbone, tmp_path)
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
         (completion,) = LavinRuntime(backbone).generate(plan, PROMPTS[:1], images()[:1], GenerationParams(max_new_tokens=5))

@@ -17,14 +17,14 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import LLAVA_WORDS, random_image
+from helpers import LLAVA_WORDS, perturbed_decoder_plan, random_image
 from models.backbones.base import load_backbone
 from models.backbones.llava.checkpoint import save_llava_checkpoint
 from models.backbones.llava.generation import Finished, GenerationParams, LlavaRuntime, TokenEvent
 from models.backbones.llava.modeling import KVCache, LlavaBackbone, llava_request_flops
 from models.cli.main import main
 from models.das.plan import (
-    AdapterShapes, BackboneRef, PlanError, PlanSpec, builtin_full_plan, check_compatible, load_plan, save_plan,
+    AdapterShapes, BackboneRef, PlanError, PlanSpec, builtin_full_plan, check_compatible,
 )
 
 WORDS = LLAVA_WORDS
@@ -39,17 +39,6 @@ def tiny(tmp_path_factory):
     return directory, model, load_backbone(directory, device="cpu")
 
 
-def perturbed_plan(backbone, tmp_path, name="skip", skipped=(1, 2), parallel=4, seed=0):
-    """A saved and loaded plan whose adapters are moved away from their init (so they change outputs)."""
-    spec = PlanSpec(task="vqa", name=name, version=1, backbone=BackboneRef("llava", backbone.fingerprint),
-                    skipped_layers=tuple(skipped), adapters=AdapterShapes(8 if skipped else None, parallel))
-    torch.manual_seed(seed)
-    modules = backbone.build_plan_modules(spec)
-    with torch.no_grad():
-        for p in modules.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    save_plan(tmp_path / name, spec, modules)
-    return load_plan(tmp_path / name, backbone)
 
 
 def prompts_and_images():
@@ -109,7 +98,7 @@ def test_missing_processor_files_are_named(tiny, tmp_path):
 
 def test_plans_cover_the_decoder_blocks_and_nothing_else(tiny, tmp_path):
     _, _, backbone = tiny
-    plan = perturbed_plan(backbone, tmp_path)
+    plan = perturbed_decoder_plan(backbone, tmp_path)
     assert plan.spec.backbone.architecture == "llava"
     keys = set(plan.modules.state_dict())
     assert {k.split(".")[1] for k in keys if k.startswith("skip_adapters.")} == {"1", "2"}
@@ -136,7 +125,7 @@ def test_plans_cover_the_decoder_blocks_and_nothing_else(tiny, tmp_path):
 
 def test_cli_plan_validate(tiny, tmp_path, capsys):
     directory, _, backbone = tiny
-    perturbed_plan(backbone, tmp_path)
+    perturbed_decoder_plan(backbone, tmp_path)
     assert main(["plan", "validate", str(tmp_path / "skip"), "--backbone", str(directory)]) == 0
     assert "OK" in capsys.readouterr().out
 
@@ -179,7 +168,7 @@ def test_full_plan_greedy_equals_transformers_generate(tiny):
 @pytest.mark.parametrize("plan_kind", ["full", "skip"])
 def test_incremental_decoding_equals_recomputing(tiny, tmp_path, plan_kind):
     _, _, backbone = tiny
-    plan = builtin_full_plan(backbone, "vqa") if plan_kind == "full" else perturbed_plan(backbone, tmp_path)
+    plan = builtin_full_plan(backbone, "vqa") if plan_kind == "full" else perturbed_decoder_plan(backbone, tmp_path)
     prompts, images = prompts_and_images()
     logprobs: dict[int, list[float]] = {i: [] for i in range(len(prompts))}
     completions = {}
@@ -198,7 +187,7 @@ def test_incremental_decoding_equals_recomputing(tiny, tmp_path, plan_kind):
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny, tmp_path):
     _, _, backbone = tiny
-    plan = perturbed_plan(backbone, tmp_path, skipped=(2,), parallel=None)
+    plan = perturbed_decoder_plan(backbone, tmp_path, skipped=(2,), parallel=None)
     prompts, images = prompts_and_images()
     params = GenerationParams(max_new_tokens=6)
     together = LlavaRuntime(backbone).generate(plan, prompts, images, params)
@@ -210,7 +199,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny, tmp_path):
 
 def test_skipped_blocks_neither_run_nor_get_a_cache_entry(tiny, tmp_path, monkeypatch):
     _, _, backbone = tiny
-    plan = perturbed_plan(backbone, tmp_path, skipped=(0, 3), parallel=None)
+    plan = perturbed_decoder_plan(backbone, tmp_path, skipped=(0, 3), parallel=None)
     calls = {i: 0 for i in range(backbone.num_layers)}
     hooks = [layer.self_attn.q_proj.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, layer in enumerate(backbone.language_model.layers)]
@@ -237,7 +226,7 @@ def test_skipped_blocks_neither_run_nor_get_a_cache_entry(tiny, tmp_path, monkey
 def test_plans_share_the_frozen_weights(tiny, tmp_path):
     _, _, backbone = tiny
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    a, b = perturbed_plan(backbone, tmp_path, "a", seed=0), perturbed_plan(backbone, tmp_path, "b", seed=1)
+    a, b = perturbed_decoder_plan(backbone, tmp_path, "a", seed=0), perturbed_decoder_plan(backbone, tmp_path, "b", seed=1)
     prompts, images = prompts_and_images()
     outputs = [LlavaRuntime(backbone).generate(plan, prompts[:1], images[:1], GenerationParams(max_new_tokens=4))[0]
                for plan in (a, b)]
@@ -332,7 +321,7 @@ def test_stream_events_per_token_then_finished(tiny):
 
 def test_answer_gives_text_and_sequence_probability(tiny, tmp_path):
     _, _, backbone = tiny
-    plan = perturbed_plan(backbone, tmp_path)
+    plan = perturbed_decoder_plan(backbone, tmp_path)
     images = [random_image(32, 48, seed=4), random_image(300, 20, seed=5)]  # a long thin one is bounded
     answers = LlavaRuntime(backbone).answer(plan, images, ["what color is the square?", "how many circles?"], max_new_tokens=4)
     for (question, image), result in zip([("what color is the square?", images[0]), ("how many circles?", images[1])],
@@ -374,7 +363,7 @@ def test_analytic_flops_equal_torch_flop_counter(tiny, tmp_path, plan_kind):
     over the growing cache, lm head per token) under FlopCounterMode, with attention decomposed into
     the matrix products it counts (the MATH backend): exactly the analytic count."""
     _, _, backbone = tiny
-    plan = builtin_full_plan(backbone, "vqa") if plan_kind == "full" else perturbed_plan(backbone, tmp_path)
+    plan = builtin_full_plan(backbone, "vqa") if plan_kind == "full" else perturbed_decoder_plan(backbone, tmp_path)
     prompts, images = prompts_and_images()
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
