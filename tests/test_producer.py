@@ -108,7 +108,17 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
         assert state["active"][task] in state["loaded"][task]
     assert (out / "pareto.png").stat().st_size > 1000 and (out / "RESULTS.md").is_file()
     report = json.loads((out / "pipeline-report.json").read_text())
-    assert len(report["tasks"]["vqa"]["search_vs_random"]["random"]) == 3
+    vs_random = report["tasks"]["vqa"]["search_vs_random"]
+    assert len(vs_random["random"]) == 3
+    for row in vs_random["random"]:  # random sets at (nearly) the searched set's FLOPs saving
+        assert abs(row["flops_saved"] - vs_random["searched_flops_saved"]) <= 0.05 * vs_random["searched_flops_saved"] + 1e-4
+    results = (out / "RESULTS.md").read_text()
+    assert "VQA score per question type" in results and "| adapters |" in results
+    assert set(report["tasks"]["vqa"]["plans"]["adapters"]["by_question_type"]) <= {"color", "shape", "count", "exist", "relation"}
+    for figure in ("gates.png", "pretrain.png"):
+        assert (out / figure).stat().st_size > 1000 and f"]({figure})" in results
+    pretrain = json.loads((work / "pretrain.json").read_text())
+    assert len(pretrain["curve"]["step"]) == len(pretrain["curve"]["mlm_loss"]) >= 2
 
 
 def test_quick_meter_pipeline_pretrains_and_writes_a_servable_store(tmp_path, capsys):

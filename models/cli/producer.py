@@ -101,7 +101,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     backbone = _load(args.backbone, _run_device(args))
     config = SearchConfig(skip_num=args.skip_num, update_every=args.update_every, gate_lr=args.gate_lr,
-                          warmup_fraction=args.warmup, train=_train_config(args))
+                          warmup_fraction=args.warmup, objective=args.objective, flops_budget=args.flops_budget,
+                          train=_train_config(args))
     try:
         result = das_search(backbone, args.task, args.data, config)
     finally:
@@ -111,7 +112,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     files = write_search_outputs(result, args.out)
     print(f"ranking (most skippable first): {result.ranking}")
     print(f"gates: {result.gates}")
-    print(f"chosen skip set (skip_num={result.skip_num}): {result.skip_set}")
+    saved = sum(result.savings[i] for i in result.skip_set)
+    print(f"chosen skip set (skip_num={result.skip_num}, objective {result.objective}): {result.skip_set}, "
+          f"saving {saved:.1%} of the FLOPs")
     print(f"wrote {files['json']}, {files['csv']}, {files['png']}")
     print(f"next: das train --backbone {args.backbone or SHIPPED_BACKBONE} --task {args.task} --data {args.data} "
           f"--skip {','.join(map(str, result.skip_set))} --out <plan dir>")
@@ -268,6 +271,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     search.add_argument("--update-every", type=int, default=10, help="gate update period in steps (default 10)")
     search.add_argument("--gate-lr", type=float, default=50.0, help="gate learning rate (default 50)")
     search.add_argument("--warmup", type=float, default=0.3, help="warm-up fraction of the steps (default 0.3)")
+    search.add_argument("--objective", choices=["reward", "reward-per-flop"], default="reward",
+                        help="reward: the reference bandit (sets of --skip-num arms, the largest gates win); "
+                             "reward-per-flop: sets drawn to save what --skip-num average arms save, and the final "
+                             "set the least-damage one saving that much, so costly arms count for what they save "
+                             "(docs/plans.md gives the formula; on ViLT, whose layers all cost the same, both agree) "
+                             "(default reward)")
+    search.add_argument("--flops-budget", type=float, metavar="SHARE",
+                        help="reward-per-flop only: the share of the FLOPs (0-1) every sampled and the final set "
+                             "must save (default: what --skip-num average layers save)")
     search.add_argument("--out", required=True, help="directory for search.json, gates.csv, gates.png")
     search.set_defaults(func=cmd_search)
 

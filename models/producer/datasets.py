@@ -72,6 +72,7 @@ class VQAExample:
     question: str
     answer_scores: dict[str, float] = field(default_factory=dict)  # answer -> soft score in [0, 1]
     answer_type: str = ""  # the annotation's "answer_type" (VQAv2: "yes/no", "number", "other"), if any
+    question_type: str = ""  # the annotation's "question_type" (VQAv2: its first words; synthetic: color, shape, ...)
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,7 @@ def read_vqa(
         examples.append(VQAExample(
             question_id=str(qid), image_path=files.image_path(image_id), question=text,
             answer_scores=vqa_soft_scores(answers, vocab_set), answer_type=str(ann.get("answer_type", "")),
+            question_type=str(ann.get("question_type", "")),
         ))
     if check_images:
         _check_images_exist((e.image_path for e in examples), f"VQAv2 {split}")

@@ -53,6 +53,7 @@ def evaluate_plan_dir(plan_dir: str | Path, data_dir: str | Path, backbone: Back
     return {"task": plan.task, "plan": plan.name, "version": plan.version, "split": split,
             "skipped_layers": list(plan.skipped_layers), **evaluation.metrics, "n": evaluation.n,
             "intervals": evaluation.intervals, "flops_full": flops_full, "flops_reduced": flops_reduced,
-            "flops_saved_ratio": 1 - flops_reduced / flops_full if flops_full else 0.0}
+            "flops_saved_ratio": 1 - flops_reduced / flops_full if flops_full else 0.0,
+            **({"by_question_type": evaluation.by_question_type} if evaluation.by_question_type else {})}
 
 

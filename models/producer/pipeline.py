@@ -8,7 +8,6 @@ evaluation, searched vs random skip sets, and store.json. Selection (store.json'
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import random
@@ -23,7 +22,7 @@ from models.das.plan import PLAN_FILE, PlanError, PlanSpec, validate_plan
 from models.paths import STORE_BACKBONE_DIR, STORE_STATE_FILE
 from models.producer.evaluate import evaluate_plan_dir
 from models.producer.pretrain import PretrainConfig, pretrain_backbone
-from models.producer.search import SearchConfig, das_search, write_search_outputs
+from models.producer.search import SearchConfig, das_search, skip_set_for, write_search_outputs
 from models.producer.train import TrainConfig, train_plan
 from models.producer.world.export import synthesize
 from models.tasks import TASKS, primary_score
@@ -38,14 +37,17 @@ class PipelineSettings:
 
     arch: str = "vilt"  # models.producer.pretrain.ARCHS
     n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
-    image_size: int = 96
-    pretrain_epochs: float = 1.2  # over every caption pair: retrieval captions + captioned train scenes of all tasks
+    # 128 px in 16 px patches (an 8 x 8 grid): a small object is ~20 px across, so its shape is visible
+    image_size: int = 128
+    # fresh scenes for pre-training only (work/data/pretrain), captioned 5 times each with hard negatives
+    pretrain_images: int = 20000
+    pretrain_epochs: float = 1.6  # over every caption pair: retrieval captions + captioned train scenes of all tasks
     hidden_size: int = 128
     layers: int = 8  # ViLT: encoder layers; METER: fusion layers per stream
     vision_layers: int = 2  # METER only: uni-modal encoder depths
     text_layers: int = 2
     heads: int = 4
-    train_epochs: float = 1.5
+    train_epochs: float = 3.0  # VQA (the others: train_epochs_by_task)
     # fewer training examples: at 1.5 epochs NLVR2 stayed near chance and retrieval's skip adapters
     # lost 60% of the adapters-only R@1 (a run of 2026-11-23)
     train_epochs_by_task: dict[str, float] = field(default_factory=lambda: {"nlvr2": 5.0, "retrieval": 6.0})
@@ -57,13 +59,14 @@ class PipelineSettings:
     # capacity (at most ~1.8x the adapters plan's) cannot absorb an overload
     skip_levels_by_task: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"vqa": (2, 4, 6)})
     search_k: int | None = None  # skip_num of the search (default: the first skip level)
-    random_baselines: int = 3
+    search_objective: str = "reward"  # models.producer.search.OBJECTIVES
+    random_baselines: int = 5  # random skip sets of (nearly) the searched set's FLOPs saving
     batch_size: int = 32
     max_eval: int | None = None  # whole val/test splits (retrieval: its gallery of RETRIEVAL_EVAL_IMAGES)
 
     @classmethod
     def quick(cls) -> PipelineSettings:
-        return cls(n={"vqa": 96, "nlvr2": 64, "retrieval": 48}, image_size=64, pretrain_epochs=1.0, hidden_size=32, layers=4,
+        return cls(n={"vqa": 96, "nlvr2": 64, "retrieval": 48}, image_size=64, pretrain_images=16, pretrain_epochs=1.0, hidden_size=32, layers=4,
                    heads=2, train_epochs=1.0, train_epochs_by_task={}, skip_levels_by_task={}, search_epochs=3.0, search_update_every=2, baseline_epochs=0.5,
                    skip_levels=(1, 2),
                    random_baselines=3, batch_size=8, max_eval=32)
@@ -77,8 +80,10 @@ class PipelineSettings:
                                        skip_levels=(2,), search_k=2)
         # one skip level and fewer epochs than the ViLT's: a full METER run fits in about 90 min on 2 cores
         return cls(arch="meter", layers=6, vision_layers=2, text_layers=2, skip_levels=(4,), skip_levels_by_task={},
-                   search_k=4, pretrain_epochs=1.0, random_baselines=2,
-                   train_epochs_by_task={"nlvr2": 4.0, "retrieval": 4.0})
+                   search_k=4, pretrain_epochs=1.0,
+                   train_epochs_by_task={"nlvr2": 4.0, "retrieval": 4.0},
+                   # what the shipped plans/meter was made with (so --remeasure regenerates its data)
+                   image_size=96, pretrain_images=0)
 
 
 def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 0, progress: bool = True,
@@ -105,9 +110,11 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
             PretrainConfig(arch=settings.arch, hidden_size=settings.hidden_size, num_layers=settings.layers,
                            vision_layers=settings.vision_layers, text_layers=settings.text_layers, num_heads=settings.heads,
                            intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
-                           epochs=settings.pretrain_epochs, seed=seed),
+                           epochs=settings.pretrain_epochs, seed=seed,
+                           # resumable: an interrupted pre-training goes on from its last checkpoint
+                           checkpoint_every=200, checkpoint_dir=str(work / "pretrain.ckpt"), resume=True),
             extra_text_dirs={"vqa": data["vqa"], "nlvr2": data["nlvr2"]}, progress=progress,
-            scene_dirs=[data["vqa"], data["nlvr2"]],
+            scene_dirs=[data["vqa"], data["nlvr2"]] + ([data[PRETRAIN_CORPUS]] if settings.pretrain_images else []),
         )
         pretrain_file.write_text(json.dumps(pretrain_summary, indent=2) + "\n")
     backbone = load_backbone(backbone_dir, device="cpu")
@@ -147,16 +154,20 @@ def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Pa
     search_k = settings.search_k or settings.skip_levels[0]
 
     def search() -> dict[str, Any]:
-        log(f"[search] {task}")
-        config = SearchConfig(skip_num=search_k, update_every=settings.search_update_every,
+        log(f"[search] {task} ({settings.search_objective})")
+        config = SearchConfig(skip_num=search_k, update_every=settings.search_update_every, objective=settings.search_objective,
                               train=TrainConfig(**{**asdict(train_config), "epochs": settings.search_epochs}))
         result = das_search(backbone, task, data_dir, config, progress=progress)
         write_search_outputs(result, work / "search" / task)
         return result.to_json()
 
-    searched = _cached(work / "search" / task / "search.json", search, log, f"{task} search")
+    searched = _cached(work / "search" / task / "search.json", search, log, f"{task} search",
+                       valid=lambda r: r.get("objective", "reward") == settings.search_objective and "savings" in r)
     levels = settings.skip_levels_by_task.get(task, settings.skip_levels)
-    plans = {"adapters": []} | {f"skip{k}": sorted(searched["ranking"][:k]) for k in levels}
+    plans = {"adapters": []}
+    for k in levels:
+        skipped = skip_set_for(searched, k)
+        plans.setdefault(f"skip{len(skipped)}", skipped)
     task_report: dict[str, Any] = {"search": searched, "plans": {}}
     for name, skipped in plans.items():
         plan_dir = out / task / name
@@ -173,24 +184,65 @@ def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Pa
                              lambda: evaluate_plan_dir(plan_dir, data_dir, backbone, "test", settings.max_eval, progress),
                              log, f"{task}/{name} test evaluation", valid=lambda r: "intervals" in r)
         task_report["plans"][name] = plan_report(spec, evaluation)
+    task_report["search_vs_random"] = _search_vs_random(task, backbone, data_dir, work, settings, train_config,
+                                                        searched, seed, progress, log)
+    return task_report
 
-    # evidence for the search: same K, same (shorter) training, searched vs random skip sets, on val
+
+def random_equal_cost_sets(savings: list[float], target: float, count: int, rng: random.Random,
+                           exclude: list[int], tolerance: float = 0.05, tries: int = 20000) -> list[list[int]]:
+    """Up to ``count`` distinct random skip sets (not ``exclude``) whose FLOPs saving sum(s_i) lies within
+    ``tolerance`` (relative) of ``target``: arms drawn uniformly without replacement until the saving
+    reaches target * (1 - tolerance), kept if it is at most target * (1 + tolerance)."""
+    found: list[list[int]] = []
+    for _ in range(tries):
+        order = rng.sample(range(len(savings)), len(savings))
+        chosen, total = [], 0.0
+        for i in order:
+            chosen.append(i)
+            total += savings[i]
+            if total >= target * (1 - tolerance):
+                break
+        chosen.sort()
+        if total <= target * (1 + tolerance) and chosen != sorted(exclude) and chosen not in found:
+            found.append(chosen)
+            if len(found) == count:
+                break
+    return found
+
+
+def _search_vs_random(task: str, backbone: Backbone, data_dir: Path, work: Path, settings: PipelineSettings,
+                      train_config: TrainConfig, searched: dict[str, Any], seed: int, progress: bool, log) -> dict[str, Any]:
+    """Evidence for the search at equal cost: the searched skip set against ``random_baselines`` random
+    sets saving (nearly) the same FLOPs, all with the same short training, scored on val."""
     baseline_config = TrainConfig(**{**asdict(train_config), "epochs": settings.baseline_epochs})
-    rng = random.Random(seed + 17)
-    others = [list(c) for c in itertools.combinations(range(backbone.num_layers), search_k) if list(c) != searched["skip_set"]]
-    candidates = [searched["skip_set"]] + rng.sample(others, min(settings.random_baselines, len(others)))
-    scores = []
-    for skip in candidates:
+    savings = searched["savings"]
+    target = sum(savings[i] for i in searched["skip_set"])
+    others = random_equal_cost_sets(savings, target, settings.random_baselines, random.Random(seed + 17),
+                                    exclude=searched["skip_set"])
+    rows = []
+    for skip in [searched["skip_set"]] + others:
         key = "-".join(map(str, skip))
         metrics = _cached(work / "baselines" / task / f"skip-{key}.json",
                           lambda: train_plan(backbone, task, data_dir, skip, baseline_config, progress=progress).metrics,
-                          log, f"{task} baseline {skip}")
-        scores.append({"skip": skip, "score": primary_score(task, metrics)})
-    task_report["search_vs_random"] = {
-        "k": search_k, "searched_skip": searched["skip_set"], "searched_score": scores[0]["score"],
-        "random": scores[1:], "random_mean": sum(s["score"] for s in scores[1:]) / max(1, len(scores) - 1),
-    }
-    return task_report
+                          log, f"{task} baseline {skip}", valid=lambda r: "intervals" in r)
+        rows.append({"skip": skip, "score": primary_score(task, metrics), "interval": primary_interval(task, metrics),
+                     "flops_saved": round(sum(savings[i] for i in skip), 4)})
+    random_scores = [r["score"] for r in rows[1:]]
+    return {"k": searched["skip_num"], "objective": searched.get("objective", "reward"),
+            "searched_skip": searched["skip_set"], "searched_score": rows[0]["score"],
+            "searched_interval": rows[0]["interval"], "searched_flops_saved": rows[0]["flops_saved"],
+            "random": rows[1:], "random_mean": sum(random_scores) / max(1, len(random_scores)),
+            "beats_random_mean": bool(random_scores) and rows[0]["score"] > sum(random_scores) / len(random_scores)}
+
+
+def primary_interval(task: str, metrics: dict[str, Any]) -> list[float] | None:
+    """The 95% interval of the task's primary score (retrieval: the mean of the IR and TR R@1 bounds)."""
+    intervals = metrics.get("intervals") or {}
+    if task == "retrieval":
+        ir, tr = intervals.get("ir_r1"), intervals.get("tr_r1")
+        return [(ir[0] + tr[0]) / 2, (ir[1] + tr[1]) / 2] if ir and tr else None
+    return intervals.get("vqa_score" if task == "vqa" else "accuracy")
 
 
 def plan_report(spec, test: dict[str, Any]) -> dict[str, Any]:
@@ -224,13 +276,27 @@ def _write_store_state(out: Path, task: str, task_report: dict[str, Any]) -> Non
     path.write_text(json.dumps(state, indent=2) + "\n")
 
 
+PRETRAIN_CORPUS = "pretrain"  # work/data/pretrain: fresh scenes for pre-training only (no task uses them)
+
+
 def _synthesize(work: Path, settings: PipelineSettings, seed: int, progress: bool, log) -> dict[str, Path]:
-    data = {task: work / "data" / task for task in TASKS}
-    for offset, task in enumerate(TASKS):
-        if not (data[task] / "synth.json").is_file():
-            log(f"[data] synthesising {task}: {settings.n[task]} examples")
-            synthesize(task, data[task], n=settings.n[task], seed=seed + offset, image_size=settings.image_size,
-                       progress=progress)
+    """Every task's data set (seed + its index in TASKS) and the pre-training corpus (seed + len(TASKS),
+    all train), each synthesised again when what is on disk was made with other sizes."""
+    data = {task: work / "data" / task for task in (*TASKS, PRETRAIN_CORPUS)}
+    for offset, name in enumerate((*TASKS, PRETRAIN_CORPUS)):
+        pretrain = name == PRETRAIN_CORPUS
+        n = settings.pretrain_images if pretrain else settings.n[name]
+        if pretrain and not n:
+            continue
+        wanted = {"n": n, "seed": seed + offset, "image_size": settings.image_size}
+        made = data[name] / "synth.json"
+        if made.is_file() and {k: json.loads(made.read_text()).get(k) for k in wanted} == wanted:
+            continue
+        log(f"[data] synthesising {name}: {n} examples at {settings.image_size} px")
+        shutil.rmtree(data[name], ignore_errors=True)
+        synthesize("retrieval" if pretrain else name, data[name], n=n, seed=seed + offset,
+                   image_size=settings.image_size, progress=progress,
+                   **({"val_fraction": 0.0, "test_fraction": 0.0} if pretrain else {}))
     return data
 
 

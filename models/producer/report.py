@@ -1,5 +1,6 @@
 """What a pipeline run reports: RESULTS.md (the results table: val and test columns, each labelled with
-its split) and pareto.png (accuracy vs FLOPs per task). Nothing here writes README.md."""
+its split; search vs random at equal cost; VQA per question type), pareto.png (accuracy vs FLOPs per
+task), gates.png (the search gates) and pretrain.png (pre-training curves). Nothing here writes README.md."""
 
 from __future__ import annotations
 
@@ -54,15 +55,102 @@ def results_table(report: dict[str, Any]) -> str:
                 f"{r['flops_reduced'] / 1e9:.4f} | {r['flops_saved_ratio']:.1%} | {r.get('trainable_params', '')} | {active} |"
             )
     lines += ["", SELECTION_NOTE, ""]
-    lines.append("Search vs random skip sets (same K, same short training, val split):")
-    lines.append("")
-    lines.append("| task | K | searched skip set | searched score (val) | random skip sets (score, val) | random mean (val) |")
-    lines.append("|---|---|---|---|---|---|")
+    lines += search_vs_random_table(report), ""
+    lines += question_type_table(report)
+    return "\n".join(lines)
+
+
+def _cell(score: float, interval: list[float] | None) -> str:
+    return f"{score:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
+def search_vs_random_table(report: dict[str, Any]) -> str:
+    """The searched skip set against random sets of (nearly) the same FLOPs saving, on val."""
+    lines = ["Search vs random skip sets at equal cost (every set saves within 5% of the searched set's FLOPs "
+             "share at the reference input; the same short training; val split, 95% intervals):", "",
+             "| task | objective | searched skip set | FLOPs saved | searched score (val) | random skip sets: "
+             "FLOPs saved, score (val) | random mean (val) | searched > random mean |",
+             "|---|---|---|---|---|---|---|---|"]
     for task, task_report in report["tasks"].items():
         s = task_report["search_vs_random"]
-        randoms = ", ".join(f"{r['skip']} ({r['score']:.3f})" for r in s["random"])
-        lines.append(f"| {task} | {s['k']} | {s['searched_skip']} | {s['searched_score']:.3f} | {randoms} | {s['random_mean']:.3f} |")
+        randoms = "; ".join(f"{r['skip']} {r.get('flops_saved', float('nan')):.1%}, {_cell(r['score'], r.get('interval'))}"
+                            for r in s["random"])
+        beats = "yes" if s["searched_score"] > s["random_mean"] else "no"
+        lines.append(f"| {task} | {s.get('objective', 'reward')} | {s['searched_skip']} | "
+                     f"{s.get('searched_flops_saved', float('nan')):.1%} | "
+                     f"{_cell(s['searched_score'], s.get('searched_interval'))} | {randoms} | {s['random_mean']:.3f} | {beats} |")
     return "\n".join(lines)
+
+
+def question_type_table(report: dict[str, Any]) -> list[str]:
+    """VQA score per question type (test split) for every plan, where the evaluation recorded types."""
+    plans = report["tasks"].get("vqa", {}).get("plans", {})
+    types = sorted({t for r in plans.values() for t in r.get("by_question_type", {})})
+    if not types:
+        return []
+    lines = ["VQA score per question type (test split; n per type in the header; 95% intervals):", "",
+             "| plan | " + " | ".join(f"{t} (n={plans[next(iter(plans))]['by_question_type'].get(t, {}).get('n', 0)})"
+                                     for t in types) + " |",
+             "|---|" + "---|" * len(types)]
+    for name, r in plans.items():
+        groups = r.get("by_question_type", {})
+        cells = [_cell(groups[t]["vqa_score"], groups[t].get("interval")) if t in groups else "-" for t in types]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def learning_curve_plot(pretrain: dict[str, Any], path: Path, title: str) -> bool:
+    """The pre-training losses and ITM accuracy over steps (False when the report has no curve)."""
+    curve = pretrain.get("curve")
+    if not curve:
+        return False
+    import matplotlib  # here, not at the top: only plotting needs it (and the Agg backend)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after choosing the backend
+
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for key, label in (("itm_loss", "ITM loss"), ("mlm_loss", "MLM loss")):
+        loss_ax.plot(curve["step"], curve[key], label=label)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend()
+    loss_ax.grid(alpha=0.3)
+    acc_ax.plot(curve["step"], curve["itm_accuracy"], color="tab:green")
+    acc_ax.set_xlabel("step")
+    acc_ax.set_ylabel("ITM accuracy (half the negatives hard)")
+    acc_ax.grid(alpha=0.3)
+    fig.suptitle(f"Pre-training ({title}): {pretrain.get('steps', '?')} steps over {pretrain.get('examples', '?')} caption pairs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def gates_plot(report: dict[str, Any], path: Path, title: str) -> bool:
+    """Every task's final search gates per layer, the chosen skip set highlighted (False without gates)."""
+    searches = {task: r["search"] for task, r in report["tasks"].items() if r.get("search", {}).get("gates")}
+    if not searches:
+        return False
+    import matplotlib  # here, not at the top: only plotting needs it (and the Agg backend)
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # after choosing the backend
+
+    fig, axes = plt.subplots(1, len(searches), figsize=(4.2 * len(searches), 3.2), squeeze=False)
+    for ax, (task, search) in zip(axes[0], searches.items()):
+        gates = search["gates"]
+        colours = ["tab:red" if i in search["skip_set"] else "tab:blue" for i in range(len(gates))]
+        ax.bar(range(len(gates)), gates, color=colours)
+        ax.set_title(f"{task}: skip {search['skip_set']} (red)")
+        ax.set_xlabel("layer (DAS arm)")
+        ax.set_ylabel("gate g (skip prob. sigmoid(g))")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"DAS search gates at the end of the search ({title})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def primary_metric_present(task: str, metrics: dict[str, Any]) -> bool:
@@ -107,7 +195,12 @@ def write_reports(report: dict[str, Any], out: Path, arch: str) -> str:
                 f"`{command} --remeasure` on the val and test splits of the pipeline's synthetic data, regenerated "
                 f"with seed {report['remeasured']['seed']}. The search-vs-random table is the training run's "
                 "(its baseline plans are not kept, so it is not re-measured).")
-    (out / "RESULTS.md").write_text(f"# {title}\n\n{made}\n\n{table}\n\n"
-                                    "![accuracy vs FLOPs](pareto.png)\n")
-    pareto_plot(report, out / "pareto.png", "embedded default" if arch == "vilt" else "embedded tiny METER")
+    name = "embedded default" if arch == "vilt" else "embedded tiny METER"
+    pareto_plot(report, out / "pareto.png", name)
+    figures = ["![accuracy vs FLOPs](pareto.png)"]
+    if gates_plot(report, out / "gates.png", name):
+        figures.append("![search gates](gates.png)")
+    if learning_curve_plot(report.get("pretrain", {}), out / "pretrain.png", name):
+        figures.append("![pre-training curves](pretrain.png)")
+    (out / "RESULTS.md").write_text(f"# {title}\n\n{made}\n\n{table}\n\n" + "\n\n".join(figures) + "\n")
     return table

@@ -8,11 +8,29 @@ adapters) and takes a gradient step on the trainable parts. After the warm-up, e
 without gradients (reward r = exp(-loss), the batch's mean loss), and for every arm i in a sampled set updates
 g_i += gate_lr * (r - mean(r)) * p_i * (1 - p_i). Arms whose removal keeps the loss low gain weight.
 The final skip set is the ``skip_num`` arms with the largest gates.
+
+That is the reference rule (``objective="reward"``); it treats every arm as equally costly. With
+``objective="reward-per-flop"`` the search spends a FLOPs budget instead of a count. Let s_i be the
+fraction of the no-skip plan's FLOPs that skipping arm i alone saves (at the plan's reference input,
+skip adapter counted) and B = skip_num * mean(s) (what skip_num arms save on average):
+
+* every sampled set is drawn from p without replacement, arm by arm, until sum(s_i) >= B, so every set
+  saves about B however many arms it takes; an arm that saves much leaves room for fewer others, so
+  the sets it is in lose less and it earns more reward for what it saves;
+* the gate update is the reference's;
+* the final set for a budget B' is the one with sum(s_i) >= B' of least d = sum over the set of
+  (max(g) - g_i + eps): the arms the bandit found cheapest to lose, per FLOP they must save
+  (exhaustive over subsets up to 16 arms; above, arms in increasing (max(g) - g_i + eps) / s_i).
+
+When every arm costs the same (ViLT: one sequence through every layer) both objectives draw sets of
+skip_num arms and select the skip_num largest gates.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,16 +41,22 @@ from torch import nn
 
 from models.backbones.base import Backbone
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
-from models.das.plan import Plan
+from models.das.plan import Plan, PlanSpec
 from models.producer.data import StepBatches, loader
 from models.producer.engine import RunError, all_reduce_sum, autocast, init_world
-from models.producer.train import TrainConfig, make_spec, run_training, task_data, total_steps
+from models.producer.train import REFERENCE_TEXT_LEN, TrainConfig, make_spec, run_training, task_data, total_steps
 from models.runtime import DASRuntime
+
+
+OBJECTIVES = ("reward", "reward-per-flop")
 
 
 @dataclass
 class SearchConfig:
     skip_num: int = 2
+    objective: str = "reward"  # see OBJECTIVES and the module docstring
+    # reward-per-flop only: the FLOPs share every set must save (default: what skip_num average arms save)
+    flops_budget: float | None = None
     warmup_fraction: float = 0.3  # of all steps (the reference warms up for one epoch)
     update_every: int = 10
     num_samples: int = 3
@@ -50,10 +74,64 @@ class SearchResult:
     ranking: list[int]  # layers, most skippable first
     skip_set: list[int]
     gate_log: list[dict[str, Any]]  # one row per gate update: step, reward mean, g_0..g_n
+    objective: str = "reward"
+    savings: list[float] = field(default_factory=list)  # s_i: FLOPs fraction saved by skipping arm i alone
+    budget: float | None = None  # reward-per-flop: the FLOPs share every sampled set saved
 
     def to_json(self) -> dict[str, Any]:
-        return {"task": self.task, "skip_num": self.skip_num, "gates": self.gates, "ranking": self.ranking,
-                "skip_set": self.skip_set}
+        return {"task": self.task, "skip_num": self.skip_num, "objective": self.objective, "gates": self.gates,
+                "ranking": self.ranking, "skip_set": self.skip_set, "savings": self.savings, "budget": self.budget}
+
+
+def layer_savings(backbone: Backbone, spec: PlanSpec) -> list[float]:
+    """s_i: the fraction of ``spec``'s (no-skip) FLOPs that skipping arm i alone saves, at the plan's
+    reference input, the skip adapter (``spec.adapters.skip_bottleneck``) that replaces it counted."""
+    size = backbone.config.image_size
+    base = backbone.flops_at(spec.task, spec, REFERENCE_TEXT_LEN, size).executed
+    savings = []
+    for i in range(backbone.num_layers):
+        one = dataclasses.replace(spec, skipped_layers=(i,))
+        savings.append((base - backbone.flops_at(spec.task, one, REFERENCE_TEXT_LEN, size).executed) / base)
+    return savings
+
+
+def skip_set_for(search: dict[str, Any], k: int) -> list[int]:
+    """The skip set a finished search (its ``to_json``) gives for level ``k``: the ``k`` largest gates
+    (objective reward), or the cheapest set saving what ``k`` average arms save (reward-per-flop)."""
+    if search.get("objective", "reward") == "reward":
+        return sorted(search["ranking"][:k])
+    return select_within_budget(search["gates"], search["savings"], level_budget(search["savings"], k))
+
+
+def level_budget(savings: list[float], k: int) -> float:
+    """B_k = k * mean(s_i): what ``k`` average arms save."""
+    return k * sum(savings) / len(savings)
+
+
+def select_within_budget(gates: list[float], savings: list[float], budget: float) -> list[int]:
+    """The set of arms saving at least ``budget`` with the least sum of (max(g) - g_i + eps)."""
+    top = max(gates)
+    eps = 1e-3 * (top - min(gates)) + 1e-9
+    damage = [top - g + eps for g in gates]
+    n, need = len(gates), budget * (1 - 1e-9)
+    if n <= 16:
+        best: tuple[float, list[int]] | None = None
+        for size in range(1, n + 1):
+            for subset in itertools.combinations(range(n), size):
+                if sum(savings[i] for i in subset) >= need:
+                    cost = sum(damage[i] for i in subset)
+                    if best is None or cost < best[0] - 1e-12:
+                        best = (cost, list(subset))
+        if best is None:
+            raise ValueError(f"no set of arms saves {budget:.3f} of the FLOPs")
+        return best[1]
+    chosen, total = [], 0.0
+    for i in sorted(range(n), key=lambda i: damage[i] / max(savings[i], 1e-12)):
+        if total >= need:
+            break
+        chosen.append(i)
+        total += savings[i]
+    return sorted(chosen)
 
 
 class SearchSupernet(nn.Module):
@@ -79,8 +157,21 @@ class SearchSupernet(nn.Module):
         )
 
 
-def sample_skip_set(gates: torch.Tensor, k: int, generator: torch.Generator) -> set[int]:
-    return set(torch.multinomial(torch.sigmoid(gates), k, replacement=False, generator=generator).tolist())
+def sample_skip_set(gates: torch.Tensor, k: int, generator: torch.Generator,
+                    savings: list[float] | None = None, budget: float | None = None) -> set[int]:
+    """``k`` arms drawn from sigmoid(gates) without replacement; with ``savings`` (the reward-per-flop
+    objective), arms drawn one by one until they save ``budget`` (default: what ``k`` average arms save)."""
+    if savings is None:
+        return set(torch.multinomial(torch.sigmoid(gates), k, replacement=False, generator=generator).tolist())
+    order = torch.multinomial(torch.sigmoid(gates), len(savings), replacement=False, generator=generator).tolist()
+    need = (level_budget(savings, k) if budget is None else budget) * (1 - 1e-9)
+    chosen, total = set(), 0.0
+    for i in order:
+        chosen.add(i)
+        total += savings[i]
+        if total >= need:
+            break
+    return chosen
 
 
 def das_search(
@@ -99,6 +190,16 @@ def das_search(
     n = backbone.num_layers
     if not 1 <= config.skip_num < n:
         raise ValueError(f"skip_num must be between 1 and {n - 1}, got {config.skip_num}")
+    if config.objective not in OBJECTIVES:
+        raise RunError(f"unknown search objective {config.objective!r} (use {', '.join(OBJECTIVES)})")
+    savings = layer_savings(backbone, dataclasses.replace(spec, adapters=dataclasses.replace(
+        spec.adapters, skip_bottleneck=config.train.skip_bottleneck)))
+    if config.flops_budget is not None and config.objective != "reward-per-flop":
+        raise RunError("a FLOPs budget (--flops-budget) needs the reward-per-flop objective")
+    budgeted = savings if config.objective == "reward-per-flop" else None
+    budget = (config.flops_budget or level_budget(savings, config.skip_num)) if budgeted else None
+    if budget is not None and not 0 < budget <= sum(savings):
+        raise RunError(f"the FLOPs budget must be in (0, {sum(savings):.3f}] (what skipping every layer saves), got {budget}")
     gates = torch.zeros(n)
     generator = torch.Generator().manual_seed(config.train.seed)
     val_data = data.dataset("val", config.train.max_eval_examples, seed=config.train.seed + 1)
@@ -119,13 +220,13 @@ def das_search(
         return next(val_iter)
 
     def plan_for_step(step: int) -> Plan:
-        return Plan(spec, supernet.plan_modules(sample_skip_set(gates, config.skip_num, generator)))
+        return Plan(spec, supernet.plan_modules(sample_skip_set(gates, config.skip_num, generator, budgeted, budget)))
 
     def on_step(step: int, loss: float) -> None:
         if step < warmup or (step + 1) % config.update_every:
             return
         batch = next_val_batch()
-        sets = [sample_skip_set(gates, config.skip_num, generator) for _ in range(config.num_samples)]
+        sets = [sample_skip_set(gates, config.skip_num, generator, budgeted, budget) for _ in range(config.num_samples)]
         with torch.no_grad(), autocast(backbone.device, config.train.precision):
             sums = torch.stack([data.losses(Plan(spec, supernet.plan_modules(s)), batch).sum() for s in sets])
         rewards = torch.exp(-all_reduce_sum(sums.float(), world).cpu() / val_batch)
@@ -148,8 +249,11 @@ def das_search(
     run_training(data, supernet, plan_for_step, config.train, on_step=on_step, progress=progress,
                  desc=f"search {task} k={config.skip_num}", world=world, state=state, load_state=load_state)
     ranking = sorted(range(n), key=lambda i: -gates[i].item())
-    return SearchResult(task, config.skip_num, [round(g, 6) for g in gates.tolist()], ranking,
-                        sorted(ranking[: config.skip_num]), log)
+    result = SearchResult(task, config.skip_num, [round(g, 6) for g in gates.tolist()], ranking, [], log,
+                          config.objective, [round(s, 6) for s in savings], budget)
+    result.skip_set = (select_within_budget(result.gates, savings, budget) if budget is not None
+                       else sorted(ranking[: config.skip_num]))
+    return result
 
 
 def write_search_outputs(result: SearchResult, out_dir: str | Path) -> dict[str, Path]:

@@ -74,6 +74,8 @@ class Evaluation:
     n: int
     intervals: dict[str, list[float]]
     flops: tuple[float, float]
+    # VQA: the score per question type where the data set records one ({type: {score, n, interval}})
+    by_question_type: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def plan_metrics(self, split: str) -> dict[str, Any]:
         """As plan.json's ``metrics`` records them: every metric a plain number, then split, n, intervals."""
@@ -168,7 +170,7 @@ class VQATaskData(TaskData):
     def evaluate(self, plan, split, limit=None, progress=False):
         examples = self.examples(split, limit)
         labels = self.runtime.labels(plan)
-        scores, flops_full, flops_exec = [], 0, 0
+        scores, types, flops_full, flops_exec = [], [], 0, 0
         dataset = TaskDataset("vqa", examples, labels=labels)
         for batch in tqdm(self._loader(dataset, 64), desc=f"eval vqa/{split}", disable=not progress, leave=False):
             (inputs,) = self._on_device(batch)
@@ -176,11 +178,18 @@ class VQATaskData(TaskData):
                 best = self.runtime.vqa_logits(plan, inputs).argmax(dim=-1).tolist()
             for i, (index, answer) in enumerate(zip(batch.indices, best)):
                 scores.append(examples[index].answer_scores.get(labels[answer], 0.0))
+                types.append(examples[index].question_type)
                 full, executed = self._mean_flops(plan, batch.inputs, i)
                 flops_full, flops_exec = flops_full + full, flops_exec + executed
         n = max(1, len(scores))
+        by_type: dict[str, list[float]] = {}
+        for question_type, score in zip(types, scores):
+            if question_type:
+                by_type.setdefault(question_type, []).append(score)
+        groups = {qtype: {"vqa_score": sum(values) / len(values), "n": len(values),
+                          "interval": bootstrap_interval(values)} for qtype, values in sorted(by_type.items())}
         return Evaluation({"vqa_score": sum(scores) / n}, len(scores), {"vqa_score": bootstrap_interval(scores)},
-                          (flops_full / n, flops_exec / n))
+                          (flops_full / n, flops_exec / n), groups)
 
 
 class NLVR2TaskData(TaskData):
