@@ -141,7 +141,24 @@ def test_quick_meter_pipeline_pretrains_and_writes_a_servable_store(tmp_path, ca
             assert 0 < spec.metrics["flops_reduced"] < spec.metrics["flops_full"] or name == "adapters"
             with pytest.raises(Exception, match="(?i)fingerprint|backbone"):
                 validate_plan(out / task / name, vilt)
-    assert "tiny METER" in (out / "RESULTS.md").read_text()
+    results = (out / "RESULTS.md").read_text()
+    assert "tiny METER" in results and "Search objectives at equal FLOPs saved" in results
+    report = json.loads((out / "pipeline-report.json").read_text())
+    for task in ("vqa", "nlvr2", "retrieval"):  # both objectives ran; the better on val made the plans
+        comparison = report["tasks"][task]["objectives"]
+        assert comparison["chosen"] in ("reward", "reward-per-flop")
+        assert report["tasks"][task]["search"]["objective"] == comparison["chosen"]
+        # at equal cost: the cost-aware set saves at least what the reference set does
+        assert comparison["reward-per-flop"]["flops_saved"] >= comparison["target_flops_saved"] - 1e-4
+        assert (work / "search" / task / "reward-per-flop" / "search.json").is_file()
+    capsys.readouterr()
+    # the comparison alone, on the finished store (its searches and trainings come from the work cache)
+    assert main(["pipeline", "--arch", "meter", "--quick", "--quiet", "--compare-objectives", "--out", str(out),
+                 "--work", str(work)]) == 0
+    printed = capsys.readouterr().out
+    assert "| vqa |" in printed and "reward-per-flop" in printed
+    again = json.loads((work / "objectives.json").read_text())
+    assert again["vqa"]["chosen"] == report["tasks"]["vqa"]["objectives"]["chosen"]
 
 
 SHIPPED_PLANS = sorted(p.parent for p in SHIPPED.glob("*/*/plan.json"))

@@ -166,8 +166,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     # heavy (torch): only when the command runs
-    from models.producer.pipeline import PipelineSettings, clear_store, remeasure_store, run_pipeline
-    from models.producer.report import write_reports
+    from models.producer.pipeline import (PipelineSettings, clear_store, compare_store_objectives, remeasure_store,
+                                          run_pipeline)
+    from models.producer.report import objectives_table, write_reports
 
     if args.arch == "meter":
         settings = PipelineSettings.meter(quick=args.quick)
@@ -175,6 +176,15 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         settings = PipelineSettings.quick() if args.quick else PipelineSettings()
     default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
     out, work = Path(args.out or default_out), Path(args.work or REPO_ROOT / "build" / default_work)
+    if args.compare_objectives:
+        if not (out / "store.json").is_file():
+            print(f"error: {out} is no plan store (no store.json) to compare the search objectives on", file=sys.stderr)
+            return 2
+        comparison = compare_store_objectives(out, work, settings, seed=args.seed, progress=not args.quiet)
+        (work / "objectives.json").write_text(json.dumps(comparison, indent=2) + "\n")
+        print(objectives_table(comparison))
+        print(f"wrote {work / 'objectives.json'}")
+        return 0
     if args.remeasure:
         if not (out / "store.json").is_file():
             print(f"error: {out} is no plan store (no store.json) to re-measure", file=sys.stderr)
@@ -330,6 +340,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="no training: regenerate the synthetic data (same seed and sizes) into --work, evaluate "
                                "every plan of the store on val and test, write val metrics with n and 95%% intervals "
                                "into each plan.json, re-decide store.json's active plans on val, rewrite RESULTS.md")
+    pipeline.add_argument("--compare-objectives", action="store_true",
+                          help="no plans: on the store's backbone, run the search with both objectives (reward, "
+                               "reward-per-flop) for every task, train each one's skip set at equal FLOPs saved with the "
+                               "short baseline training, and print their val scores (--work/objectives.json)")
     pipeline.add_argument("--quiet", action="store_true", help="no progress bars")
     pipeline.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pipeline.set_defaults(func=cmd_pipeline)

@@ -22,7 +22,8 @@ from models.das.plan import PLAN_FILE, PlanError, PlanSpec, validate_plan
 from models.paths import STORE_BACKBONE_DIR, STORE_STATE_FILE
 from models.producer.evaluate import evaluate_plan_dir
 from models.producer.pretrain import PretrainConfig, pretrain_backbone
-from models.producer.search import SearchConfig, das_search, skip_set_for, write_search_outputs
+from models.producer.search import (OBJECTIVES, SearchConfig, das_search, select_within_budget, skip_set_for,
+                                    write_search_outputs)
 from models.producer.train import TrainConfig, train_plan
 from models.producer.world.export import synthesize
 from models.tasks import TASKS, primary_score
@@ -59,7 +60,9 @@ class PipelineSettings:
     # capacity (at most ~1.8x the adapters plan's) cannot absorb an overload
     skip_levels_by_task: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"vqa": (2, 4, 6)})
     search_k: int | None = None  # skip_num of the search (default: the first skip level)
-    search_objective: str = "reward"  # models.producer.search.OBJECTIVES
+    # models.producer.search.OBJECTIVES, or "compare": both, compared at equal FLOPs on val; the better one's
+    # search makes the plans (compare_objectives)
+    search_objective: str = "reward"
     random_baselines: int = 5  # random skip sets of (nearly) the searched set's FLOPs saving
     batch_size: int = 32
     max_eval: int | None = None  # whole val/test splits (retrieval: its gallery of RETRIEVAL_EVAL_IMAGES)
@@ -77,10 +80,10 @@ class PipelineSettings:
         with skip_num 4 as in the DAS reference. Its FLOPs per request are close to the tiny ViLT's."""
         if quick:
             return dataclasses.replace(cls.quick(), arch="meter", layers=2, vision_layers=1, text_layers=1,
-                                       skip_levels=(2,), search_k=2)
+                                       skip_levels=(2,), search_k=2, search_objective="compare")
         # one skip level and fewer epochs than the ViLT's: a full METER run fits in about 90 min on 2 cores
         return cls(arch="meter", layers=6, vision_layers=2, text_layers=2, skip_levels=(4,), skip_levels_by_task={},
-                   search_k=4, pretrain_epochs=1.0,
+                   search_k=4, pretrain_epochs=1.0, search_objective="compare",
                    train_epochs_by_task={"nlvr2": 4.0, "retrieval": 4.0},
                    # what the shipped plans/meter was made with (so --remeasure regenerates its data)
                    image_size=96, pretrain_images=0)
@@ -118,21 +121,34 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
         )
         pretrain_file.write_text(json.dumps(pretrain_summary, indent=2) + "\n")
     backbone = load_backbone(backbone_dir, device="cpu")
-    train_config = TrainConfig(epochs=settings.train_epochs, batch_size=settings.batch_size, seed=seed,
-                               max_eval_examples=settings.max_eval,
-                               skip_bottleneck=max(8, settings.hidden_size // 2),
-                               # hidden/16: parallel adapters cost ~2% FLOPs, so skipping 2 of 8 layers saves > 20%
-                               parallel_bottleneck=max(4, settings.hidden_size // 16))
     report: dict[str, Any] = {"pretrain": pretrain_summary, "tasks": {}}
     for task in TASKS:
-        task_config = TrainConfig(**{**asdict(train_config),
-                                     "epochs": settings.train_epochs_by_task.get(task, settings.train_epochs)})
-        report["tasks"][task] = _run_task(task, backbone, data[task], out, work, settings, task_config, seed,
-                                          progress, log)
+        report["tasks"][task] = _run_task(task, backbone, data[task], out, work, settings,
+                                          task_train_config(settings, task, seed), seed, progress, log)
         _write_store_state(out, task, report["tasks"][task])
     report["minutes"] = round((time.time() - started) / 60, 1)
     report["reused_steps"] = len(reused)
     return report
+
+
+def task_train_config(settings: PipelineSettings, task: str, seed: int) -> TrainConfig:
+    """How the pipeline trains a task's plans (the search and the baselines change only the epochs)."""
+    return TrainConfig(epochs=settings.train_epochs_by_task.get(task, settings.train_epochs),
+                       batch_size=settings.batch_size, seed=seed, max_eval_examples=settings.max_eval,
+                       skip_bottleneck=max(8, settings.hidden_size // 2),
+                       # hidden/16: parallel adapters cost ~2% FLOPs, so skipping 2 of 8 layers saves > 20%
+                       parallel_bottleneck=max(4, settings.hidden_size // 16))
+
+
+def compare_store_objectives(out: Path, work: Path, settings: PipelineSettings, seed: int = 0, progress: bool = True,
+                             log=print) -> dict[str, Any]:
+    """The search objectives compared at equal FLOPs (:func:`compare_objectives`) for every task on an
+    existing store's backbone and the pipeline's synthetic data; trains no shipped plan."""
+    data = _synthesize(work, settings, seed, progress, log)
+    backbone = load_backbone(out / STORE_BACKBONE_DIR, device="cpu")
+    compare = dataclasses.replace(settings, search_objective="compare")
+    return {task: _searches(task, backbone, data[task], work, compare, task_train_config(settings, task, seed),
+                            progress, log)[1] for task in TASKS}
 
 
 def _cached(path: Path, make, log, what: str, valid=lambda result: True):
@@ -151,24 +167,16 @@ def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Pa
               seed: int, progress: bool, log) -> dict[str, Any]:
     """Search, train a plan per skip level, evaluate on test, and compare the search with random
     skip sets. Each step's result is cached under ``work`` so an interrupted run resumes."""
-    search_k = settings.search_k or settings.skip_levels[0]
-
-    def search() -> dict[str, Any]:
-        log(f"[search] {task} ({settings.search_objective})")
-        config = SearchConfig(skip_num=search_k, update_every=settings.search_update_every, objective=settings.search_objective,
-                              train=TrainConfig(**{**asdict(train_config), "epochs": settings.search_epochs}))
-        result = das_search(backbone, task, data_dir, config, progress=progress)
-        write_search_outputs(result, work / "search" / task)
-        return result.to_json()
-
-    searched = _cached(work / "search" / task / "search.json", search, log, f"{task} search",
-                       valid=lambda r: r.get("objective", "reward") == settings.search_objective and "savings" in r)
+    searches, comparison = _searches(task, backbone, data_dir, work, settings, train_config, progress, log)
+    searched = searches[comparison["chosen"] if comparison else settings.search_objective]
     levels = settings.skip_levels_by_task.get(task, settings.skip_levels)
     plans = {"adapters": []}
     for k in levels:
         skipped = skip_set_for(searched, k)
         plans.setdefault(f"skip{len(skipped)}", skipped)
     task_report: dict[str, Any] = {"search": searched, "plans": {}}
+    if comparison:
+        task_report["objectives"] = comparison
     for name, skipped in plans.items():
         plan_dir = out / task / name
         try:
@@ -187,6 +195,62 @@ def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Pa
     task_report["search_vs_random"] = _search_vs_random(task, backbone, data_dir, work, settings, train_config,
                                                         searched, seed, progress, log)
     return task_report
+
+
+def _searches(task: str, backbone: Backbone, data_dir: Path, work: Path, settings: PipelineSettings,
+              train_config: TrainConfig, progress: bool, log) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """The task's search (``settings.search_objective``), or with "compare" one per objective and their
+    comparison at equal FLOPs (:func:`compare_objectives`). Cached under ``work/search``."""
+    search_k = settings.search_k or settings.skip_levels[0]
+    compare = settings.search_objective == "compare"
+    objectives = OBJECTIVES if compare else (settings.search_objective,)
+
+    def search(objective: str) -> dict[str, Any]:
+        log(f"[search] {task} ({objective})")
+        config = SearchConfig(skip_num=search_k, update_every=settings.search_update_every, objective=objective,
+                              train=TrainConfig(**{**asdict(train_config), "epochs": settings.search_epochs}))
+        result = das_search(backbone, task, data_dir, config, progress=progress)
+        write_search_outputs(result, work / "search" / task / (objective if compare else ""))
+        return result.to_json()
+
+    searches = {objective: _cached(work / "search" / task / (objective if compare else "") / "search.json",
+                                   lambda objective=objective: search(objective), log, f"{task} search ({objective})",
+                                   valid=lambda r, objective=objective: r.get("objective") == objective and "savings" in r)
+                for objective in objectives}
+    if not compare:
+        return searches, None
+    return searches, compare_objectives(task, backbone, data_dir, work, settings, train_config, searches, progress, log)
+
+
+def compare_objectives(task: str, backbone: Backbone, data_dir: Path, work: Path, settings: PipelineSettings,
+                       train_config: TrainConfig, searches: dict[str, dict[str, Any]], progress: bool, log) -> dict[str, Any]:
+    """The reference rule against reward-per-flop at equal FLOPs: the reference search's skip set, and
+    the cost-aware search's least-damage set saving at least as much; both trained alike (the short
+    baseline training) and scored on val. The higher val score wins (ties: the reference rule)."""
+    reference = searches["reward"]
+    savings = reference["savings"]
+    target = sum(savings[i] for i in reference["skip_set"])
+    sets = {"reward": reference["skip_set"]}
+    same_cost = max(savings) <= min(savings) * 1.001
+    sets["reward-per-flop"] = (reference["skip_set"] if same_cost else
+                               select_within_budget(searches["reward-per-flop"]["gates"], savings, target))
+    rows = {objective: _baseline_row(task, backbone, data_dir, work, settings, train_config, skip, savings, progress, log)
+            for objective, skip in sets.items()}
+    chosen = "reward-per-flop" if rows["reward-per-flop"]["score"] > rows["reward"]["score"] else "reward"
+    return {**rows, "target_flops_saved": round(target, 4), "chosen": chosen,
+            "note": "every arm costs the same: both objectives are one rule" if same_cost else ""}
+
+
+def _baseline_row(task: str, backbone: Backbone, data_dir: Path, work: Path, settings: PipelineSettings,
+                  train_config: TrainConfig, skip: list[int], savings: list[float], progress: bool, log) -> dict[str, Any]:
+    """``skip`` trained with the short baseline training (cached by skip set) and scored on val."""
+    baseline_config = TrainConfig(**{**asdict(train_config), "epochs": settings.baseline_epochs})
+    key = "-".join(map(str, skip))
+    metrics = _cached(work / "baselines" / task / f"skip-{key}.json",
+                      lambda: train_plan(backbone, task, data_dir, skip, baseline_config, progress=progress).metrics,
+                      log, f"{task} baseline {skip}", valid=lambda r: "intervals" in r)
+    return {"skip": skip, "score": primary_score(task, metrics), "interval": primary_interval(task, metrics),
+            "flops_saved": round(sum(savings[i] for i in skip), 4)}
 
 
 def random_equal_cost_sets(savings: list[float], target: float, count: int, rng: random.Random,
@@ -215,19 +279,12 @@ def _search_vs_random(task: str, backbone: Backbone, data_dir: Path, work: Path,
                       train_config: TrainConfig, searched: dict[str, Any], seed: int, progress: bool, log) -> dict[str, Any]:
     """Evidence for the search at equal cost: the searched skip set against ``random_baselines`` random
     sets saving (nearly) the same FLOPs, all with the same short training, scored on val."""
-    baseline_config = TrainConfig(**{**asdict(train_config), "epochs": settings.baseline_epochs})
     savings = searched["savings"]
     target = sum(savings[i] for i in searched["skip_set"])
     others = random_equal_cost_sets(savings, target, settings.random_baselines, random.Random(seed + 17),
                                     exclude=searched["skip_set"])
-    rows = []
-    for skip in [searched["skip_set"]] + others:
-        key = "-".join(map(str, skip))
-        metrics = _cached(work / "baselines" / task / f"skip-{key}.json",
-                          lambda: train_plan(backbone, task, data_dir, skip, baseline_config, progress=progress).metrics,
-                          log, f"{task} baseline {skip}", valid=lambda r: "intervals" in r)
-        rows.append({"skip": skip, "score": primary_score(task, metrics), "interval": primary_interval(task, metrics),
-                     "flops_saved": round(sum(savings[i] for i in skip), 4)})
+    rows = [_baseline_row(task, backbone, data_dir, work, settings, train_config, skip, savings, progress, log)
+            for skip in [searched["skip_set"]] + others]
     random_scores = [r["score"] for r in rows[1:]]
     return {"k": searched["skip_num"], "objective": searched.get("objective", "reward"),
             "searched_skip": searched["skip_set"], "searched_score": rows[0]["score"],

@@ -56,6 +56,9 @@ def results_table(report: dict[str, Any]) -> str:
             )
     lines += ["", SELECTION_NOTE, ""]
     lines += search_vs_random_table(report), ""
+    comparison = {task: r["objectives"] for task, r in report["tasks"].items() if r.get("objectives")}
+    if comparison:
+        lines += objectives_table(comparison), ""
     lines += question_type_table(report)
     return "\n".join(lines)
 
@@ -79,6 +82,21 @@ def search_vs_random_table(report: dict[str, Any]) -> str:
         lines.append(f"| {task} | {s.get('objective', 'reward')} | {s['searched_skip']} | "
                      f"{s.get('searched_flops_saved', float('nan')):.1%} | "
                      f"{_cell(s['searched_score'], s.get('searched_interval'))} | {randoms} | {s['random_mean']:.3f} | {beats} |")
+    return "\n".join(lines)
+
+
+def objectives_table(comparison: dict[str, dict[str, Any] | None]) -> str:
+    """The search objectives at equal FLOPs, per task: each one's skip set, FLOPs saved and val score."""
+    lines = ["Search objectives at equal FLOPs saved (each set trained alike, the short baseline training; val, "
+             "95% intervals):", "",
+             "| task | reward: skip set, FLOPs saved, score | reward-per-flop: skip set, FLOPs saved, score | chosen |",
+             "|---|---|---|---|"]
+    for task, c in comparison.items():
+        if not c:
+            continue
+        cells = [f"{c[o]['skip']} {c[o]['flops_saved']:.1%}, {_cell(c[o]['score'], c[o].get('interval'))}"
+                 for o in ("reward", "reward-per-flop")]
+        lines.append(f"| {task} | {cells[0]} | {cells[1]} | {c['chosen']}{' (' + c['note'] + ')' if c.get('note') else ''} |")
     return "\n".join(lines)
 
 
