@@ -15,7 +15,8 @@ import torch
 from helpers import post_vqa, random_image, serve, two_plan_vqa_store
 from models.backbones.base import load_backbone
 from models.das.plan import builtin_full_plan
-from models.producer.train import TrainConfig, train_plan
+from models.producer.runs import TrainConfig
+from models.producer.train import train_plan
 from models.producer.world.export import synthesize
 from models.runtime import DASRuntime
 
@@ -68,7 +69,8 @@ import os, sys, torch, torch.distributed as dist
 from models.backbones.base import load_backbone
 from models.das.plan import Plan
 from models.producer.engine import World, wrap_ddp
-from models.producer.train import TrainConfig, StepLoss, make_spec, task_data
+from models.producer.runs import TrainConfig
+from models.producer.train import StepLoss, make_spec, task_data
 from models.producer.data import StepBatches, loader
 from models.runtime import DASRuntime
 torch.cuda.set_device(0)

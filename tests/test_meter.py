@@ -639,7 +639,8 @@ def test_nlvr2_needs_three_token_types(meter, tmp_path):
 # 6. Producing plans for METER: search, train, eval (micro run)
 # ---------------------------------------------------------------------------------------------
 def test_search_train_and_eval_on_meter(meter, tmp_path, capsys):
-    from models.producer.train import TrainConfig, train_plan
+    from models.producer.runs import TrainConfig
+    from models.producer.train import train_plan
 
     data = tmp_path / "vqa"
     synthesize("vqa", data, n=48, seed=0, image_size=48, progress=False)

@@ -13,7 +13,8 @@ from models.cli.main import main
 from models.das.plan import load_plan, read_plan_spec, validate_plan
 from models.producer.pretrain import pretraining_pairs
 from models.producer.search import SearchConfig, das_search, write_search_outputs
-from models.producer.train import TrainConfig, train_plan
+from models.producer.runs import TrainConfig
+from models.producer.train import train_plan
 from models.producer.world.export import synthesize
 from models.producer.world.language import hard_negative_captions
 

@@ -24,7 +24,8 @@ from models.producer.datasets import read_flickr30k
 from models.producer.pipeline import choose_active
 from models.producer.search import SearchConfig, das_search
 from models.producer.stats import bootstrap_interval
-from models.producer.train import TrainConfig, TrainingStopped, train_plan
+from models.producer.runs import TrainConfig, TrainingStopped
+from models.producer.train import train_plan
 from models.producer.world.export import synthesize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +80,8 @@ def test_retrieval_negatives_are_a_function_of_seed_epoch_and_index(world):
 _RSS_SCRIPT = r"""
 import json, resource, sys
 from models.backbones.base import load_backbone
-from models.producer.train import TrainConfig, train_plan
+from models.producer.runs import TrainConfig
+from models.producer.train import train_plan
 backbone = load_backbone(sys.argv[1], device="cpu")
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
 train_plan(backbone, "retrieval", sys.argv[2], [], TrainConfig(epochs=0.5, batch_size=4, skip_bottleneck=8,

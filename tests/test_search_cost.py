@@ -27,7 +27,8 @@ from models.producer.search import (
     select_within_budget,
     skip_set_for,
 )
-from models.producer.train import TrainConfig, make_spec, task_data
+from models.producer.runs import TrainConfig
+from models.producer.train import make_spec, task_data
 from models.producer.world.export import synthesize
 from models.producer.world.language import QUESTION_TYPES
 from models.producer.world.scenes import SHAPES

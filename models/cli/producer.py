@@ -20,11 +20,11 @@ from models.tasks import TASKS
 
 if TYPE_CHECKING:  # annotations only; importing them would load torch
     from models.backbones.base import Backbone
-    from models.producer.train import TrainConfig
+    from models.producer.runs import TrainConfig
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
-    from models.producer.train import TrainConfig  # heavy: only when a command runs
+    from models.producer.runs import TrainConfig  # heavy (models.das.plan loads torch): only when a command runs
 
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, skip_bottleneck=args.skip_bottleneck,
@@ -166,8 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
     # heavy (torch): only when the command runs
-    from models.producer.pipeline import (PipelineSettings, clear_store, compare_store_objectives, remeasure_store,
-                                          run_pipeline)
+    from models.producer.pipeline import PipelineSettings, clear_store, compare_store_objectives, remeasure_store, run_pipeline
     from models.producer.report import objectives_table, write_reports
 
     if args.arch == "meter":

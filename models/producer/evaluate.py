@@ -9,7 +9,9 @@ from typing import Any
 from models.backbones.base import Backbone
 from models.das.plan import PlanError, builtin_full_plan, load_plan, read_plan_spec
 from models.paths import SHIPPED_BACKBONE, store_backbone_of_plan
-from models.producer.train import TrainConfig, task_data
+from models.producer.generative_plans import evaluate_generative_plan_dir
+from models.producer.runs import TrainConfig
+from models.producer.train import task_data
 from models.runtime import DASRuntime
 
 
@@ -43,6 +45,8 @@ def evaluate_plan_dir(plan_dir: str | Path, data_dir: str | Path, backbone: Back
     """The plan's metrics on ``split`` (each a plain number), ``n`` (examples; retrieval: the gallery
     size), ``intervals`` ({metric: [low, high]}, 95% bootstrap over the examples, see
     ``models/producer/stats.py``) and the mean FLOPs per request."""
+    if getattr(backbone, "generative", False):
+        return evaluate_generative_plan_dir(plan_dir, data_dir, backbone, split, limit)
     plan = load_plan(plan_dir, backbone) if Path(plan_dir).is_dir() else None
     if plan is None:  # "TASK/full" names a built-in plan
         task, _, name = str(plan_dir).partition("/")

@@ -24,7 +24,8 @@ from models.producer.evaluate import evaluate_plan_dir
 from models.producer.pretrain import PretrainConfig, pretrain_backbone
 from models.producer.search import (OBJECTIVES, SearchConfig, das_search, select_within_budget, skip_set_for,
                                     write_search_outputs)
-from models.producer.train import TrainConfig, train_plan
+from models.producer.runs import TrainConfig
+from models.producer.train import train_plan
 from models.producer.world.export import synthesize
 from models.tasks import TASKS, primary_score
 

@@ -57,7 +57,8 @@ from models.producer.data import Item, StepBatches, item_rng, loader, open_rgb
 from models.producer.engine import (RunError, all_reduce_sum, autocast, check_precision, check_resumable, grad_scaler,
                                     init_world, load_checkpoint, resolve_run_device, rng_state, save_checkpoint,
                                     set_rng_state, wrap_ddp)
-from models.producer.train import TrainingStopped, one_cycle
+from models.producer.runs import TrainingStopped
+from models.producer.train import one_cycle
 from models.producer.world.export import load_scenes
 from models.producer.world.language import hard_negative_captions, scene_captions
 from models.producer.world.scenes import Scene

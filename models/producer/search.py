@@ -41,10 +41,12 @@ from torch import nn
 
 from models.backbones.base import Backbone
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
-from models.das.plan import Plan, PlanSpec
+from models.das.plan import AdapterShapes, BackboneRef, Plan, PlanSpec
 from models.producer.data import StepBatches, loader
 from models.producer.engine import RunError, all_reduce_sum, autocast, init_world
-from models.producer.train import REFERENCE_TEXT_LEN, TrainConfig, make_spec, run_training, task_data, total_steps
+from models.producer.generative_plans import search_generative
+from models.producer.runs import TrainConfig, total_steps
+from models.producer.train import REFERENCE_TEXT_LEN, make_spec, run_training, task_data
 from models.runtime import DASRuntime
 
 
@@ -180,6 +182,8 @@ def das_search(
     """One bandit, also under torchrun: every rank draws the same skip sets from the same generator
     (seeded alike), so the gates stay identical on every rank; each reward's validation batch is
     split across the ranks and its loss sums are all-reduced."""
+    if getattr(backbone, "generative", False):
+        return _generative_search(backbone, task, data_dir, config)
     world = init_world(backbone.device)
     runtime = DASRuntime(backbone)
     data = task_data(task, runtime, data_dir, config.train)
@@ -254,6 +258,22 @@ def das_search(
     result.skip_set = (select_within_budget(result.gates, savings, budget) if budget is not None
                        else sorted(ranking[: config.skip_num]))
     return result
+
+
+def _generative_search(backbone: Backbone, task: str, data_dir: str | Path, config: SearchConfig) -> SearchResult:
+    """The bandit over a generative backbone's decoder blocks (models/producer/generative_plans.py). Every
+    block costs the same, so the objectives agree (module docstring); the FLOPs budget does not apply."""
+    if not 1 <= config.skip_num < backbone.num_layers:
+        raise ValueError(f"skip_num must be between 1 and {backbone.num_layers - 1}, got {config.skip_num}")
+    if config.flops_budget is not None:
+        raise RunError("a FLOPs budget needs arms of different costs; a generative backbone's blocks all cost the same")
+    found = search_generative(backbone, task, data_dir, config.skip_num, config.train, config.warmup_fraction,
+                              config.update_every, config.gate_lr)
+    spec = PlanSpec(task=task, name="search", version=1, backbone=BackboneRef(backbone.architecture, backbone.fingerprint),
+                    adapters=AdapterShapes(config.train.skip_bottleneck, config.train.parallel_bottleneck))
+    savings = [round(s, 6) for s in layer_savings(backbone, spec)]
+    return SearchResult(task, config.skip_num, found["gates"], found["ranking"], found["skip_set"], found["gate_log"],
+                        config.objective, savings)
 
 
 def write_search_outputs(result: SearchResult, out_dir: str | Path) -> dict[str, Path]:

@@ -13,10 +13,8 @@ under torchrun (DDP), in fp32, bf16 or fp16, and resumable from checkpoints (``m
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,53 +31,12 @@ from models.producer.datasets import read_task
 from models.producer.engine import (RunError, World, all_reduce_sum, autocast, check_precision, check_resumable,
                                     grad_scaler, init_world, load_checkpoint, rng_state, save_checkpoint,
                                     set_rng_state, wrap_ddp)
+from models.producer.runs import Evaluation, TrainConfig, TrainingStopped, TrainResult, total_steps
 from models.producer.stats import bootstrap_interval
 from models.runtime import DASRuntime
 
 REFERENCE_TEXT_LEN = 16
 RETRIEVAL_EVAL_IMAGES = 100
-
-
-@dataclass
-class TrainConfig:
-    epochs: float = 3.0
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    skip_bottleneck: int = 64
-    parallel_bottleneck: int | None = 32
-    retrieval_negatives: int = 3  # negative captions per positive pair
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    seed: int = 0
-    # how to run (not what is learnt): models/producer/engine.py
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only)
-    workers: int = 0  # DataLoader worker processes decoding and preprocessing
-    checkpoint_every: int | None = None  # steps between checkpoints (and one at the end)
-    checkpoint_dir: str | None = None
-    resume: bool = False  # go on from checkpoint_dir's last checkpoint, if there is one
-    stop_after: int | None = None  # test hook: stop (TrainingStopped) after this many steps, as if killed
-
-
-class TrainingStopped(RuntimeError):
-    """Raised by the ``stop_after`` test hook: the run stopped as if killed after that many steps."""
-
-
-@dataclass
-class Evaluation:
-    """A split's metrics (fractions), how many examples they are over (retrieval: the gallery size), a
-    95% bootstrap interval per metric, and the mean (full, executed) FLOPs per request."""
-
-    metrics: dict[str, float]
-    n: int
-    intervals: dict[str, list[float]]
-    flops: tuple[float, float]
-    # VQA: the score per question type where the data set records one ({type: {score, n, interval}})
-    by_question_type: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def plan_metrics(self, split: str) -> dict[str, Any]:
-        """As plan.json's ``metrics`` records them: every metric a plain number, then split, n, intervals."""
-        return {**self.metrics, "eval_split": split, "n": self.n, "intervals": self.intervals}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +261,6 @@ def one_cycle(optimizer, lr: float, total: int):
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total, pct_start=max(0.1, 2 / total))
 
 
-def total_steps(examples: int, config: TrainConfig) -> int:
-    return max(1, math.ceil(config.epochs * max(1, examples // config.batch_size)))
-
-
 def run_training(
     data: TaskData,
     trainable: PlanModules,
@@ -427,15 +380,6 @@ def reference_flops(backbone: Backbone, spec: PlanSpec) -> dict[str, Any]:
             "flops_full": report.full, "flops_reduced": report.executed}
 
 
-@dataclass
-class TrainResult:
-    spec: PlanSpec
-    losses: list[float]
-    metrics: dict[str, float] = field(default_factory=dict)
-    evaluation: Evaluation | None = None
-    timing: dict[str, float] = field(default_factory=dict)  # throughput (run_training's ``timing``)
-
-
 def train_plan(
     backbone: Backbone,
     task: str,
@@ -450,7 +394,13 @@ def train_plan(
 ) -> TrainResult:
     """Train one plan with a fixed skip set; evaluate it; write it (if ``out_dir``) with metrics.
     Under torchrun every rank trains its shard; rank 0 alone evaluates and writes the plan (the other
-    ranks' results have no metrics)."""
+    ranks' results have no metrics). A generative backbone trains through
+    ``models/producer/generative_plans.py`` (one process)."""
+    if getattr(backbone, "generative", False):
+        # here, not at the top: generative_plans imports this module
+        from models.producer.generative_plans import train_generative_plan
+
+        return train_generative_plan(backbone, task, data_dir, skipped, config, out_dir, name, version, eval_split)
     world = init_world(backbone.device)
     runtime = DASRuntime(backbone)
     data = task_data(task, runtime, data_dir, config)
