@@ -73,3 +73,11 @@ def test_generative_backbones_refuse_other_tasks(vqa_data, tmp_path, capsys):
     assert main(["train", "--backbone", str(LLAVA), "--task", "nlvr2", "--data", str(vqa_data), "--out",
                  str(tmp_path / "p"), *SMALL]) == 2
     assert "serves vqa" in capsys.readouterr().err
+
+
+def test_generative_training_refuses_the_options_it_cannot_honour(vqa_data, tmp_path, capsys):
+    for extra, fragment in ((["--precision", "bf16"], "--precision"), (["--workers", "1"], "--workers"),
+                            (["--checkpoint-every", "5"], "--checkpoint-every")):
+        assert main(["train", "--backbone", str(LLAVA), "--task", "vqa", "--data", str(vqa_data), "--out",
+                     str(tmp_path / "p"), *SMALL, *extra]) == 2
+        assert fragment in capsys.readouterr().err

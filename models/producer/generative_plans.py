@@ -27,7 +27,7 @@ from models.backbones.llava.generation import LlavaRuntime
 from models.das.plan import Plan, builtin_full_plan, load_plan, save_plan
 from models.producer import generative as g
 from models.producer.datasets import VQAExample, normalize_answer, read_vqa
-from models.producer.engine import RunError
+from models.producer.engine import RunError, world_from_env
 from models.producer.stats import bootstrap_interval
 from models.producer.runs import Evaluation, TrainConfig, TrainResult, total_steps
 
@@ -55,8 +55,16 @@ class ImageTable:
         return np.stack([self._one(int(r)) for r in rows])
 
 
-def check_trainable(backbone: Backbone, task: str) -> None:
+def check_trainable(backbone: Backbone, task: str, config: TrainConfig | None = None) -> None:
     """Refuse what the generative producer cannot do, saying why."""
+    if config is not None:
+        unsupported = [name for name, used in (
+            ("--precision", config.precision != "fp32"), ("--workers", bool(config.workers)),
+            ("--checkpoint-every", bool(config.checkpoint_every)), ("--resume", config.resume),
+            ("torchrun", world_from_env().world_size > 1)) if used]
+        if unsupported:
+            raise RunError(f"a generative backbone's plans train in one process, fp32, without checkpoints: "
+                           f"{', '.join(unsupported)} not supported")
     if task != "vqa":
         raise RunError(f"a generative backbone serves vqa (and chat); it has no {task} plans")
     if backbone.architecture != "llava":
@@ -136,7 +144,7 @@ def train_generative_plan(backbone: Backbone, task: str, data_dir: str | Path, s
                           eval_split: str = "val") -> TrainResult:
     """``train_plan`` for a generative backbone: train on ``data_dir``'s train split, score on
     ``eval_split``, write the plan with those metrics (split, n, intervals) and its FLOPs."""
-    check_trainable(backbone, task)
+    check_trainable(backbone, task, config)
     size = backbone.config.image_size
     train, _ = vqa_example_set(data_dir, "train", size, config.max_train_examples)
     val, _ = vqa_example_set(data_dir, eval_split, size, config.max_eval_examples)
@@ -158,7 +166,7 @@ def search_generative(backbone: Backbone, task: str, data_dir: str | Path, skip_
                       warmup_fraction: float, update_every: int, gate_lr: float) -> dict[str, Any]:
     """The bandit over the decoder blocks on ``data_dir`` (train steps on train, rewards on val); returns
     gates, ranking, skip set and one gate-log row per update (as ``SearchResult`` holds them)."""
-    check_trainable(backbone, task)
+    check_trainable(backbone, task, config)
     size = backbone.config.image_size
     train, _ = vqa_example_set(data_dir, "train", size, config.max_train_examples)
     val, _ = vqa_example_set(data_dir, "val", size, config.max_eval_examples)
