@@ -152,3 +152,14 @@ def test_a_flops_budget_sets_what_every_set_saves(world96):
                        (SearchConfig(objective="reward-per-flop", flops_budget=5.0, train=train), "budget must be")):
         with pytest.raises(RunError, match=match):
             das_search(backbone, "vqa", world96 / "vqa", bad, progress=False)
+
+
+def test_work_on_a_shipped_store_draws_data_at_its_backbone_image_size():
+    """--remeasure and --compare-objectives regenerate data at the size the store's backbone was trained
+    at, whatever today's recipe says (the tiny METER's store predates the 128 px recipe)."""
+    from models.producer.pipeline import PipelineSettings, store_settings
+
+    backbone = load_backbone(METER, device="cpu")
+    settings = store_settings(PipelineSettings.meter(), backbone)
+    assert settings.image_size == backbone.config.image_size and settings.pretrain_images == 0
+    assert PipelineSettings.meter().search_objective == "compare"

@@ -175,19 +175,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         settings = PipelineSettings.quick() if args.quick else PipelineSettings()
     default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
     out, work = Path(args.out or default_out), Path(args.work or REPO_ROOT / "build" / default_work)
+    if (args.compare_objectives or args.remeasure) and not (out / "store.json").is_file():
+        what = "compare the search objectives on" if args.compare_objectives else "re-measure"
+        print(f"error: {out} is no plan store (no store.json) to {what}", file=sys.stderr)
+        return 2
     if args.compare_objectives:
-        if not (out / "store.json").is_file():
-            print(f"error: {out} is no plan store (no store.json) to compare the search objectives on", file=sys.stderr)
-            return 2
         comparison = compare_store_objectives(out, work, settings, seed=args.seed, progress=not args.quiet)
         (work / "objectives.json").write_text(json.dumps(comparison, indent=2) + "\n")
         print(objectives_table(comparison))
         print(f"wrote {work / 'objectives.json'}")
         return 0
     if args.remeasure:
-        if not (out / "store.json").is_file():
-            print(f"error: {out} is no plan store (no store.json) to re-measure", file=sys.stderr)
-            return 2
         report = remeasure_store(out, work, settings, seed=args.seed, progress=not args.quiet)
         (out / "pipeline-report.json").write_text(json.dumps(report, indent=2) + "\n")
         print(write_reports(report, out, args.arch))

@@ -82,12 +82,10 @@ class PipelineSettings:
         if quick:
             return dataclasses.replace(cls.quick(), arch="meter", layers=2, vision_layers=1, text_layers=1,
                                        skip_levels=(2,), search_k=2, search_objective="compare")
-        # one skip level and fewer epochs than the ViLT's: a full METER run fits in about 90 min on 2 cores
+        # one skip level and fewer pre-training epochs than the ViLT; both search objectives, compared at equal FLOPs
         return cls(arch="meter", layers=6, vision_layers=2, text_layers=2, skip_levels=(4,), skip_levels_by_task={},
                    search_k=4, pretrain_epochs=1.0, search_objective="compare",
-                   train_epochs_by_task={"nlvr2": 4.0, "retrieval": 4.0},
-                   # what the shipped plans/meter was made with (so --remeasure regenerates its data)
-                   image_size=96, pretrain_images=0)
+                   train_epochs_by_task={"nlvr2": 4.0, "retrieval": 4.0})
 
 
 def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 0, progress: bool = True,
@@ -141,12 +139,18 @@ def task_train_config(settings: PipelineSettings, task: str, seed: int) -> Train
                        parallel_bottleneck=max(4, settings.hidden_size // 16))
 
 
+def store_settings(settings: PipelineSettings, backbone: Backbone) -> PipelineSettings:
+    """``settings`` for work on an existing store: its data drawn at the size its backbone was trained at
+    (not necessarily today's recipe), and no pre-training corpus."""
+    return dataclasses.replace(settings, image_size=int(backbone.config.image_size), pretrain_images=0)
+
+
 def compare_store_objectives(out: Path, work: Path, settings: PipelineSettings, seed: int = 0, progress: bool = True,
                              log=print) -> dict[str, Any]:
     """The search objectives compared at equal FLOPs (:func:`compare_objectives`) for every task on an
     existing store's backbone and the pipeline's synthetic data; trains no shipped plan."""
-    data = _synthesize(work, settings, seed, progress, log)
     backbone = load_backbone(out / STORE_BACKBONE_DIR, device="cpu")
+    data = _synthesize(work, store_settings(settings, backbone), seed, progress, log)
     compare = dataclasses.replace(settings, search_objective="compare")
     return {task: _searches(task, backbone, data[task], work, compare, task_train_config(settings, task, seed),
                             progress, log)[1] for task in TASKS}
@@ -374,8 +378,8 @@ def remeasure_store(out: Path, work: Path, settings: PipelineSettings, seed: int
     (same seed and sizes) under ``work``, evaluate every plan on val and test, write the val metrics
     (with split, n and 95% intervals) into each plan.json, re-decide store.json's active plans on val,
     and return the pipeline report with the new numbers (its pre-training and search parts kept)."""
-    data = _synthesize(work, settings, seed, progress, log)
     backbone = load_backbone(out / STORE_BACKBONE_DIR, device="cpu")
+    data = _synthesize(work, store_settings(settings, backbone), seed, progress, log)
     report_path = out / "pipeline-report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {"tasks": {}}
     for task in TASKS:
