@@ -16,7 +16,7 @@ from models.cli.main import build_parser
 from models.das.plan import AdapterShapes
 from models.producer.engine import RunError
 from models.producer.evaluate import evaluate_plan_dir
-from models.producer.pipeline import random_equal_cost_sets
+from models.producer.pipeline import PipelineSettings, random_equal_cost_sets, store_settings
 from models.producer.pretrain import FUNCTION_WORDS, content_token_mask, pretraining_pairs
 from models.producer.search import (
     OBJECTIVES,
@@ -157,8 +157,6 @@ def test_a_flops_budget_sets_what_every_set_saves(world96):
 def test_work_on_a_shipped_store_draws_data_at_its_backbone_image_size():
     """--remeasure and --compare-objectives regenerate data at the size the store's backbone was trained
     at, whatever today's recipe says (the tiny METER's store predates the 128 px recipe)."""
-    from models.producer.pipeline import PipelineSettings, store_settings
-
     backbone = load_backbone(METER, device="cpu")
     settings = store_settings(PipelineSettings.meter(), backbone)
     assert settings.image_size == backbone.config.image_size and settings.pretrain_images == 0
