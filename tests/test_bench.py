@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from models.cli.main import main
 
@@ -25,7 +26,9 @@ def test_bench_embedded_times_the_shipped_plans(tmp_path):
     assert main(["bench", "--size", "embedded", "--batch-sizes", "2", "--repeats", "2", "--warmup", "0",
                  "--threads", "1", "--max-others-cpu", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench-runtime-embedded.json").read_text())
-    assert result["settings"]["size"] == "embedded" and result["settings"]["seq_len"] == 16 + 36 + 1
+    config = json.loads((Path(__file__).resolve().parent.parent / "plans" / "backbone" / "config.json").read_text())
+    patches = (config["image_size"] // config["patch_size"]) ** 2
+    assert result["settings"]["size"] == "embedded" and result["settings"]["seq_len"] == 16 + patches + 1
     rows = {row["plan"]: row for row in result["rows"]}
     assert set(rows) == {"full", "skip2", "skip4"}
     from models.bench.fixtures import EMBEDDED_DIR
