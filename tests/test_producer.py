@@ -111,6 +111,7 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
     report = json.loads((out / "pipeline-report.json").read_text())
     vs_random = report["tasks"]["vqa"]["search_vs_random"]
     assert len(vs_random["random"]) == 3
+    assert len(vs_random["searched_interval"]) == 2 and all(len(r["interval"]) == 2 for r in vs_random["random"])
     for row in vs_random["random"]:  # random sets at (nearly) the searched set's FLOPs saving
         assert abs(row["flops_saved"] - vs_random["searched_flops_saved"]) <= 0.05 * vs_random["searched_flops_saved"] + 1e-4
     results = (out / "RESULTS.md").read_text()

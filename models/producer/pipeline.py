@@ -252,7 +252,8 @@ def _baseline_row(task: str, backbone: Backbone, data_dir: Path, work: Path, set
     baseline_config = TrainConfig(**{**asdict(train_config), "epochs": settings.baseline_epochs})
     key = "-".join(map(str, skip))
     metrics = _cached(work / "baselines" / task / f"skip-{key}.json",
-                      lambda: train_plan(backbone, task, data_dir, skip, baseline_config, progress=progress).metrics,
+                      # the spec's metrics: the plain numbers with split, n and intervals
+                      lambda: train_plan(backbone, task, data_dir, skip, baseline_config, progress=progress).spec.metrics,
                       log, f"{task} baseline {skip}", valid=lambda r: "intervals" in r)
     return {"skip": skip, "score": primary_score(task, metrics), "interval": primary_interval(task, metrics),
             "flops_saved": round(sum(savings[i] for i in skip), 4)}
