@@ -39,7 +39,7 @@ class PipelineSettings:
 
     arch: str = "vilt"  # models.producer.pretrain.ARCHS
     n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
-    # 128 px in 16 px patches (an 8 x 8 grid): a small object is ~20 px across, so its shape is visible
+    # 128 px in 16 px patches (an 8 x 8 grid): a small object is ~20 px across (at 96 px: 15 px, one patch)
     image_size: int = 128
     # fresh scenes for pre-training only (work/data/pretrain), captioned 5 times each with hard negatives
     pretrain_images: int = 20000
