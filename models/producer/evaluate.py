@@ -52,12 +52,6 @@ def evaluate_plan_dir(plan_dir: str | Path, data_dir: str | Path, backbone: Back
         task, _, name = str(plan_dir).partition("/")
         plan = builtin_full_plan(backbone, task)
     data = task_data(plan.task, DASRuntime(backbone), data_dir, TrainConfig(workers=workers, precision=precision))
-    evaluation = data.evaluate(plan, split, limit, progress=progress)
-    flops_full, flops_reduced = evaluation.flops
-    return {"task": plan.task, "plan": plan.name, "version": plan.version, "split": split,
-            "skipped_layers": list(plan.skipped_layers), **evaluation.metrics, "n": evaluation.n,
-            "intervals": evaluation.intervals, "flops_full": flops_full, "flops_reduced": flops_reduced,
-            "flops_saved_ratio": 1 - flops_reduced / flops_full if flops_full else 0.0,
-            **({"by_question_type": evaluation.by_question_type} if evaluation.by_question_type else {})}
+    return data.evaluate(plan, split, limit, progress=progress).report(plan, split)
 
 

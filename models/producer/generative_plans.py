@@ -29,7 +29,7 @@ from models.producer import generative as g
 from models.producer.datasets import VQAExample, normalize_answer, read_vqa
 from models.producer.engine import RunError, world_from_env
 from models.producer.stats import bootstrap_interval
-from models.producer.runs import Evaluation, TrainConfig, TrainResult, total_steps
+from models.producer.runs import Evaluation, TrainConfig, TrainResult, question_type_groups, total_steps
 
 EVAL_BATCH = 32
 ANSWER_TOKENS = 4  # VQA answers are a word or two
@@ -103,14 +103,9 @@ def evaluate_generative(backbone: Backbone, plan: Plan, data_dir: str | Path, sp
             scores.append(examples[start + offset].answer_scores.get(normalize_answer(answer.text), 0.0))
             full.append(answer.flops.full)
             executed.append(answer.flops.executed)
-    by_type: dict[str, list[float]] = {}
-    for example, score in zip(examples, scores):
-        if example.question_type:
-            by_type.setdefault(example.question_type, []).append(score)
-    groups = {t: {"vqa_score": statistics.fmean(v), "n": len(v), "interval": bootstrap_interval(v)}
-              for t, v in sorted(by_type.items())}
     return Evaluation({"vqa_score": statistics.fmean(scores)}, len(scores), {"vqa_score": bootstrap_interval(scores)},
-                      (statistics.fmean(full), statistics.fmean(executed)), groups)
+                      (statistics.fmean(full), statistics.fmean(executed)),
+                      question_type_groups([e.question_type for e in examples], scores))
 
 
 def evaluate_generative_plan_dir(plan_dir: str | Path, data_dir: str | Path, backbone: Backbone, split: str,
@@ -122,13 +117,7 @@ def evaluate_generative_plan_dir(plan_dir: str | Path, data_dir: str | Path, bac
         plan = builtin_full_plan(backbone, "vqa")
     else:
         raise RunError(f"{plan_dir}: a generative backbone has vqa plans only (a plan directory or vqa/full)")
-    evaluation = evaluate_generative(backbone, plan, data_dir, split, limit)
-    flops_full, flops_reduced = evaluation.flops
-    return {"task": plan.task, "plan": plan.name, "version": plan.version, "split": split,
-            "skipped_layers": list(plan.skipped_layers), **evaluation.metrics, "n": evaluation.n,
-            "intervals": evaluation.intervals, "flops_full": flops_full, "flops_reduced": flops_reduced,
-            "flops_saved_ratio": 1 - flops_reduced / flops_full if flops_full else 0.0,
-            **({"by_question_type": evaluation.by_question_type} if evaluation.by_question_type else {})}
+    return evaluate_generative(backbone, plan, data_dir, split, limit).report(plan, split)
 
 
 def _plan_config(config: TrainConfig, train_examples: int, val_examples: int) -> g.PlanTrainConfig:

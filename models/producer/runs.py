@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.das.plan import PlanSpec
+from models.das.plan import Plan, PlanSpec
+from models.producer.stats import bootstrap_interval
 
 
 @dataclass
@@ -52,6 +53,26 @@ class Evaluation:
     def plan_metrics(self, split: str) -> dict[str, Any]:
         """As plan.json's ``metrics`` records them: every metric a plain number, then split, n, intervals."""
         return {**self.metrics, "eval_split": split, "n": self.n, "intervals": self.intervals}
+
+    def report(self, plan: Plan, split: str) -> dict[str, Any]:
+        """What `das eval` prints for ``plan`` on ``split``: the metrics, n, intervals, mean FLOPs and the
+        share saved, and the VQA score per question type where there is one."""
+        flops_full, flops_reduced = self.flops
+        return {"task": plan.task, "plan": plan.name, "version": plan.version, "split": split,
+                "skipped_layers": list(plan.skipped_layers), **self.metrics, "n": self.n,
+                "intervals": self.intervals, "flops_full": flops_full, "flops_reduced": flops_reduced,
+                "flops_saved_ratio": 1 - flops_reduced / flops_full if flops_full else 0.0,
+                **({"by_question_type": self.by_question_type} if self.by_question_type else {})}
+
+
+def question_type_groups(types: list[str], scores: list[float]) -> dict[str, dict[str, Any]]:
+    """VQA scores grouped by question type (examples without one left out): mean, n and 95% interval."""
+    by_type: dict[str, list[float]] = {}
+    for question_type, score in zip(types, scores):
+        if question_type:
+            by_type.setdefault(question_type, []).append(score)
+    return {t: {"vqa_score": sum(v) / len(v), "n": len(v), "interval": bootstrap_interval(v)}
+            for t, v in sorted(by_type.items())}
 
 
 @dataclass

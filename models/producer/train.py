@@ -31,7 +31,8 @@ from models.producer.datasets import read_task
 from models.producer.engine import (RunError, World, all_reduce_sum, autocast, check_precision, check_resumable,
                                     grad_scaler, init_world, load_checkpoint, rng_state, save_checkpoint,
                                     set_rng_state, wrap_ddp)
-from models.producer.runs import Evaluation, TrainConfig, TrainingStopped, TrainResult, total_steps
+from models.producer.runs import (Evaluation, TrainConfig, TrainingStopped, TrainResult, question_type_groups,
+                                  total_steps)
 from models.producer.stats import bootstrap_interval
 from models.runtime import DASRuntime
 
@@ -139,14 +140,8 @@ class VQATaskData(TaskData):
                 full, executed = self._mean_flops(plan, batch.inputs, i)
                 flops_full, flops_exec = flops_full + full, flops_exec + executed
         n = max(1, len(scores))
-        by_type: dict[str, list[float]] = {}
-        for question_type, score in zip(types, scores):
-            if question_type:
-                by_type.setdefault(question_type, []).append(score)
-        groups = {qtype: {"vqa_score": sum(values) / len(values), "n": len(values),
-                          "interval": bootstrap_interval(values)} for qtype, values in sorted(by_type.items())}
         return Evaluation({"vqa_score": sum(scores) / n}, len(scores), {"vqa_score": bootstrap_interval(scores)},
-                          (flops_full / n, flops_exec / n), groups)
+                          (flops_full / n, flops_exec / n), question_type_groups(types, scores))
 
 
 class NLVR2TaskData(TaskData):
