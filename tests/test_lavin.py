@@ -336,24 +336,23 @@ def test_plans_cover_the_decoder_blocks(lavin, tmp_path):
 @pytest.mark.parametrize("plan_kind", ["full", "skip"])
 def test_incremental_decoding_equals_recomputing(lavin, tmp_path, plan_kind):
     """Greedy tokens through the cache (routing weights kept from the prefill) vs the logits of the
-    whole sequence recomputed; the log-probabilities agree within 1e-4."""
+    whole sequences recomputed, every prompt (with and without an image, of different lengths) in
+    one batch built by ``append_tokens`` (the plan trainer's batches); log-probabilities within 1e-4."""
     _, _, _, backbone = lavin
     plan = builtin_full_plan(backbone, "vqa") if plan_kind == "full" else perturbed_decoder_plan(backbone, tmp_path)
-    (completion,) = LavinRuntime(backbone).generate(plan, PROMPTS[:1], images()[:1], GenerationParams(max_new_tokens=6))
-    batch = backbone.preprocess(images()[:1], PROMPTS[:1])
-    ids = completion.token_ids
-    extended = type(batch)(**{**batch.__dict__})
-    extra = torch.tensor([ids[:-1]])
-    extended.input_ids = torch.cat([batch.input_ids, extra], 1)
-    ones = torch.ones_like(extra)
-    extended.attention_mask = torch.cat([batch.attention_mask, ones], 1)
-    extended.key_mask = torch.cat([batch.key_mask, ones.bool()], 1)
-    extended.image_mask = torch.cat([batch.image_mask, torch.zeros_like(extra, dtype=torch.bool)], 1)
+    runtime = LavinRuntime(backbone)
+    # alone, each prompt with its own answer length: rows of different prompt and answer lengths
+    completions = [runtime.generate(plan, [prompt], [image], GenerationParams(max_new_tokens=3 + i))[0]
+                   for i, (prompt, image) in enumerate(zip(PROMPTS, images()))]
+    token_ids = [c.token_ids for c in completions]
+    batch = backbone.append_tokens(backbone.preprocess(images(), PROMPTS), [ids[:-1] for ids in token_ids])
     with torch.no_grad():
-        logits = backbone.logits(extended, plan.modules)[0, batch.input_ids.shape[1] - 1:]
-    logprobs = torch.log_softmax(logits.float(), -1)
-    assert logits.argmax(-1).tolist() == ids
-    assert abs(sum(logprobs[t, token].item() for t, token in enumerate(ids)) - completion.logprob) < TOL
+        logits = backbone.logits(batch, plan.modules)
+    width = batch.input_ids.shape[1]  # position p predicts token p + 1
+    for row, (ids, completion) in enumerate(zip(token_ids, completions)):
+        logprobs = torch.log_softmax(logits[row, width - len(ids):].float(), -1)
+        assert logprobs.argmax(-1).tolist() == ids
+        assert abs(sum(logprobs[t, token].item() for t, token in enumerate(ids)) - completion.logprob) < TOL
 
 
 def test_batch_gives_each_prompt_what_it_gets_alone(lavin, tmp_path):
@@ -475,3 +474,60 @@ def test_a_served_lavin_answers_vqa_and_chat_completions_like_its_runtime(lavin,
         assert body["usage"]["completion_tokens"] >= 1 and body["das"]["plan"]["name"] == "full"
         assert body["das"]["flops"]["executed"] == body["das"]["flops"]["full"] > 0
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["vqa", "vqa:full"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The producer: das train / search / eval on a LaVIN backbone
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lavin_world(tmp_path_factory):
+    """A tiny converted LaVIN whose tokenizer knows the synthetic world's words, and a VQAv2-layout
+    data set drawn by `das data synth`."""
+    from models.producer.generative import world_words
+    from models.producer.world.export import synthesize
+
+    root = tmp_path_factory.mktemp("lavin-world")
+    tokenizer = build_tokenizer(sorted(set(WORDS) | set(world_words())))
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    files = split_files(lavin_layout(len(tokenizer), seed=1), root / "release")
+    convert_checkpoint(files, root / "converted", tokenizer_dir=root / "tokenizer", trust_pickle=True)
+    synthesize("vqa", root / "data", n=120, seed=3, image_size=32, progress=False)
+    return root / "converted", root / "data"
+
+
+def test_train_search_and_eval_a_lavin_plan_with_the_common_commands(lavin_world, tmp_path, capsys):
+    import json
+
+    from models.das.plan import validate_plan
+
+    backbone_dir, data = lavin_world
+    small = ["--epochs", "1", "--batch-size", "8", "--max-train", "24", "--max-eval", "8", "--skip-bottleneck", "8"]
+    plan_dir = tmp_path / "skip1"
+    assert main(["train", "--backbone", str(backbone_dir), "--task", "vqa", "--data", str(data), "--skip", "1",
+                 "--parallel-bottleneck", "4", "--out", str(plan_dir), "--name", "skip1", *small]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    backbone = load_backbone(backbone_dir, device="cpu")
+    spec = validate_plan(plan_dir, backbone)
+    assert spec.skipped_layers == (1,) and spec.metrics["eval_split"] == "val" and spec.metrics["n"] == 8
+    assert 0.0 <= spec.metrics["vqa_score"] <= 1.0 and trained["metrics"]["vqa_score"] == spec.metrics["vqa_score"]
+    assert spec.metrics["flops_reduced"] < spec.metrics["flops_full"]
+    # the reference input's FLOPs are the backbone's own count for that prompt (text tokens as flops_at takes them)
+    reference = spec.metrics["reference_input"]
+    assert spec.metrics["flops_reduced"] == backbone.flops_at("vqa", spec, reference["text_len"],
+                                                              reference["image_size"], reference["new_tokens"]).executed
+    # training moved every adapter tensor away from its start (the trainer seeds torch with --seed, 0)
+    plan = load_plan(plan_dir, backbone)
+    torch.manual_seed(0)
+    start = dict(backbone.build_plan_modules(spec).named_parameters())
+    assert start and all(not torch.equal(p, start[name]) for name, p in plan.modules.named_parameters())
+
+    assert main(["eval", str(plan_dir), "--backbone", str(backbone_dir), "--data", str(data), "--split", "test",
+                 "--max-eval", "8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 8 and result["split"] == "test" and 0 < result["flops_saved_ratio"] < 1
+
+    assert main(["search", "--backbone", str(backbone_dir), "--task", "vqa", "--data", str(data), "--skip-num", "2",
+                 "--update-every", "1", "--out", str(tmp_path / "search"), *small]) == 0
+    found = json.loads((tmp_path / "search" / "search.json").read_text())
+    assert len(found["skip_set"]) == 2 and sorted(found["ranking"]) == list(range(LAYERS))
+    assert any(abs(g) > 0 for g in found["gates"]), "the bandit never moved a gate"

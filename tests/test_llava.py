@@ -9,7 +9,6 @@ image processor and a chat template: no hub, no downloads.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -58,13 +57,13 @@ def hf_inputs(batch):
 
 
 def recomputed_logprobs(backbone, plan, prompt, image, token_ids):
-    """log-softmax of the next-token logits at every generated position, recomputing prompt + answer."""
-    batch = backbone.preprocess([image], [prompt])
-    full = dataclasses.replace(
-        batch, input_ids=torch.cat([batch.input_ids, torch.tensor([token_ids[:-1]], dtype=torch.long)], dim=1),
-        attention_mask=torch.ones(1, batch.input_ids.shape[1] + len(token_ids) - 1, dtype=torch.long))
+    """log-softmax of the next-token logits at every generated position, recomputing prompt + answer
+    as one sequence (``append_tokens``, as the plan trainer builds its batches). One prompt at a time:
+    a random model may generate the image token, which in a batch with images would read as a
+    placeholder; the trainer's multi-row batches are checked in test_llava_producer.py."""
+    batch = backbone.append_tokens(backbone.preprocess([image], [prompt]), [token_ids[:-1]])
     with torch.no_grad():
-        logits = backbone.logits(full, plan.modules)[0, batch.input_ids.shape[1] - 1:]
+        logits = backbone.logits(batch, plan.modules)[0, batch.input_ids.shape[1] - len(token_ids):]
     return torch.log_softmax(logits.float(), dim=-1)
 
 

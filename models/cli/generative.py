@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     g, _, data = _sizes(args)
     backbone = _backbone(args.backbone)
     sets = g.plan_data(backbone, data)
-    spec = g.train_llava_plan(backbone, args.name, args.skip, sets["train"], sets["val"], args.out, _plan_config(args),
+    spec = g.train_decoder_plan(backbone, args.name, args.skip, sets["train"], sets["val"], args.out, _plan_config(args),
                               version=args.version)
     print(json.dumps({"plan": str(args.out), "metrics": spec.metrics}, indent=2))
     return 0

@@ -14,11 +14,15 @@ resumable from what it wrote into a work directory:
   measured every ``eval_every`` steps; training stops when it flattens (``patience`` evaluations without
   a relative gain of ``min_gain`` in val loss), at ``max_steps`` or after ``max_minutes`` (the cosine
   learning-rate schedule runs to whichever of the two ends first).
+The search, the plan trainer and the teacher-forced evaluation take any backbone whose DAS arms are
+its decoder blocks (LLaVA, LaVIN): they build batches with the backbone's own ``preprocess`` and
+``append_tokens`` and run ``sequence_output`` and ``lm_head``; pre-training is the tiny LLaVA's.
+
 * :func:`search_skips` -- the DAS search over the decoder blocks as a bandit (docs/plans.md, "The
   search"): one gate per block, each step skips ``k`` blocks sampled from the gates (their skip
   adapters, shared across steps, are trained), and every ``update_every`` steps three sampled skip
   sets are scored on a validation batch with reward ``exp(-loss)`` and REINFORCE moves the gates.
-* :func:`train_llava_plan` -- a plan (skip adapters for the skipped blocks, parallel adapters in the
+* :func:`train_decoder_plan` -- a plan (skip adapters for the skipped blocks, parallel adapters in the
   kept ones) trained with the backbone frozen, same loss, saved with ``save_plan``.
 * :func:`evaluate_llava_plan` -- generated answers (``LlavaRuntime.answer``, greedy) against the truth:
   exact-match accuracy with a 95 % bootstrap interval, per question type.
@@ -55,10 +59,12 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from models.backbones.llava.checkpoint import build_tokenizer, save_llava_checkpoint, tiny_llava_config
 from models.backbones.llava.generation import LlavaRuntime
-from models.backbones.llava.modeling import LlavaBackbone, LlavaBackboneConfig, LlavaBatch, prefill_mask
+from models.backbones.lavin.modeling import LavinBackbone
+from models.backbones.llava.modeling import LlavaBackbone, LlavaBackboneConfig
 from models.das.adapters import PlanModules
 from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, load_plan, save_plan
 from models.paths import STORE_BACKBONE_DIR, STORE_STATE_FILE
+from models.producer.stats import bootstrap_interval
 from models.producer.world.language import (
     QUESTION_TYPES,
     generate_vqa,
@@ -248,86 +254,56 @@ def build_examples(seed: int, n_images: int, splits: Sequence[str], questions_pe
     return out
 
 
-def prompt_messages(backbone: LlavaBackbone, example: Example) -> list[dict[str, Any]]:
+GenerativeBackbone = LlavaBackbone | LavinBackbone  # what the plan trainer and the search take
+
+
+def prompt_messages(backbone: GenerativeBackbone, example: Example) -> list[dict[str, Any]]:
     if example.kind == "caption":
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}]
     return backbone.prompt_for(example.prompt)
 
 
 class Encoder:
-    """Token ids of prompts (through the backbone's own processor, image tokens expanded, so exactly
-    what generation feeds) and targets (the answer's words and the end-of-sequence token), cached."""
+    """Training batches for a generative backbone (LLaVA, LaVIN): each prompt through the backbone's
+    own ``preprocess`` (exactly what generation feeds) with its target (the answer's tokens and the
+    end-of-sequence token) appended, and the labels."""
 
-    def __init__(self, backbone: LlavaBackbone, image_size: int) -> None:
+    def __init__(self, backbone: GenerativeBackbone) -> None:
         self.backbone = backbone
         self.tokenizer = backbone.tokenizer
         self.eos = int(self.tokenizer.eos_token_id)
-        self.pad = int(self.tokenizer.pad_token_id)
-        processor = backbone.processor.image_processor
-        self.mean = torch.tensor(processor.image_mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std).view(1, 3, 1, 1)
-        self.resolution = backbone.config.image_size
-        self._blank = np.zeros((image_size, image_size, 3), np.uint8)
-        self._prompts: dict[tuple[str, str], list[int]] = {}
         self._targets: dict[str, list[int]] = {}
-
-    def prompt_ids(self, example: Example) -> list[int]:
-        key = (example.kind == "caption" and "caption" or "vqa", example.prompt)
-        if key not in self._prompts:
-            from PIL import Image  # light; only to let the processor expand the image placeholder
-
-            batch = self.backbone.preprocess([Image.fromarray(self._blank, "RGB")],
-                                             [prompt_messages(self.backbone, example)])
-            self._prompts[key] = batch.input_ids[0][batch.attention_mask[0].bool()].tolist()
-        return self._prompts[key]
 
     def target_ids(self, text: str) -> list[int]:
         if text not in self._targets:
             self._targets[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos]
         return self._targets[text]
 
-    def pixels(self, images: np.ndarray) -> torch.Tensor:
-        """What the CLIP image processor makes of images already at its resolution: /255, normalised."""
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[-1] != self.resolution:
-            x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
-        return (x - self.mean) / self.std
+    def prompts(self, data: ExampleSet, indices: Sequence[int]):
+        """The backbone's batch of the examples' prompts and images (left-padded, no target)."""
+        examples = [data.examples[i] for i in indices]
+        return self.backbone.preprocess([data.pil(e.image) for e in examples],
+                                        [prompt_messages(self.backbone, e) for e in examples])
 
-    def batch(self, data: ExampleSet, indices: Sequence[int]) -> tuple[LlavaBatch, torch.Tensor]:
-        """Left-padded prompt + target sequences and the labels (-100 except the target tokens, each
-        label at the position whose logits predict it, i.e. shifted left by one)."""
-        sequences, labels = [], []
-        for i in indices:
-            example = data.examples[i]
-            prompt, target = self.prompt_ids(example), self.target_ids(example.target)
-            sequences.append(prompt + target)
-            labels.append([IGNORE] * (len(prompt) - 1) + target + [IGNORE])
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        label_tensor = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
-        for row, (seq, lab) in enumerate(zip(sequences, labels)):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-            label_tensor[row, width - len(seq):] = torch.tensor(lab)
-        image_rows = [data.examples[i].image for i in indices]
-        pixels = self.pixels(data.images[image_rows])
-        grid = (self.resolution // self.backbone.config.patch_size,) * 2
-        batch = LlavaBatch(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_counts=[1] * len(indices),
-                           text_lengths=[len(s) for s in sequences], truncated=[False] * len(indices),
-                           patch_grids=[grid] * len(indices))
-        return batch, label_tensor
+    def batch(self, data: ExampleSet, indices: Sequence[int]) -> tuple[Any, torch.Tensor]:
+        """Prompt + target sequences and the labels (-100 except the target tokens, each label at the
+        position whose logits predict it, i.e. shifted left by one)."""
+        targets = [self.target_ids(data.examples[i].target) for i in indices]
+        batch = self.backbone.append_tokens(self.prompts(data, indices), targets)
+        width = batch.input_ids.shape[1]
+        labels = torch.full((len(targets), width), IGNORE, dtype=torch.long)
+        for row, target in enumerate(targets):
+            labels[row, width - len(target) - 1:width - 1] = torch.tensor(target)
+        return batch, labels
 
 
-def answer_loss(backbone: LlavaBackbone, plan: PlanModules, batch: LlavaBatch, labels: torch.Tensor,
+def answer_loss(backbone: GenerativeBackbone, plan: PlanModules, batch: Any, labels: torch.Tensor,
                 per_example: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token loss over the target tokens, and per example whether every target token is the
     argmax (greedy decoding would return exactly the target)."""
-    x = backbone.embed(batch)
-    positions = backbone.positions(batch.attention_mask)
-    hidden = backbone.decode(x, positions, prefill_mask(batch.attention_mask), plan)
+    hidden = backbone.sequence_output(batch, plan)
     where = labels != IGNORE
-    logits = backbone.llava.lm_head(hidden[where]).float()
+    logits = backbone.lm_head(hidden[where]).float()
     gold = labels[where]
     losses = F.cross_entropy(logits, gold, reduction="none")
     correct_tokens = logits.argmax(-1) == gold
@@ -339,7 +315,7 @@ def answer_loss(backbone: LlavaBackbone, plan: PlanModules, batch: LlavaBatch, l
     return losses.mean(), wrong == 0
 
 
-def evaluate_teacher_forced(backbone: LlavaBackbone, plan: PlanModules, encoder: Encoder, data: ExampleSet,
+def evaluate_teacher_forced(backbone: GenerativeBackbone, plan: PlanModules, encoder: Encoder, data: ExampleSet,
                             batch_size: int = 64) -> dict[str, Any]:
     """Loss and exact match (from teacher-forced argmax) on ``data``, overall and per kind."""
     losses, exact, kinds = [], [], []
@@ -427,7 +403,7 @@ def pretrain_llava(out: str | Path, config: PretrainConfig = PretrainConfig(), w
     train, val = data["train"], data["val"].subset(limit=config.val_examples, seed=config.seed)
     log(f"pretrain data: {len(train)} train examples on {len(train.images)} images, {len(val)} val examples "
         f"({time.time() - t0:.0f} s)")
-    encoder = Encoder(backbone, d.image_size)
+    encoder = Encoder(backbone)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -527,7 +503,7 @@ def _sample_skips(gates: torch.Tensor, k: int, generator: torch.Generator) -> li
     return sorted(torch.multinomial(torch.sigmoid(gates), k, replacement=False, generator=generator).tolist())
 
 
-def search_skips(backbone: LlavaBackbone, train: ExampleSet, val: ExampleSet, config: SearchConfig,
+def search_skips(backbone: GenerativeBackbone, train: ExampleSet, val: ExampleSet, config: SearchConfig,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """The DAS bandit over the decoder blocks (docs/plans.md): returns the gates, the ranking (most
     skippable first) and the top-``skip_num`` skip set."""
@@ -539,7 +515,7 @@ def search_skips(backbone: LlavaBackbone, train: ExampleSet, val: ExampleSet, co
     optimizer = torch.optim.AdamW(supernet.parameters(), lr=config.lr, weight_decay=0.0)
     gates = torch.zeros(n)
     generator = torch.Generator().manual_seed(config.seed)
-    encoder = Encoder(backbone, backbone.config.image_size)
+    encoder = Encoder(backbone)
     val_rng = random.Random(config.seed)
     warmup = int(config.warmup_fraction * config.steps)
     history = []
@@ -583,18 +559,20 @@ def _param_count(modules: PlanModules) -> int:
     return sum(p.numel() for p in modules.parameters())
 
 
-def reference_text_len(backbone: LlavaBackbone, encoder: Encoder) -> int:
+def reference_text_len(backbone: GenerativeBackbone, encoder: Encoder) -> int:
     """Text tokens (BOS and chat roles included, image tokens not) of a typical VQA prompt."""
-    example = Example(0, "color", "what color is the circle?", "red")
-    return len(encoder.prompt_ids(example)) - backbone.config.image_tokens()
+    size = backbone.config.image_size
+    example = ExampleSet([Example(0, "color", "what color is the circle?", "red")],
+                         np.zeros((1, size, size, 3), np.uint8), [])
+    return backbone.prompt_text_len(encoder.prompts(example, [0]), 0)
 
 
-def plan_flops(backbone: LlavaBackbone, spec: PlanSpec | None, text_len: int, new_tokens: int) -> tuple[float, float]:
+def plan_flops(backbone: GenerativeBackbone, spec: PlanSpec | None, text_len: int, new_tokens: int) -> tuple[float, float]:
     report = backbone.flops_at(TASK, spec, text_len, backbone.config.image_size, new_tokens=new_tokens)
     return float(report.full), float(report.executed)
 
 
-def train_llava_plan(backbone: LlavaBackbone, name: str, skipped: Sequence[int], train: ExampleSet, val: ExampleSet,
+def train_decoder_plan(backbone: GenerativeBackbone, name: str, skipped: Sequence[int], train: ExampleSet, val: ExampleSet,
                      out: str | Path, config: PlanTrainConfig = PlanTrainConfig(), version: int = 1,
                      extra_metrics: dict[str, Any] | None = None, log: Callable[[str], None] = print) -> PlanSpec:
     """Train one plan with the backbone frozen and save it (``save_plan``, the backbone's fingerprint).
@@ -607,7 +585,7 @@ def train_llava_plan(backbone: LlavaBackbone, name: str, skipped: Sequence[int],
     backbone.check_plan_spec(spec)
     modules = backbone.build_plan_modules(spec).train()
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.lr, weight_decay=0.0)
-    encoder = Encoder(backbone, backbone.config.image_size)
+    encoder = Encoder(backbone)
     val = val.subset(limit=config.val_examples, seed=config.seed)
     curve = []
     t0 = time.time()
@@ -641,17 +619,6 @@ def train_llava_plan(backbone: LlavaBackbone, name: str, skipped: Sequence[int],
 # ---------------------------------------------------------------------------------------------
 # evaluation
 # ---------------------------------------------------------------------------------------------
-def bootstrap_interval(values: Sequence[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of the mean."""
-    data = np.asarray(values, dtype=float)
-    if len(data) == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, len(data), size=(samples, len(data)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return (round(float(low), 4), round(float(high), 4))
-
-
 def evaluate_llava_plan(runtime: LlavaRuntime, plan, data: ExampleSet, batch_size: int = 50) -> dict[str, Any]:
     """Generated answers (greedy, ``LlavaRuntime.answer``) against the truth: exact match (the whole
     answer, lower-cased and stripped), its 95 % bootstrap interval, per question type."""
@@ -780,7 +747,7 @@ def run_llava_pipeline(out: str | Path, work: str | Path, config: PipelineConfig
             if resume and done.get("skipped") == list(skipped) and (plan_dir / "plan.json").is_file():
                 continue
             log(f"training plan {name} (skip {list(skipped)})")
-            spec = train_llava_plan(backbone, name, skipped, data["train"], data["val"], plan_dir, config.plan, log=log)
+            spec = train_decoder_plan(backbone, name, skipped, data["train"], data["val"], plan_dir, config.plan, log=log)
             report["plan_steps"] = config.plan.steps
             report["plans"][name] = {"skipped": list(skipped), "flops_full": spec.metrics["flops_full"],
                                      "reference_input": spec.metrics["reference_input"],
@@ -958,7 +925,7 @@ def write_results(out: Path, report: dict[str, Any], pretrain: dict[str, Any], b
 
 __all__ = [
     "LlavaSize", "MICRO", "DataConfig", "PretrainConfig", "PlanTrainConfig", "SearchConfig", "PipelineConfig",
-    "Example", "ExampleSet", "Encoder", "build_examples", "pretrain_llava", "search_skips", "train_llava_plan",
+    "Example", "ExampleSet", "Encoder", "build_examples", "pretrain_llava", "search_skips", "train_decoder_plan",
     "evaluate_llava_plan", "measure_speed", "run_llava_pipeline", "choose_active", "store_plans_from_metrics",
-    "bootstrap_interval", "world_words",
+    "world_words",
 ]

@@ -1,4 +1,4 @@
-"""`das search`, `das train` and `das eval` on a generative backbone (LLaVA-style; LaVIN for `das eval`):
+"""`das search`, `das train` and `das eval` on a generative backbone (LLaVA-style or LaVIN):
 the same commands, options and data layout (VQAv2) as for ViLT and METER.
 
 A generative backbone answers in text, so a plan is trained with the next-token loss on the answer
@@ -67,10 +67,6 @@ def check_trainable(backbone: Backbone, task: str, config: TrainConfig | None = 
                            f"{', '.join(unsupported)} not supported")
     if task != "vqa":
         raise RunError(f"a generative backbone serves vqa (and chat); it has no {task} plans")
-    if backbone.architecture != "llava":
-        raise RunError(f"training and searching plans for a {backbone.architecture!r} backbone is not supported yet "
-                       "(its prompts and batches are not the LLaVA layout the generative trainer builds); "
-                       "`das eval` and serving work")
 
 
 def vqa_example_set(data_dir: str | Path, split: str, image_size: int, limit: int | None = None
@@ -94,7 +90,7 @@ def evaluate_generative(backbone: Backbone, plan: Plan, data_dir: str | Path, sp
                         limit: int | None = None) -> Evaluation:
     """Greedy answers to ``split``'s questions, scored with VQA's soft score."""
     data, examples = vqa_example_set(data_dir, split, backbone.config.image_size, limit)
-    runtime = LlavaRuntime(backbone)
+    runtime = LlavaRuntime(backbone)  # drives LaVIN too (LavinRuntime adds nothing)
     scores, full, executed = [], [], []
     for start in range(0, len(data), EVAL_BATCH):
         chunk = data.examples[start:start + EVAL_BATCH]
@@ -139,7 +135,7 @@ def train_generative_plan(backbone: Backbone, task: str, data_dir: str | Path, s
     val, _ = vqa_example_set(data_dir, eval_split, size, config.max_eval_examples)
     with TemporaryDirectory(prefix="das-plan-") as scratch:
         target = Path(out_dir) if out_dir is not None else Path(scratch) / name
-        spec = g.train_llava_plan(backbone, name, skipped, train, val, target,
+        spec = g.train_decoder_plan(backbone, name, skipped, train, val, target,
                                   _plan_config(config, len(train), len(val)), version=version, log=lambda _: None)
         plan = load_plan(target, backbone)
         evaluation = evaluate_generative(backbone, plan, data_dir, eval_split, config.max_eval_examples)

@@ -529,6 +529,14 @@ class LavinBackbone(DecoderBlockPlans, nn.Module):
             truncated=[False] * batch, patch_grids=grids,
         )
 
+    appended_token_fields = {"input_ids": "token", "attention_mask": 1, "key_mask": True, "image_mask": False}
+    column_fields = ("modality_columns",)
+
+    def prompt_text_len(self, batch: LavinBatch, row: int) -> int:
+        """The text tokens of ``batch``'s row (BOS, prefix, prompt: not the modality token nor the image
+        features), as ``flops_at`` counts them."""
+        return batch.text_lengths[row] - 1 - self.config.image_tokens * batch.image_counts[row]
+
     # -- forward -------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(images, features, decoder width): CLIP with LaVIN's per-token routed adapters, the class

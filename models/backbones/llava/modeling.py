@@ -354,6 +354,36 @@ class DecoderBlockPlans:
     def kept_layers(self, plan: PlanModules) -> list[int]:
         return [i for i in range(self.num_layers) if plan.skip_adapter(i) is None]
 
+    # -- teacher forcing -------------------------------------------------------------------------
+    # The batch's per-position fields and what an appended token holds in each ("token": its id), and
+    # the fields that hold a column index (they move with their row's padding).
+    appended_token_fields: dict[str, Any] = {"input_ids": "token", "attention_mask": 1}
+    column_fields: tuple[str, ...] = ()
+
+    def append_tokens(self, batch: Any, tokens: Sequence[Sequence[int]]) -> Any:
+        """``batch`` (from ``preprocess``) with each row's ``tokens`` after its prompt, left padding
+        kept: one sequence to run whole (teacher forcing on an answer), as if they had been generated."""
+        if len(tokens) != len(batch):
+            raise ValueError(f"{len(tokens)} token lists for a batch of {len(batch)}")
+        width = batch.input_ids.shape[1]
+        new_width = width + max((len(t) for t in tokens), default=0)
+        shifts = [new_width - width - len(t) for t in tokens]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        changes: dict[str, Any] = {}
+        for name, fill in self.appended_token_fields.items():
+            old = getattr(batch, name)
+            new = old.new_full((len(tokens), new_width), pad if name == "input_ids" else 0)
+            for row, (extra, shift) in enumerate(zip(tokens, shifts)):
+                new[row, shift:shift + width] = old[row]
+                if extra:
+                    new[row, shift + width:] = torch.tensor(extra, dtype=old.dtype) if fill == "token" else fill
+            changes[name] = new
+        for name in self.column_fields:
+            column = getattr(batch, name)
+            changes[name] = column + torch.tensor(shifts, dtype=column.dtype, device=column.device)
+        changes["text_lengths"] = [n + len(t) for n, t in zip(batch.text_lengths, tokens)]
+        return replace(batch, **changes)
+
     def flops_at(self, task: str, spec: PlanSpec | None, text_len: int, image_size: int | tuple[int, int],
                  new_tokens: int = REFERENCE_NEW_TOKENS) -> FlopsReport:
         """FLOPs of a prompt of ``text_len`` text tokens with one image at ``image_size``, and
@@ -537,6 +567,10 @@ class LlavaBackbone(DecoderBlockPlans, nn.Module):
             image_counts=[len(imgs) for imgs in per_prompt], text_lengths=lengths, truncated=[False] * len(prompts),
             patch_grids=grids,
         )
+
+    def prompt_text_len(self, batch: LlavaBatch, row: int) -> int:
+        """The text tokens of ``batch``'s row (its image tokens not counted), as ``flops_at`` counts them."""
+        return batch.text_lengths[row] - sum(self.config.image_tokens(grid) for grid in batch.image_grids(row))
 
     # -- forward -------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
