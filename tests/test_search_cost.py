@@ -18,12 +18,12 @@ from models.producer.engine import RunError
 from models.producer.evaluate import evaluate_plan_dir
 from models.producer.pipeline import PipelineSettings, random_equal_cost_sets, store_settings
 from models.producer.pretrain import FUNCTION_WORDS, content_token_mask, pretraining_pairs
+from models.producer.bandit import sample_skip_set, update_gates
 from models.producer.search import (
     OBJECTIVES,
     SearchConfig,
     das_search,
     layer_savings,
-    sample_skip_set,
     select_within_budget,
     skip_set_for,
 )
@@ -161,3 +161,13 @@ def test_work_on_a_shipped_store_draws_data_at_its_backbone_image_size():
     settings = store_settings(PipelineSettings.meter(), backbone)
     assert settings.image_size == backbone.config.image_size and settings.pretrain_images == 0
     assert PipelineSettings.meter().search_objective == "compare"
+
+
+def test_gate_update_rewards_the_better_sets_arms():
+    """REINFORCE with the round's mean as baseline: arms only in the better set rise, arms only in the
+    worse one fall, an arm in both moves by the sum, and the step is lr * (r - mean) * p * (1 - p)."""
+    gates = torch.zeros(4)
+    mean = update_gates(gates, [{0, 1}, {1, 2}], [0.9, 0.5], lr=1.0)
+    assert mean == pytest.approx(0.7)
+    assert gates[0] == pytest.approx(0.2 * 0.25) and gates[2] == pytest.approx(-0.2 * 0.25)
+    assert gates[1] == pytest.approx(0.0, abs=1e-7) and gates[3] == 0.0

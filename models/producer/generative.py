@@ -64,6 +64,7 @@ from models.backbones.llava.modeling import LlavaBackbone, LlavaBackboneConfig
 from models.das.adapters import PlanModules
 from models.das.plan import AdapterShapes, BackboneRef, PlanSpec, load_plan, save_plan
 from models.paths import STORE_BACKBONE_DIR, STORE_STATE_FILE
+from models.producer.bandit import sample_skip_set, update_gates
 from models.producer.stats import bootstrap_interval
 from models.producer.world.language import (
     QUESTION_TYPES,
@@ -499,10 +500,6 @@ def plan_data(backbone: LlavaBackbone, d: DataConfig) -> dict[str, ExampleSet]:
     return {"train": train, "val": held["val"], "test": held["test"]}
 
 
-def _sample_skips(gates: torch.Tensor, k: int, generator: torch.Generator) -> list[int]:
-    return sorted(torch.multinomial(torch.sigmoid(gates), k, replacement=False, generator=generator).tolist())
-
-
 def search_skips(backbone: GenerativeBackbone, train: ExampleSet, val: ExampleSet, config: SearchConfig,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """The DAS bandit over the decoder blocks (docs/plans.md): returns the gates, the ranking (most
@@ -522,7 +519,7 @@ def search_skips(backbone: GenerativeBackbone, train: ExampleSet, val: ExampleSe
     for step, indices in batches_from(len(train), config.batch_size, config.seed):
         if step >= config.steps:
             break
-        skips = _sample_skips(gates, config.skip_num, generator)
+        skips = sorted(sample_skip_set(gates, config.skip_num, generator))
         plan = PlanModules({i: supernet.skip_adapter(i) for i in skips}, {})
         batch, labels = encoder.batch(train, indices)
         loss, _ = answer_loss(backbone, plan, batch, labels)
@@ -535,16 +532,12 @@ def search_skips(backbone: GenerativeBackbone, train: ExampleSet, val: ExampleSe
             sets, rewards = [], []
             with torch.no_grad():
                 for _ in range(3):
-                    skips = _sample_skips(gates, config.skip_num, generator)
+                    skips = sorted(sample_skip_set(gates, config.skip_num, generator))
                     plan = PlanModules({i: supernet.skip_adapter(i) for i in skips}, {})
                     vloss, _ = answer_loss(backbone, plan, vbatch, vlabels)
                     sets.append(skips)
                     rewards.append(math.exp(-float(vloss)))
-            baseline = sum(rewards) / len(rewards)
-            p = torch.sigmoid(gates)
-            for skips, reward in zip(sets, rewards):
-                for i in skips:
-                    gates[i] += config.gate_lr * (reward - baseline) * p[i] * (1 - p[i])
+            update_gates(gates, sets, rewards, config.gate_lr)
             history.append({"step": step + 1, "gates": [round(float(g), 4) for g in gates],
                             "rewards": [round(r, 4) for r in rewards]})
         if (step + 1) % 50 == 0:

@@ -42,6 +42,7 @@ from torch import nn
 from models.backbones.base import Backbone
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.plan import AdapterShapes, BackboneRef, Plan, PlanSpec
+from models.producer.bandit import level_budget, sample_skip_set, update_gates
 from models.producer.data import StepBatches, loader
 from models.producer.engine import RunError, all_reduce_sum, autocast, init_world
 from models.producer.generative_plans import search_generative
@@ -105,11 +106,6 @@ def skip_set_for(search: dict[str, Any], k: int) -> list[int]:
     return select_within_budget(search["gates"], search["savings"], level_budget(search["savings"], k))
 
 
-def level_budget(savings: list[float], k: int) -> float:
-    """B_k = k * mean(s_i): what ``k`` average arms save."""
-    return k * sum(savings) / len(savings)
-
-
 def select_within_budget(gates: list[float], savings: list[float], budget: float) -> list[int]:
     """The set of arms saving at least ``budget`` with the least sum of (max(g) - g_i + eps)."""
     top = max(gates)
@@ -157,23 +153,6 @@ class SearchSupernet(nn.Module):
             parallel_adapters={i: self.parallel[i] for i in range(n) if i not in skip_set} if len(self.parallel) else {},
             pooler=self.base.pooler, token_type_embeddings=self.base.token_type_embeddings, head=self.base.head,
         )
-
-
-def sample_skip_set(gates: torch.Tensor, k: int, generator: torch.Generator,
-                    savings: list[float] | None = None, budget: float | None = None) -> set[int]:
-    """``k`` arms drawn from sigmoid(gates) without replacement; with ``savings`` (the reward-per-flop
-    objective), arms drawn one by one until they save ``budget`` (default: what ``k`` average arms save)."""
-    if savings is None:
-        return set(torch.multinomial(torch.sigmoid(gates), k, replacement=False, generator=generator).tolist())
-    order = torch.multinomial(torch.sigmoid(gates), len(savings), replacement=False, generator=generator).tolist()
-    need = (level_budget(savings, k) if budget is None else budget) * (1 - 1e-9)
-    chosen, total = set(), 0.0
-    for i in order:
-        chosen.add(i)
-        total += savings[i]
-        if total >= need:
-            break
-    return chosen
 
 
 def das_search(
@@ -234,12 +213,8 @@ def das_search(
         with torch.no_grad(), autocast(backbone.device, config.train.precision):
             sums = torch.stack([data.losses(Plan(spec, supernet.plan_modules(s)), batch).sum() for s in sets])
         rewards = torch.exp(-all_reduce_sum(sums.float(), world).cpu() / val_batch)
-        baseline = rewards.mean()
-        probs = torch.sigmoid(gates)
-        for skip_set, reward in zip(sets, rewards):
-            for i in skip_set:
-                gates[i] += config.gate_lr * (reward - baseline) * probs[i] * (1 - probs[i])
-        log.append({"step": step + 1, "reward_mean": round(baseline.item(), 6),
+        baseline = update_gates(gates, sets, rewards.tolist(), config.gate_lr)
+        log.append({"step": step + 1, "reward_mean": round(baseline, 6),
                     **{f"g{i}": round(gates[i].item(), 6) for i in range(n)}})
 
     def state() -> dict[str, Any]:
