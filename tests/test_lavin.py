@@ -531,3 +531,74 @@ def test_train_search_and_eval_a_lavin_plan_with_the_common_commands(lavin_world
     found = json.loads((tmp_path / "search" / "search.json").read_text())
     assert len(found["skip_set"]) == 2 and sorted(found["ranking"]) == list(range(LAYERS))
     assert any(abs(g) > 0 for g in found["gates"]), "the bandit never moved a gate"
+
+
+def test_plans_may_carry_their_own_mma_adapters(lavin, tmp_path):
+    """own_parts ["mma_adapters"]: copies of the kept blocks' MMA adapters in the plan. Started from the
+    checkpoint's they change nothing; moved, they change the plan's outputs and nothing else (the
+    backbone's adapters, and so every other plan, stay as converted); they survive save and load."""
+    _, _, _, backbone = lavin
+    spec = PlanSpec(task="vqa", name="own", version=1, backbone=BackboneRef("lavin", backbone.fingerprint),
+                    skipped_layers=(1,), adapters=AdapterShapes(8), own_parts=("mma_adapters",))
+    backbone.check_plan_spec(spec)
+    modules = backbone.build_plan_modules(spec, init_from_backbone=True)
+    assert sorted(int(k) for k in modules.mma_adapters) == [0, 2, 3]  # the kept blocks only
+    shared = backbone.build_plan_modules(PlanSpec(**{**spec.__dict__, "own_parts": ()}))
+    shared.skip_adapters.load_state_dict(modules.skip_adapters.state_dict())
+    batch = backbone.preprocess(images(), PROMPTS)
+    before = {k: v.clone() for k, v in backbone.model.text_adapters.state_dict().items()}
+    with torch.no_grad():
+        reference = backbone.logits(batch, shared)
+        assert torch.equal(backbone.logits(batch, modules), reference)
+        for p in modules.mma_adapters.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        moved = backbone.logits(batch, modules)
+        assert (moved - reference).abs().max() > 1e-3
+        assert torch.equal(backbone.logits(batch, shared), reference)
+    assert all(torch.equal(v, before[k]) for k, v in backbone.model.text_adapters.state_dict().items())
+    save_plan(tmp_path / "own", spec, modules)
+    loaded = load_plan(tmp_path / "own", backbone)
+    with torch.no_grad():
+        assert torch.equal(backbone.logits(batch, loaded.modules), moved)
+
+
+def test_own_parts_are_the_backbones_own(lavin, tmp_path, capsys):
+    """A LaVIN plan may carry MMA adapters and nothing else of the backbone's; other backbones carry no
+    MMA adapters (the plan check and `das train --train-mma` say so)."""
+    from helpers import make_llava_checkpoint
+
+    _, _, _, backbone = lavin
+    with pytest.raises(PlanError, match="it has: mma_adapters"):
+        backbone.check_plan_spec(PlanSpec(task="vqa", name="x", version=1, backbone=BackboneRef("lavin", backbone.fingerprint),
+                                          own_parts=("pooler",)))
+    make_llava_checkpoint(tmp_path / "llava")
+    llava = load_backbone(tmp_path / "llava", device="cpu")
+    with pytest.raises(PlanError, match="mma_adapters"):
+        llava.check_plan_spec(PlanSpec(task="vqa", name="x", version=1, backbone=BackboneRef("llava", llava.fingerprint),
+                                       own_parts=("mma_adapters",)))
+    assert main(["train", "--backbone", str(tmp_path / "llava"), "--task", "vqa", "--data", str(tmp_path),
+                 "--train-mma", "--out", str(tmp_path / "p")]) == 2
+    assert "no mixture-of-modality adapters" in capsys.readouterr().err
+
+
+def test_das_train_mma_trains_the_plans_own_copies(lavin_world, tmp_path, capsys):
+    import json
+
+    from models.das.plan import validate_plan
+
+    backbone_dir, data = lavin_world
+    plan_dir = tmp_path / "mma"
+    assert main(["train", "--backbone", str(backbone_dir), "--task", "vqa", "--data", str(data), "--skip", "2",
+                 "--train-mma", "--parallel-bottleneck", "0", "--out", str(plan_dir), "--name", "mma", "--epochs", "1",
+                 "--batch-size", "8", "--max-train", "24", "--max-eval", "8", "--skip-bottleneck", "8"]) == 0
+    capsys.readouterr()
+    backbone = load_backbone(backbone_dir, device="cpu")
+    spec = validate_plan(plan_dir, backbone)
+    assert spec.own_parts == ("mma_adapters",)
+    plan = load_plan(plan_dir, backbone)
+    for index, own in plan.modules.mma_adapters.items():  # trained away from the checkpoint's, which stay
+        start = backbone.model.text_adapters[int(index)].state_dict()
+        assert any(not torch.equal(v, start[k]) for k, v in own.state_dict().items())
+    assert spec.metrics["flops_reduced"] == backbone.flops_at(
+        "vqa", spec, spec.metrics["reference_input"]["text_len"], spec.metrics["reference_input"]["image_size"],
+        spec.metrics["reference_input"]["new_tokens"]).executed

@@ -127,6 +127,14 @@ def token_type_vocab(task: str, backbone_types: int) -> int:
     return max(backbone_types, NLVR2_TOKEN_TYPES) if task == "nlvr2" else backbone_types
 
 
+def check_own_parts(spec: PlanSpec, allowed: Sequence[str], family: str) -> None:
+    """A plan carries its own copies only of parts its backbone has (``allowed``)."""
+    unknown = sorted(set(spec.own_parts) - set(allowed))
+    if unknown:
+        raise PlanError(f"plan {spec.task}/{spec.name}: own_parts {unknown} do not exist in a {family} backbone"
+                        + (f" (it has: {', '.join(allowed)})" if allowed else ""))
+
+
 def check_nlvr2_token_types(spec: PlanSpec, backbone_types: int) -> None:
     """An NLVR2 plan on a backbone with fewer token types must carry its own embeddings."""
     if spec.task == "nlvr2" and "token_type_embeddings" not in spec.own_parts and backbone_types < NLVR2_TOKEN_TYPES:

@@ -31,7 +31,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         parallel_bottleneck=args.parallel_bottleneck or None, max_train_examples=args.max_train,
         max_eval_examples=args.max_eval, seed=args.seed, precision=args.precision, workers=args.workers,
         checkpoint_every=args.checkpoint_every, checkpoint_dir=str(_checkpoint_dir(args)) if _checkpoint_dir(args) else None,
-        resume=args.resume,
+        resume=args.resume, train_mma_adapters=getattr(args, "train_mma", False),
     )
 
 
@@ -299,6 +299,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="plan directory to write")
     train.add_argument("--name", default="plan", help="plan name (default 'plan')")
     train.add_argument("--version", type=int, default=1, help="plan version (default 1)")
+    train.add_argument("--train-mma", action="store_true",
+                       help="LaVIN: the plan carries its own copies of the kept decoder blocks' mixture-of-modality "
+                            "adapters, started from the checkpoint's and trained with the skip adapters, as LaVIN-DAS "
+                            "does (the backbone's stay as converted); refused for other backbones")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser(

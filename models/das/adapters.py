@@ -50,8 +50,9 @@ class PlanModules(nn.Module):
 
     Holds skip adapters (keyed by skipped layer index), parallel adapters (keyed by kept layer
     index) and, optionally, the plan's own copies of the small per-task parts the method trains
-    (pooler, modality token-type embeddings, task head). A part that is ``None`` means "use the
-    backbone's". The backbone's own weights are never referenced or copied here.
+    (pooler, modality token-type embeddings, task head; a LaVIN plan's mixture-of-modality adapters,
+    keyed by kept layer index). A part that is ``None`` (or a layer missing from ``mma_adapters``)
+    means "use the backbone's". The backbone's own weights are never referenced here.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class PlanModules(nn.Module):
         pooler: nn.Module | None = None,
         token_type_embeddings: nn.Embedding | None = None,
         head: nn.Module | None = None,
+        mma_adapters: dict[int, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.skip_adapters = nn.ModuleDict({str(i): m for i, m in sorted((skip_adapters or {}).items())})
@@ -70,6 +72,7 @@ class PlanModules(nn.Module):
         self.pooler = pooler
         self.token_type_embeddings = token_type_embeddings
         self.head = head
+        self.mma_adapters = nn.ModuleDict({str(i): m for i, m in sorted((mma_adapters or {}).items())})
 
     def skip_adapter(self, layer_index: int) -> SkipAdapter | None:
         return self.skip_adapters[str(layer_index)] if str(layer_index) in self.skip_adapters else None
@@ -77,6 +80,10 @@ class PlanModules(nn.Module):
     def parallel_adapter(self, layer_index: int) -> ParallelAdapters | None:
         key = str(layer_index)
         return self.parallel_adapters[key] if key in self.parallel_adapters else None
+
+    def mma_adapter(self, layer_index: int) -> nn.Module | None:
+        key = str(layer_index)
+        return self.mma_adapters[key] if key in self.mma_adapters else None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -53,7 +53,7 @@ from models.tasks import TASKS
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
-OWN_PARTS = ("pooler", "token_type_embeddings")
+OWN_PARTS = ("pooler", "token_type_embeddings", "mma_adapters")  # mma_adapters: LaVIN's, in the kept decoder blocks
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "weights.safetensors"
 FULL_PLAN_NAME = "full"

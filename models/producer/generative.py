@@ -173,6 +173,7 @@ class PlanTrainConfig:
     eval_every: int = 100
     val_examples: int = 300
     seed: int = 0
+    own_parts: tuple[str, ...] = ()  # e.g. ("mma_adapters",): LaVIN plans that train their own MMA adapters
 
 
 @dataclass(frozen=True)
@@ -574,9 +575,10 @@ def train_decoder_plan(backbone: GenerativeBackbone, name: str, skipped: Sequenc
     torch.manual_seed(config.seed)
     spec = PlanSpec(task=TASK, name=name, version=version,
                     backbone=BackboneRef(backbone.architecture, backbone.fingerprint), skipped_layers=tuple(skipped),
-                    adapters=AdapterShapes(config.skip_bottleneck if skipped else None, config.parallel_bottleneck))
+                    adapters=AdapterShapes(config.skip_bottleneck if skipped else None, config.parallel_bottleneck),
+                    own_parts=tuple(config.own_parts))
     backbone.check_plan_spec(spec)
-    modules = backbone.build_plan_modules(spec).train()
+    modules = backbone.build_plan_modules(spec, init_from_backbone=True).train()  # own parts start as the backbone's
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.lr, weight_decay=0.0)
     encoder = Encoder(backbone)
     val = val.subset(limit=config.val_examples, seed=config.seed)

@@ -67,6 +67,8 @@ def check_trainable(backbone: Backbone, task: str, config: TrainConfig | None = 
                            f"{', '.join(unsupported)} not supported")
     if task != "vqa":
         raise RunError(f"a generative backbone serves vqa (and chat); it has no {task} plans")
+    if config is not None and config.train_mma_adapters and "mma_adapters" not in backbone.plan_own_parts:
+        raise RunError(f"--train-mma: a {backbone.architecture} backbone has no mixture-of-modality adapters (LaVIN has)")
 
 
 def vqa_example_set(data_dir: str | Path, split: str, image_size: int, limit: int | None = None
@@ -119,6 +121,7 @@ def evaluate_generative_plan_dir(plan_dir: str | Path, data_dir: str | Path, bac
 def _plan_config(config: TrainConfig, train_examples: int, val_examples: int) -> g.PlanTrainConfig:
     steps = total_steps(train_examples, config)
     return g.PlanTrainConfig(skip_bottleneck=config.skip_bottleneck, parallel_bottleneck=config.parallel_bottleneck,
+                             own_parts=("mma_adapters",) if config.train_mma_adapters else (),
                              batch_size=config.batch_size, lr=config.lr, steps=steps,
                              warmup_steps=max(1, steps // 20), eval_every=max(1, steps // 5),
                              val_examples=min(300, val_examples), seed=config.seed)

@@ -25,6 +25,7 @@ class TrainConfig:
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     seed: int = 0
+    train_mma_adapters: bool = False  # LaVIN: the plan carries and trains its own MMA adapters (LaVIN-DAS)
     # how to run (not what is learnt): models/producer/engine.py
     precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only)
     workers: int = 0  # DataLoader worker processes decoding and preprocessing

@@ -396,6 +396,8 @@ def train_plan(
         from models.producer.generative_plans import train_generative_plan
 
         return train_generative_plan(backbone, task, data_dir, skipped, config, out_dir, name, version, eval_split)
+    if config.train_mma_adapters:
+        raise RunError(f"--train-mma: a {backbone.architecture} backbone has no mixture-of-modality adapters (LaVIN has)")
     world = init_world(backbone.device)
     runtime = DASRuntime(backbone)
     data = task_data(task, runtime, data_dir, config)

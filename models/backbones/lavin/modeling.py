@@ -529,6 +529,22 @@ class LavinBackbone(DecoderBlockPlans, nn.Module):
             truncated=[False] * batch, patch_grids=grids,
         )
 
+    # -- plans: LaVIN-DAS trains the MMA adapters of the kept blocks with the skip adapters; a plan
+    # with own_parts ["mma_adapters"] carries its own copies (the backbone's stay as converted)
+    plan_own_parts = ("mma_adapters",)
+
+    def own_block_parts(self, spec: PlanSpec, kept: list[int], init_from_backbone: bool) -> dict[int, nn.Module]:
+        if "mma_adapters" not in spec.own_parts:
+            return {}
+        parts = {}
+        for i in kept:
+            own = _adapter_pair(self.config.hidden_size, self.config.adapter_dim, self.config,
+                                self.config.adapter_type == "block")
+            if init_from_backbone:
+                own.load_state_dict(self.model.text_adapters[i].state_dict())
+            parts[i] = own
+        return parts
+
     appended_token_fields = {"input_ids": "token", "attention_mask": 1, "key_mask": True, "image_mask": False}
     column_fields = ("modality_columns",)
 
@@ -589,7 +605,8 @@ class LavinBackbone(DecoderBlockPlans, nn.Module):
             if skip is not None:
                 x = skip(x)  # the block (and its MMA adapters) does not run, and has no cache entry
                 continue
-            adapters = self.model.text_adapters[index]
+            own = plan.mma_adapter(index)  # the plan's own MMA adapters, else the checkpoint's
+            adapters = own if own is not None else self.model.text_adapters[index]
             attention_in = self._mma(adapters["attn"], (index, "attn"), routes, modality_columns)
             mlp_in = self._mma(adapters["mlp"], (index, "mlp"), routes, modality_columns) if "mlp" in adapters else None
             x = decoder_block_forward(layer, x, rope, attention_mask, plan.parallel_adapter(index), cache, index,

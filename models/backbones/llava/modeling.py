@@ -32,7 +32,7 @@ from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb, repeat_kv
 
-from models.backbones.base import BackboneError, fingerprint, padded_region, read_config, to_rgb
+from models.backbones.base import BackboneError, check_own_parts, fingerprint, padded_region, read_config, to_rgb
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.flops import (
     FlopsReport,
@@ -330,12 +330,14 @@ class DecoderBlockPlans:
         if spec.own_head:
             raise PlanError(f"{where}: a {self.family} plan carries no head of its own (answers come from the "
                             "backbone's lm head, shared by every plan)")
-        if spec.own_parts:
-            raise PlanError(f"{where}: own_parts {list(spec.own_parts)} do not exist in a {self.family} backbone")
+        check_own_parts(spec, self.plan_own_parts, self.family)
+
+    plan_own_parts: tuple[str, ...] = ()  # the backbone's parts a plan may carry its own copies of
 
     def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:
-        """Skip adapters for the skipped decoder blocks, parallel adapters (if any) for the kept ones;
-        such a plan has nothing else (``init_from_backbone`` has nothing to copy)."""
+        """Skip adapters for the skipped decoder blocks, parallel adapters (if any) for the kept ones,
+        and the plan's own copies of ``spec.own_parts`` in the kept blocks (``init_from_backbone``:
+        equal to the backbone's, the start of training)."""
         hidden, eps = self.config.hidden_size, self.config.layer_norm_eps
         skipped = set(spec.skipped_layers)
         skip = {i: SkipAdapter(hidden, spec.adapters.skip_bottleneck, eps) for i in skipped}
@@ -343,7 +345,12 @@ class DecoderBlockPlans:
         if spec.adapters.parallel_bottleneck:
             parallel = {i: ParallelAdapters(hidden, spec.adapters.parallel_bottleneck, eps)
                         for i in range(self.num_layers) if i not in skipped}
-        return PlanModules(skip, parallel)
+        kept = [i for i in range(self.num_layers) if i not in skipped]
+        return PlanModules(skip, parallel, mma_adapters=self.own_block_parts(spec, kept, init_from_backbone))
+
+    def own_block_parts(self, spec: PlanSpec, kept: list[int], init_from_backbone: bool) -> dict[int, nn.Module]:
+        """The plan's own per-block parts (none for LLaVA)."""
+        return {}
 
     def head_for(self, task: str, plan: PlanModules) -> nn.Module:
         """The lm head (the backbone's, for every plan)."""

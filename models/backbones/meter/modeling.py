@@ -54,6 +54,7 @@ from transformers.models.bert.modeling_bert import BertAttention, BertIntermedia
 from models.backbones.base import (
     BackboneError,
     check_nlvr2_token_types,
+    check_own_parts,
     fingerprint,
     padded_region,
     read_checkpoint_state,
@@ -366,6 +367,7 @@ class MeterBackbone(nn.Module):
         return token_type_vocab(task, self.config.modality_type_vocab_size)
 
     def check_plan_spec(self, spec: PlanSpec) -> None:
+        check_own_parts(spec, ("pooler", "token_type_embeddings"), "METER")
         check_nlvr2_token_types(spec, self.config.modality_type_vocab_size)
 
     def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:

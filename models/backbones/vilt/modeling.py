@@ -31,6 +31,7 @@ from transformers.models.vilt.modeling_vilt import ViltLayer, ViltPooler
 from models.backbones.base import (
     BackboneError,
     check_nlvr2_token_types,
+    check_own_parts,
     token_type_vocab, fingerprint, limit_aspect_ratio, read_checkpoint_state, read_config, to_rgb,
 )
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
@@ -281,6 +282,7 @@ class ViltBackbone(nn.Module):
         return token_type_vocab(task, self.config.modality_type_vocab_size)
 
     def check_plan_spec(self, spec: PlanSpec) -> None:
+        check_own_parts(spec, ("pooler", "token_type_embeddings"), "ViLT")
         check_nlvr2_token_types(spec, self.config.modality_type_vocab_size)
 
     def build_plan_modules(self, spec: PlanSpec, init_from_backbone: bool = False) -> PlanModules:
