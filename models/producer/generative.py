@@ -14,9 +14,10 @@ resumable from what it wrote into a work directory:
   measured every ``eval_every`` steps; training stops when it flattens (``patience`` evaluations without
   a relative gain of ``min_gain`` in val loss), at ``max_steps`` or after ``max_minutes`` (the cosine
   learning-rate schedule runs to whichever of the two ends first).
+
 The search, the plan trainer and the teacher-forced evaluation take any backbone whose DAS arms are
 its decoder blocks (LLaVA, LaVIN): they build batches with the backbone's own ``preprocess`` and
-``append_tokens`` and run ``sequence_output`` and ``lm_head``; pre-training is the tiny LLaVA's.
+``append_tokens`` and run ``sequence_output`` and ``lm_head``; pre-training is the tiny LLaVA's:
 
 * :func:`search_skips` -- the DAS search over the decoder blocks as a bandit (docs/plans.md, "The
   search"): one gate per block, each step skips ``k`` blocks sampled from the gates (their skip
