@@ -67,8 +67,6 @@ def check_trainable(backbone: Backbone, task: str, config: TrainConfig | None = 
                            f"{', '.join(unsupported)} not supported")
     if task != "vqa":
         raise RunError(f"a generative backbone serves vqa (and chat); it has no {task} plans")
-    if config is not None and config.train_mma_adapters and "mma_adapters" not in backbone.plan_own_parts:
-        raise RunError(f"--train-mma: a {backbone.architecture} backbone has no mixture-of-modality adapters (LaVIN has)")
 
 
 def vqa_example_set(data_dir: str | Path, split: str, image_size: int, limit: int | None = None

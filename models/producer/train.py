@@ -391,13 +391,13 @@ def train_plan(
     Under torchrun every rank trains its shard; rank 0 alone evaluates and writes the plan (the other
     ranks' results have no metrics). A generative backbone trains through
     ``models/producer/generative_plans.py`` (one process)."""
+    if config.train_mma_adapters and "mma_adapters" not in getattr(backbone, "plan_own_parts", ()):
+        raise RunError(f"--train-mma: a {backbone.architecture} backbone has no mixture-of-modality adapters (LaVIN has)")
     if getattr(backbone, "generative", False):
         # here, not at the top: generative_plans imports this module
         from models.producer.generative_plans import train_generative_plan
 
         return train_generative_plan(backbone, task, data_dir, skipped, config, out_dir, name, version, eval_split)
-    if config.train_mma_adapters:
-        raise RunError(f"--train-mma: a {backbone.architecture} backbone has no mixture-of-modality adapters (LaVIN has)")
     world = init_world(backbone.device)
     runtime = DASRuntime(backbone)
     data = task_data(task, runtime, data_dir, config)
