@@ -599,6 +599,11 @@ def _level(row: dict[str, Any], concurrency: int) -> dict[str, Any]:
     return next(lv for lv in row["levels"] if lv["concurrency"] == concurrency)
 
 
+def wanted_gain(x: float) -> float:
+    """The throughput gain a plan saving ``x`` of the FLOPs should reach: 0.9 * X / (1 - X)."""
+    return SKIP_EFFICIENCY * x / (1 - x) if x < 1 else float("inf")
+
+
 def paired_ratios(result: dict[str, Any]) -> list[dict[str, Any]]:
     """At every concurrency level above 1, ratios taken within each round (the services ran back to
     back there): each skip plan against das-full (throughput gain, p50 latency saved), and das-full
@@ -656,7 +661,7 @@ def evaluate(result: dict[str, Any]) -> dict[str, Any]:
     })
     for skip in (row for row in rows if row["role"] == "skip"):
         x = skip["flops_saved"] or 0.0
-        wanted = SKIP_EFFICIENCY * x / (1 - x) if x < 1 else float("inf")
+        wanted = wanted_gain(x)
         gain = ratio(skip["throughput_at_budget"], full["throughput_at_budget"])
         gain = None if gain is None else gain - 1
         targets.append({
@@ -667,17 +672,17 @@ def evaluate(result: dict[str, Any]) -> dict[str, Any]:
     paired = paired_ratios(result)
     for row in paired:
         x, median = row["flops_saved"], row["median"]
-        spread = "" if median is None else f" (rounds {row['min']:+.1%} to {row['max']:+.1%})"
         if row["measure"] == "throughput ratio":
-            wanted, shown = FULL_VS_BASELINE_TARGET, "-" if median is None else f"{median:.2f}x"
-            spread, target = ("" if median is None else f" (rounds {row['min']:.2f}x to {row['max']:.2f}x)"), \
-                f">= {wanted:.1f}x"
+            wanted, fmt, target = FULL_VS_BASELINE_TARGET, "{:.2f}x", f">= {FULL_VS_BASELINE_TARGET:.1f}x"
         elif row["measure"] == "throughput gain":
-            wanted = SKIP_EFFICIENCY * x / (1 - x) if x < 1 else float("inf")
-            shown, target = "-" if median is None else f"{median:+.1%}", f">= 0.9X/(1-X) = {wanted:+.1%}"
+            wanted, fmt = wanted_gain(x), "{:+.1%}"
+            target = f">= 0.9X/(1-X) = {wanted:+.1%}"
         else:
-            wanted = SKIP_EFFICIENCY * x
-            shown, target = "-" if median is None else f"{median:.1%}", f">= 0.9X = {wanted:.1%}"
+            wanted, fmt = SKIP_EFFICIENCY * x, "{:.1%}"
+            target = f">= 0.9X = {wanted:.1%}"
+        shown = "-" if median is None else fmt.format(median)
+        spread_fmt = "{:.2f}x" if row["measure"] == "throughput ratio" else "{:+.1%}"
+        spread = "" if median is None else f" (rounds {spread_fmt.format(row['min'])} to {spread_fmt.format(row['max'])})"
         targets.append({
             "name": f"paired per round, concurrency {row['concurrency']}: {row['comparison']}, {row['measure']}"
                     + (f" (X = {x:.1%})" if row["measure"] != "throughput ratio" else "") + spread,
