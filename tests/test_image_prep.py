@@ -1,6 +1,7 @@
 """Image preparation costs bounded memory for any allowed upload (both backbones), and photos come
 out upright. Sizes are checked, not time: what reaches the image processor, the tensors it makes,
-and the peak of numpy's allocations (tracemalloc sees them; the processors work in numpy)."""
+and the peak of numpy's allocations (tracemalloc sees them; the processors work in numpy; ViLT's
+batch tensors are bounded by the shapes asserted)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from models.backbones.base import limit_aspect_ratio
 from models.backbones.meter.configuration import MeterConfig, meter_text_defaults, meter_vision_defaults
 from models.backbones.meter.convert import build_roberta_tokenizer
 from models.backbones.meter.modeling import MeterBackbone
+from models.backbones.vilt import modeling as vilt_modeling
+from models.backbones.vilt.image_processing import vilt_pixels
 from service.inputs import load_image
 
 # 1 x N, N x 1 and a large photo, all within the default upload limits (40 megapixels)
@@ -67,16 +70,23 @@ def meter():
 
 
 def vilt_prepared(backbone, images):
-    recorder = Recorder(backbone.processor.image_processor)
-    backbone.processor.image_processor = recorder
+    """ViLT's pixels come from vilt_pixels (the processor's numbers without calling it): record what
+    reaches it."""
+    sizes = []
+
+    def recording(processor, given):
+        sizes.extend(image.size for image in given)
+        return vilt_pixels(processor, given)
+
+    vilt_modeling.vilt_pixels = recording
     try:
         tracemalloc.start()
         batch = backbone.preprocess(images, ["what color"] * len(images))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        backbone.processor.image_processor = recorder.processor
-    return batch, recorder.sizes, peak
+        vilt_modeling.vilt_pixels = vilt_pixels
+    return batch, sizes, peak
 
 
 def meter_prepared(backbone, images):

@@ -34,6 +34,7 @@ from models.backbones.base import (
     check_own_parts,
     token_type_vocab, fingerprint, limit_aspect_ratio, read_checkpoint_state, read_config, to_rgb,
 )
+from models.backbones.vilt.image_processing import vilt_pixels
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.flops import (
     FlopsReport,
@@ -348,8 +349,8 @@ class ViltBackbone(nn.Module):
             list(texts), padding="longest", truncation=True, max_length=max_len, return_tensors="pt"
         )
         ratio, side = self._max_aspect_ratio(), self._max_input_side()
-        pixels = self.processor.image_processor(
-            [limit_aspect_ratio(to_rgb(image), ratio, side) for image in images], return_tensors="pt"
+        pixels = vilt_pixels(
+            self.processor.image_processor, [limit_aspect_ratio(to_rgb(image), ratio, side) for image in images]
         )
         text_lengths = encoding["attention_mask"].sum(dim=1).tolist()
         return ViltBatch(
