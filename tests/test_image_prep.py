@@ -1,7 +1,8 @@
 """Image preparation costs bounded memory for any allowed upload (both backbones), and photos come
-out upright. Sizes are checked, not time: what reaches the image processor, the tensors it makes,
-and the peak of numpy's allocations (tracemalloc sees them; the processors work in numpy; ViLT's
-batch tensors are bounded by the shapes asserted)."""
+out upright. Sizes are checked, not time: what reaches the pixel functions (the image processors'
+numbers, models/backbones/pixels.py), the tensors they make, and the peak of numpy's allocations
+(tracemalloc sees them; the resize works in PIL and numpy, the batch tensors are bounded by the
+shapes asserted)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from helpers import WORDS, random_image
 from models.backbones.base import limit_aspect_ratio
 from models.backbones.meter.configuration import MeterConfig, meter_text_defaults, meter_vision_defaults
 from models.backbones.meter.convert import build_roberta_tokenizer
+from models.backbones.meter import modeling as meter_modeling
 from models.backbones.meter.modeling import MeterBackbone
 from models.backbones.vilt import modeling as vilt_modeling
-from models.backbones.vilt.image_processing import vilt_pixels
 from service.inputs import load_image
 
 # 1 x N, N x 1 and a large photo, all within the default upload limits (40 megapixels)
@@ -31,20 +32,6 @@ METER_SHORTER, METER_LONGER = 2, 8
 def vilt_longer_side(backbone) -> int:
     """The longest side ViLT's processor resizes to: 106 for the tiny checkpoint's 64 px processor."""
     return int(1333 / 800 * backbone.processor.image_processor.size["shortest_edge"])
-
-
-class Recorder:
-    """Stands in for an image processor; records the sizes of the images it is given."""
-
-    def __init__(self, processor) -> None:
-        self.processor, self.sizes = processor, []
-
-    def __call__(self, images, **kwargs):
-        self.sizes.extend(image.size for image in images)
-        return self.processor(images, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.processor, name)
 
 
 def drawn(width: int, height: int) -> Image.Image:
@@ -69,37 +56,32 @@ def meter():
     return MeterBackbone(config, tokenizer=tokenizer)
 
 
-def vilt_prepared(backbone, images):
-    """ViLT's pixels come from vilt_pixels (the processor's numbers without calling it): record what
-    reaches it."""
-    sizes = []
+def prepared(backbone, images, module, name: str):
+    """Preprocess ``images``; the sizes reaching the backbone's pixel function (``module.name``,
+    which stands in for transformers' image processor with the same numbers) and numpy's peak."""
+    original, sizes = getattr(module, name), []
 
     def recording(processor, given):
         sizes.extend(image.size for image in given)
-        return vilt_pixels(processor, given)
+        return original(processor, given)
 
-    vilt_modeling.vilt_pixels = recording
+    setattr(module, name, recording)
     try:
         tracemalloc.start()
         batch = backbone.preprocess(images, ["what color"] * len(images))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-        vilt_modeling.vilt_pixels = vilt_pixels
+        setattr(module, name, original)
     return batch, sizes, peak
 
 
+def vilt_prepared(backbone, images):
+    return prepared(backbone, images, vilt_modeling, "vilt_pixels")
+
+
 def meter_prepared(backbone, images):
-    recorder = Recorder(backbone.image_processor)
-    backbone.image_processor = recorder
-    try:
-        tracemalloc.start()
-        batch = backbone.preprocess(images, ["what color"] * len(images))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-        backbone.image_processor = recorder.processor
-    return batch, recorder.sizes, peak
+    return prepared(backbone, images, meter_modeling, "meter_pixels")
 
 
 @pytest.mark.parametrize("width, height", EXTREMES)

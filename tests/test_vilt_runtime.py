@@ -791,22 +791,3 @@ def test_transparent_pixels_become_white(backbones):
     assert torch.equal(batch.pixel_values[0], batch.pixel_values[2])
     assert torch.equal(batch.pixel_values[1], batch.pixel_values[2])
 
-
-@pytest.mark.parametrize("shortest_edge", [64, 384])
-def test_fast_pixels_equal_the_processor_bit_for_bit(shortest_edge):
-    """vilt_pixels replaces transformers' ViltImageProcessorPil call: same values, same padding and
-    mask, for images that are shrunk, enlarged, kept and padded; a processor set up otherwise (no
-    normalisation here) is called as it is."""
-    from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
-
-    from models.backbones.vilt.image_processing import vilt_pixels
-
-    processor = ViltImageProcessorPil(size={"shortest_edge": shortest_edge})
-    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate([(384, 384), (300, 500), (40, 70), (1000, 333)])]
-    for batch in (images[:1], images):
-        expected = processor(batch, return_tensors="pt")
-        got = vilt_pixels(processor, batch)
-        assert torch.equal(got["pixel_values"], expected["pixel_values"])
-        assert torch.equal(got["pixel_mask"], expected["pixel_mask"])
-    plain = ViltImageProcessorPil(size={"shortest_edge": shortest_edge}, do_normalize=False)
-    assert torch.equal(vilt_pixels(plain, images)["pixel_values"], plain(images, return_tensors="pt")["pixel_values"])

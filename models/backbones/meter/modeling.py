@@ -62,6 +62,7 @@ from models.backbones.base import (
     token_type_vocab,
 )
 from models.backbones.meter.configuration import MODEL_TYPE, MeterConfig, arm_names
+from models.backbones.meter.image_processing import meter_pixels
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.flops import (
     FlopsReport,
@@ -429,7 +430,7 @@ class MeterBackbone(nn.Module):
         untruncated = self.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
         encoding = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len,
                                   return_tensors="pt")
-        pixels = self.image_processor([self._bounded(to_rgb(image)) for image in images], return_tensors="pt")["pixel_values"]
+        pixels = meter_pixels(self.image_processor, [self._bounded(to_rgb(image)) for image in images])
         grid = square_grid(self.config, tuple(pixels.shape[-2:]))
         return MeterBatch(
             input_ids=encoding["input_ids"],
