@@ -286,6 +286,21 @@ def each_alone_on(errors: tuple[type[Exception], ...], run_batch: RunBatch) -> R
     return run
 
 
+def run_where_ready(items: Sequence[Any], inputs: Sequence[Any], run: Callable[[list, list], Sequence[Any]]) -> list:
+    """A batch whose items each come with their prepared inputs, or the Exception that preparing
+    them raised (an upload that does not decode): the ready items run together as ``run(items,
+    inputs)``, the others get :class:`Failed` as their result. See :func:`unwrap`."""
+    ready = [i for i, value in enumerate(inputs) if not isinstance(value, Exception)]
+    results: list[Any] = [None if i in ready else Failed(value) for i, value in enumerate(inputs)]
+    if ready:
+        outputs = list(run([items[i] for i in ready], [inputs[i] for i in ready]))
+        if len(outputs) != len(ready):
+            raise RuntimeError(f"run returned {len(outputs)} results for {len(ready)} items")
+        for i, output in zip(ready, outputs):
+            results[i] = output
+    return results
+
+
 def unwrap(result: Any) -> Any:
     """A result of an :func:`each_alone_on` batch: raises the item's own error."""
     if isinstance(result, Failed):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,43 +27,81 @@ class InputError(Exception):
         self.status = status
 
 
-def load_image(path: Path | bytes | None, field: str, max_bytes: int | None = None,
-               max_pixels: int | None = None) -> Image.Image:
-    """Decode an uploaded image fully (so truncation is caught here), refusing bombs and empties,
-    and turn it upright as its EXIF orientation says (phone photos; the processors expect upright
-    images). ``path``: the uploaded file, or the image's bytes (a decoded base64 data: URL).
-    Memory: the decoded image twice at most, itself bounded by ``max_pixels``. The limits default
-    to MAX_IMAGE_BYTES and MAX_IMAGE_PIXELS."""
+class ImageUpload:
+    """An uploaded image whose header passed the checks (size in bytes and pixels, a known format):
+    the compressed bytes, decoded by :meth:`decode`. Handlers open uploads; the batch decodes them,
+    in parallel, just before the forward pass (``decode_all``), so that the event loop never decodes
+    and a queued request holds its compressed bytes, not its pixels."""
+
+    __slots__ = ("data", "field", "size")
+
+    def __init__(self, data: bytes, field: str, size: tuple[int, int]) -> None:
+        self.data, self.field, self.size = data, field, size
+
+    def decode(self) -> Image.Image:
+        """The pixels, turned upright as the EXIF orientation says (phone photos; the processors
+        expect upright images); InputError (400) for a file the header check let through but that
+        does not decode (truncated, corrupt). Memory: the decoded image twice at most, bounded by
+        the pixel limit the header passed."""
+        field = self.field
+        try:
+            with Image.open(io.BytesIO(self.data)) as image:
+                image.load()
+                return ImageOps.exif_transpose(image)  # a copy, rotated/flipped if the orientation asks
+        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            raise InputError(f"{field}: not a decodable image ({exc.__class__.__name__})") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"{field}: the image could not be decoded ({exc})") from None
+
+
+def open_image(path: Path | bytes | None, field: str, max_bytes: int | None = None,
+               max_pixels: int | None = None) -> ImageUpload:
+    """Check an uploaded image's size and header, refusing bombs and empties, without decoding it.
+    ``path``: the uploaded file, or the image's bytes (a decoded base64 data: URL). The limits
+    default to MAX_IMAGE_BYTES and MAX_IMAGE_PIXELS."""
     max_bytes = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
     max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if path is None:
         raise InputError(f"missing image field {field!r} (send it as a multipart file)")
-    if isinstance(path, (bytes, bytearray)):
-        size, source = len(path), io.BytesIO(path)
-    else:
-        source = Path(path)
-        size = source.stat().st_size
+    size = len(path) if isinstance(path, (bytes, bytearray)) else Path(path).stat().st_size
     if size == 0:
         raise InputError(f"{field}: the uploaded file is empty")
     if size > max_bytes:
         raise InputError(f"{field}: file is {size} bytes; the limit is {max_bytes}", 413)
+    data = bytes(path) if isinstance(path, (bytes, bytearray)) else Path(path).read_bytes()
     try:
-        with Image.open(source) as image:
+        with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if width == 0 or height == 0:
-                raise InputError(f"{field}: image has zero size")
-            if width * height > max_pixels:
-                raise InputError(
-                    f"{field}: image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413
-                )
-            image.load()
-            return ImageOps.exif_transpose(image)  # a copy, rotated/flipped if the orientation asks
-    except InputError:
-        raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise InputError(f"{field}: not a decodable image ({exc.__class__.__name__})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{field}: the image could not be decoded ({exc})") from None
+    if width == 0 or height == 0:
+        raise InputError(f"{field}: image has zero size")
+    if width * height > max_pixels:
+        raise InputError(f"{field}: image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413)
+    return ImageUpload(data, field, (width, height))
+
+
+def load_image(path: Path | bytes | None, field: str, max_bytes: int | None = None,
+               max_pixels: int | None = None) -> Image.Image:
+    """:func:`open_image` and decode at once (the generative paths, which decode in the handler)."""
+    return open_image(path, field, max_bytes, max_pixels).decode()
+
+
+def decode_all(uploads: Sequence[ImageUpload], pool: Executor | None = None) -> list[Image.Image | InputError]:
+    """Each upload decoded, or the InputError that says why it could not be; in ``pool``'s threads
+    when given (PIL releases the GIL while it decodes)."""
+
+    def decoded(upload: ImageUpload) -> Image.Image | InputError:
+        try:
+            return upload.decode()
+        except InputError as exc:
+            return exc
+
+    if pool is None or len(uploads) < 2:
+        return [decoded(upload) for upload in uploads]
+    return list(pool.map(decoded, uploads))
 
 
 def check_text(value: str | None, field: str) -> str:

@@ -19,8 +19,11 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -35,7 +38,7 @@ from starlette.routing import Route
 from models.tasks import TASKS
 from service import openai_api, openapi
 from service.adaptive import LoadShifter
-from service.batching import MicroBatcher, Overloaded, each_alone_on, unwrap
+from service.batching import MicroBatcher, Overloaded, each_alone_on, run_where_ready, unwrap
 from service.config import DEFAULT_PLANS, Settings, SettingsError
 from service.errors import ErrorShapeMiddleware, RegistryError, quiet_client_errors
 from service.guard import (
@@ -49,7 +52,7 @@ from service.guard import (
     install_header_timeout,
     serve_behind_edge,
 )
-from service.inputs import InputError, check_text, load_image, text_list
+from service.inputs import ImageUpload, InputError, check_text, decode_all, open_image, text_list
 from service.memory import pin_malloc_thresholds, trim_heap
 from service.policy import check_flops_budget
 from service.registry import PlanRegistry
@@ -184,6 +187,9 @@ class DASService:
             max_queue=settings.max_queue,
             on_batch=lambda key, size: self.metrics.batch_size.labels(key[0]).observe(size),
         )
+        # decodes each batch's uploads in parallel (PIL releases the GIL), one thread per torch thread
+        self._decoder = ThreadPoolExecutor(max_workers=settings.torch_threads or os.cpu_count() or 1,
+                                           thread_name_prefix="das-decode")
         self.shifter = LoadShifter(on_shift=self.metrics.observe_shift, on_serving=self.metrics.set_served_plan)
         self.admin_token = settings.admin_token
         self._sync()
@@ -223,6 +229,7 @@ class DASService:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         self._stop.set()
+        self._decoder.shutdown(wait=False)
 
     def plans_overview(self) -> PlansOverview:
         """GET /plans/: the loaded plans per task, with their costs and load-adaptive status."""
@@ -276,9 +283,31 @@ class DASService:
         """The response's ``plan`` block: the plan that ran, its cost and why it was chosen."""
         return {**plan_info(plan), "flops_ratio": self.registry.cost(plan).flops_ratio, "chosen_by": chosen_by}
 
-    def _image(self, path: Path | None, field: str):
-        """An uploaded image, decoded within DAS_MAX_IMAGE_BYTES and DAS_MAX_IMAGE_PIXELS."""
-        return load_image(path, field, self.settings.max_image_bytes, self.settings.max_image_pixels)
+    def _image(self, path: Path | None, field: str) -> ImageUpload:
+        """An uploaded image, its header checked within DAS_MAX_IMAGE_BYTES and DAS_MAX_IMAGE_PIXELS;
+        decoded later, in the batch (``_decoded``)."""
+        return open_image(path, field, self.settings.max_image_bytes, self.settings.max_image_pixels)
+
+    def _decoded(self, uploads: Sequence[ImageUpload]) -> list:
+        """Images decoded in the model thread, in parallel, just before the forward pass: on a busy
+        host, decoding on the event loop would preempt one of torch's threads mid-operation while
+        the others wait for it. Raises the first upload's InputError."""
+        pictures = decode_all(uploads, self._decoder)
+        for picture in pictures:
+            if isinstance(picture, InputError):
+                raise picture
+        return pictures
+
+    def _per_item(self, items: Sequence[Any], uploads_of: Callable[[Any], Sequence[ImageUpload]],
+                  run: Callable[[list, list], Sequence[Any]]) -> list:
+        """A batch's images decoded (as ``_decoded``); the items whose images all decode run
+        together as ``run(items, their images)``, the others fail alone with their InputError:
+        one bad upload never fails its batch-mates."""
+        groups = [list(uploads_of(item)) for item in items]
+        flat = iter(decode_all([upload for group in groups for upload in group], self._decoder))
+        pictures = [[next(flat) for _ in group] for group in groups]
+        inputs = [next((p for p in group if isinstance(p, InputError)), group) for group in pictures]
+        return run_where_ready(items, inputs, run)
 
     def _batch_key(self, plan) -> tuple:
         """A batch never mixes plans, versions or weights."""
@@ -297,14 +326,16 @@ class DASService:
         async def work(chosen):
             if not 1 <= top_k <= 100:
                 raise InputError("top_k must be between 1 and 100")
-            picture, text = self._image(image, "image"), check_text(question, "question")
+            upload, text = self._image(image, "image"), check_text(question, "question")
             if self.generative:
-                return await self._generated_answer(chosen, picture, text, ctx.request.scope.get(ARRIVED_KEY))
-            def run(items):  # one batch may hold different top_k values: compute the largest, cut each
-                results = self.runtime.vqa(chosen, [i[0] for i in items], [i[1] for i in items], max(i[2] for i in items))
+                return await self._generated_answer(chosen, upload.decode(), text, ctx.request.scope.get(ARRIVED_KEY))
+
+            def run(items, pictures):  # one batch may hold different top_k values: compute the largest, cut each
+                results = self.runtime.vqa(chosen, [p[0] for p in pictures], [i[1] for i in items], max(i[2] for i in items))
                 return [dataclasses.replace(r, answers=r.answers[: i[2]]) for r, i in zip(results, items)]
 
-            result = await self.batcher.submit(self._batch_key(chosen), (picture, text, top_k), run)
+            result = unwrap(await self.batcher.submit(self._batch_key(chosen), (upload, text, top_k),
+                                                      lambda items: self._per_item(items, lambda i: i[:1], run)))
             body = {"answers": [{"answer": a.answer, "score": round(a.score, 6)} for a in result.answers],
                     "question_truncated": result.truncated}
             return body, result.flops
@@ -340,10 +371,12 @@ class DASService:
         async def work(chosen):
             left, right = self._image(image_left, "image_left"), self._image(image_right, "image_right")
             text = check_text(statement, "statement")
-            result = await self.batcher.submit(
-                self._batch_key(chosen), (left, right, text),
-                lambda items: self.runtime.nlvr2(chosen, [i[0] for i in items], [i[1] for i in items], [i[2] for i in items]),
-            )
+
+            def run(items, pictures):
+                return self.runtime.nlvr2(chosen, [p[0] for p in pictures], [p[1] for p in pictures], [i[2] for i in items])
+
+            result = unwrap(await self.batcher.submit(self._batch_key(chosen), (left, right, text),
+                                                      lambda items: self._per_item(items, lambda i: i[:2], run)))
             return {"label": result.label, "probability": round(result.probability, 6),
                     "statement_truncated": result.truncated}, result.flops
 
@@ -358,8 +391,8 @@ class DASService:
         async def work(chosen):
             repeated = ctx.request.scope.get(FORM_LISTS_KEY, {}).get("texts", [])
             candidates = text_list(texts, repeated, "texts", self.settings.max_candidates)
-            picture = self._image(image, "image")
-            result = await self.batcher.run_alone(lambda: self.runtime.rank_texts(chosen, picture, candidates))
+            upload = self._image(image, "image")
+            result = await self.batcher.run_alone(lambda: self.runtime.rank_texts(chosen, *self._decoded([upload]), candidates))
             ranking = [{"index": r.index, "text": candidates[r.index], "score": round(r.score, 6)} for r in result.ranking]
             return {"ranking": ranking}, result.flops
 
@@ -377,8 +410,8 @@ class DASService:
                 raise InputError("'images' needs at least one file")
             if len(images) > limit:
                 raise InputError(f"'images' has {len(images)} candidates; the limit is {limit}", 413)
-            pictures = [self._image(path, f"images[{i}]") for i, path in enumerate(images)]
-            result = await self.batcher.run_alone(lambda: self.runtime.rank_images(chosen, caption, pictures))
+            uploads = [self._image(path, f"images[{i}]") for i, path in enumerate(images)]
+            result = await self.batcher.run_alone(lambda: self.runtime.rank_images(chosen, caption, self._decoded(uploads)))
             return {"ranking": [{"index": r.index, "score": round(r.score, 6)} for r in result.ranking]}, result.flops
 
         return await self._serve(ctx, "retrieval", plan, work, ImageRankingResponse, max_flops_ratio)

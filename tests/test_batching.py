@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from service.batching import MicroBatcher, Overloaded, each_alone_on, unwrap
+from service.batching import MicroBatcher, Overloaded, each_alone_on, run_where_ready, unwrap
 
 
 class Recorder:
@@ -455,3 +455,25 @@ def test_one_items_failure_does_not_fail_its_batch_mates():
     assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
     with pytest.raises(ValueError, match="among 1"):  # a batch of one gets its failure back too
         unwrap(each_alone_on((ValueError,), run)(["bad"])[0])
+
+
+def test_items_whose_inputs_failed_fail_alone():
+    """run_where_ready: the ready items run together, in order; an item whose preparation failed
+    gets its own error, raised by unwrap; no ready item means no run."""
+    calls = []
+
+    def run(items, inputs):
+        calls.append((list(items), list(inputs)))
+        return [f"{item}:{value}" for item, value in zip(items, inputs)]
+
+    bad = ValueError("item b: not an image")
+    results = run_where_ready(["a", "b", "c"], [1, bad, 3], run)
+    assert calls == [(["a", "c"], [1, 3])]
+    assert unwrap(results[0]) == "a:1" and unwrap(results[2]) == "c:3"
+    with pytest.raises(ValueError, match="item b"):
+        unwrap(results[1])
+    calls.clear()
+    only_bad = run_where_ready(["b"], [bad], run)
+    assert calls == [] and len(only_bad) == 1
+    with pytest.raises(RuntimeError, match="1 results for 2 items"):
+        run_where_ready(["a", "c"], [1, 3], lambda items, inputs: ["one"])

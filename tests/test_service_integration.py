@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import json
 import shutil
@@ -148,6 +149,34 @@ def test_bad_inputs_get_clear_4xx_and_service_keeps_serving(server):
     body = post_vqa(client, random_image(64, 64), long_question).json()
     assert body["question_truncated"] is True
     assert post_vqa(client, random_image(64, 64), "is there a circle").status_code == 200
+
+
+def test_an_upload_that_does_not_decode_fails_alone_in_its_batch(server):
+    """Images are decoded in the batch: a truncated PNG (its header passes) sent among good requests
+    gets its 400, and the good ones, batched with it or not, the answers they get alone."""
+    client = server["client"]
+    good = [random_image(64, 64, seed=s) for s in range(4)]
+    alone = [post_vqa(client, image, "what color is the circle", plan="skip1").json()["answers"] for image in good]
+    cut = png(random_image(64, 64, seed=9))
+    cut = cut[: len(cut) // 2]
+
+    def call(i):
+        if i % 2:
+            return client.post("/vqa", files={"image": ("x.png", cut, "image/png")},
+                               data={"question": "what color is the circle", "plan": "skip1"})
+        return post_vqa(client, good[i // 2 % 4], "what color is the circle", plan="skip1")
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(call, range(16)))
+    for i, response in enumerate(responses):
+        if i % 2:
+            assert_client_error(response, 400, "decode")
+        else:
+            assert response.status_code == 200, response.text
+            got = response.json()["answers"]
+            expected = alone[i // 2 % 4]
+            assert [a["answer"] for a in got] == [a["answer"] for a in expected]
+            assert all(abs(a["score"] - b["score"]) < 1e-4 for a, b in zip(got, expected))
 
 
 def test_corrupted_plan_is_refused_and_old_plan_keeps_serving(server):
