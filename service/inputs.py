@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from concurrent.futures import Executor
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,9 +28,9 @@ class InputError(Exception):
 
 class ImageUpload:
     """An uploaded image whose header passed the checks (size in bytes and pixels, a known format):
-    the compressed bytes, decoded by :meth:`decode`. Handlers open uploads; the batch decodes them,
-    in parallel, just before the forward pass (``decode_all``), so that the event loop never decodes
-    and a queued request holds its compressed bytes, not its pixels."""
+    the compressed bytes, decoded by :meth:`decode`. Handlers open uploads; the batch decodes them
+    just before the forward pass (``decode_all``), so that the event loop never decodes and a queued
+    request holds its compressed bytes, not its pixels."""
 
     __slots__ = ("data", "field", "size")
 
@@ -89,9 +88,8 @@ def load_image(path: Path | bytes | None, field: str, max_bytes: int | None = No
     return open_image(path, field, max_bytes, max_pixels).decode()
 
 
-def decode_all(uploads: Sequence[ImageUpload], pool: Executor | None = None) -> list[Image.Image | InputError]:
-    """Each upload decoded, or the InputError that says why it could not be; in ``pool``'s threads
-    when given (PIL releases the GIL while it decodes)."""
+def decode_all(uploads: Sequence[ImageUpload]) -> list[Image.Image | InputError]:
+    """Each upload decoded, or the InputError that says why it could not be."""
 
     def decoded(upload: ImageUpload) -> Image.Image | InputError:
         try:
@@ -99,9 +97,7 @@ def decode_all(uploads: Sequence[ImageUpload], pool: Executor | None = None) -> 
         except InputError as exc:
             return exc
 
-    if pool is None or len(uploads) < 2:
-        return [decoded(upload) for upload in uploads]
-    return list(pool.map(decoded, uploads))
+    return [decoded(upload) for upload in uploads]
 
 
 def check_text(value: str | None, field: str) -> str:

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from transformers.image_transforms import get_resize_output_image_size
 
-from models.backbones.pixels import normalized, plain_steps, uint8_batch
+from models.backbones.pixels import pixel_batch, plain_steps
 
 
-def resized_and_cropped(processor, image: Image.Image) -> Image.Image | None:
+def resized_and_cropped(processor, image: Image.Image) -> np.ndarray | None:
     """The processor's resize (shorter side to ``size["shortest_edge"]``, PIL's resampling) and
-    centre crop; None when the crop would need padding."""
+    centre crop, as an (H, W, 3) uint8 array; None when the crop would need padding."""
     shape_only = np.empty((1, image.height, image.width), dtype=np.uint8)  # channels first, as the processor asks
     height, width = get_resize_output_image_size(
         shape_only, size=processor.size.get("shortest_edge"), default_to_square=False, input_data_format="channels_first",
@@ -28,7 +28,7 @@ def resized_and_cropped(processor, image: Image.Image) -> Image.Image | None:
     top, left = (height - crop_height) // 2, (width - crop_width) // 2  # transformers' center_crop
     if top < 0 or left < 0:
         return None
-    return image.crop((left, top, left + crop_width, top + crop_height))
+    return np.array(image)[top:top + crop_height, left:left + crop_width]  # a numpy view: PIL's crop is slower
 
 
 def meter_pixels(processor, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -38,6 +38,5 @@ def meter_pixels(processor, images: Sequence[Image.Image]) -> torch.Tensor:
             and crop is not None and crop.height and crop.width):
         cropped = [resized_and_cropped(processor, image) for image in images]
         if all(image is not None for image in cropped):
-            raw, _ = uint8_batch(cropped)
-            return normalized(processor, raw)
+            return pixel_batch(processor, cropped)[0]
     return processor(list(images), return_tensors="pt")["pixel_values"]

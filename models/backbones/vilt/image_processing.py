@@ -15,7 +15,7 @@ from transformers.models.vilt.image_processing_pil_vilt import (
     get_resize_output_image_size,
 )
 
-from models.backbones.pixels import normalized, plain_steps, uint8_batch
+from models.backbones.pixels import pixel_batch, plain_steps
 
 
 def resized(processor, image: Image.Image) -> Image.Image:
@@ -40,5 +40,5 @@ def vilt_pixels(processor, images: Sequence[Image.Image]) -> dict[str, torch.Ten
     size = getattr(processor, "size", None)
     if not (plain_steps(processor, "do_resize", "do_pad") and isinstance(size and size.get("shortest_edge"), int)):
         return dict(processor(list(images), return_tensors="pt"))
-    raw, mask = uint8_batch([resized(processor, image) for image in images])
-    return {"pixel_values": normalized(processor, raw, mask), "pixel_mask": mask}
+    pixels, mask = pixel_batch(processor, [np.array(resized(processor, image)) for image in images])
+    return {"pixel_values": pixels, "pixel_mask": mask}
