@@ -43,15 +43,17 @@ def test_loadtest_reports_every_endpoint(tmp_path):
 
 def test_hotswap_under_load_keeps_plan_versions_in_their_window(tmp_path):
     swaps, warmup_swaps, plan_name = 3, 1, f"swap-{uuid.uuid4().hex[:8]}"
-    # 8 s of warm-up load: after 2 s the workers' RSS was still climbing by 2-6% over the next 8 s
-    # with or without swaps, which put the 5% check at the mercy of the warm-up
+    # A short run: its allocator has not settled (RSS still grew 1-5% over the 8 s after an 8 s warm-up,
+    # and up to 6% after a 2 s one, with or without swaps), so memory is held to 10% here; `make
+    # loadtest-hotswap` warms up until RSS settles and holds it to 5%.
     summary = _run("loadtests.hotswap", tmp_path, "--swaps", str(swaps), "--warmup-swaps", str(warmup_swaps),
-                   "--warmup", "8", "--warmup-max", "8", "--dwell", "2", "--users", "3", "--spawn-rate", "3", "--plan-name", plan_name)
+                   "--warmup", "8", "--warmup-max", "8", "--rss-tolerance", "0.10", "--dwell", "2", "--users", "3",
+                   "--spawn-rate", "3", "--plan-name", plan_name)
     assert summary["passed"], summary["checks"]
     assert {c["name"].split(" after")[0] for c in summary["checks"] if c["passed"]} >= {
         "zero failed requests", "Locust finished without errors", "every endpoint in the mix was hit",
         "every admin call succeeded",
-        "every response reports a plan version inside the expected window", "worker memory back within 5%"}
+        "every response reports a plan version inside the expected window", "worker memory back within 10%"}
     assert set(summary["endpoints"]) == ENDPOINTS
     calls = summary["admin_calls"]
     assert [c["operation"] for c in calls] == ["load", "activate", "rollback", "unload"] * (swaps + warmup_swaps)
