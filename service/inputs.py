@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -26,6 +27,17 @@ class InputError(Exception):
         self.status = status
 
 
+@contextlib.contextmanager
+def _as_input_error(field: str) -> Iterator[None]:
+    """PIL's errors for a file that is not an image, or not a whole one, as a 400 naming the field."""
+    try:
+        yield
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{field}: not a decodable image ({exc.__class__.__name__})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{field}: the image could not be decoded ({exc})") from None
+
+
 class ImageUpload:
     """An uploaded image whose header passed the checks (size in bytes and pixels, a known format):
     the compressed bytes, decoded by :meth:`decode`. Handlers open uploads; the batch decodes them
@@ -42,15 +54,9 @@ class ImageUpload:
         expect upright images); InputError (400) for a file the header check let through but that
         does not decode (truncated, corrupt). Memory: the decoded image twice at most, bounded by
         the pixel limit the header passed."""
-        field = self.field
-        try:
-            with Image.open(io.BytesIO(self.data)) as image:
-                image.load()
-                return ImageOps.exif_transpose(image)  # a copy, rotated/flipped if the orientation asks
-        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-            raise InputError(f"{field}: not a decodable image ({exc.__class__.__name__})") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"{field}: the image could not be decoded ({exc})") from None
+        with _as_input_error(self.field), Image.open(io.BytesIO(self.data)) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)  # a copy, rotated/flipped if the orientation asks
 
 
 def open_image(path: Path | bytes | None, field: str, max_bytes: int | None = None,
@@ -68,13 +74,8 @@ def open_image(path: Path | bytes | None, field: str, max_bytes: int | None = No
     if size > max_bytes:
         raise InputError(f"{field}: file is {size} bytes; the limit is {max_bytes}", 413)
     data = bytes(path) if isinstance(path, (bytes, bytearray)) else Path(path).read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{field}: not a decodable image ({exc.__class__.__name__})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{field}: the image could not be decoded ({exc})") from None
+    with _as_input_error(field), Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
     if width == 0 or height == 0:
         raise InputError(f"{field}: image has zero size")
     if width * height > max_pixels:
