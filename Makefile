@@ -76,8 +76,9 @@ BENCH_ON := --device $(BENCH_DEVICE) --dtype $(BENCH_DTYPE) $(if $(BENCH_THREADS
 # the service level runs twice: at ViLT-B/32 size (random init; the model dominates a request, as in
 # production; BENCH_SERVICE_BASE= to leave it out) and on the embedded default (fixed costs dominate)
 BENCH_SERVICE_BASE ?= 1
-# its load: 2, 4 and 8 clients, 5 paired rounds of 10 s (commas would split a $(if ...), hence variables)
-BASE_LOAD := --concurrency 2,4,8 --rounds 5 --duration 10 --warmup 2
+# its load: 2, 4 and 8 clients, 5 paired rounds of 15 s (a round counts 70-150 requests, so its ratios move
+# in steps of 1-3%; commas would split a $(if ...), hence variables)
+BASE_LOAD := --concurrency 2,4,8 --rounds 5 --duration 15 --warmup 2
 BASE_LOAD_SHORT := --short --concurrency 4,8
 bench: $(STAMP)  ## every benchmark in one run: model level (ViLT-B/32 size + embedded), generation (LaVIN ~1B), service level vs a plain BentoML service (both sizes), HTTP overhead, producer throughput -> bench-results/
 	$(VENV)/bin/das bench --out bench-results $(BENCH_ON) $(if $(BENCH_SHORT),--repeats 2 --warmup 0 --extra-rounds 0)
