@@ -290,8 +290,8 @@ def run_where_ready(items: Sequence[Any], inputs: Sequence[Any], run: Callable[[
     """A batch whose items each come with their prepared inputs, or the Exception that preparing
     them raised (an upload that does not decode): the ready items run together as ``run(items,
     inputs)``, the others get :class:`Failed` as their result. See :func:`unwrap`."""
-    ready = [i for i, value in enumerate(inputs) if not isinstance(value, Exception)]
-    results: list[Any] = [None if i in ready else Failed(value) for i, value in enumerate(inputs)]
+    results: list[Any] = [Failed(value) if isinstance(value, Exception) else None for value in inputs]
+    ready = [i for i, result in enumerate(results) if result is None]
     if ready:
         outputs = list(run([items[i] for i in ready], [inputs[i] for i in ready]))
         if len(outputs) != len(ready):

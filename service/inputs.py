@@ -44,10 +44,10 @@ class ImageUpload:
     just before the forward pass (``decode_all``), so that the event loop never decodes and a queued
     request holds its compressed bytes, not its pixels."""
 
-    __slots__ = ("data", "field", "size")
+    __slots__ = ("data", "field")
 
-    def __init__(self, data: bytes, field: str, size: tuple[int, int]) -> None:
-        self.data, self.field, self.size = data, field, size
+    def __init__(self, data: bytes, field: str) -> None:
+        self.data, self.field = data, field
 
     def decode(self) -> Image.Image:
         """The pixels, turned upright as the EXIF orientation says (phone photos; the processors
@@ -80,7 +80,7 @@ def open_image(path: Path | bytes | None, field: str, max_bytes: int | None = No
         raise InputError(f"{field}: image has zero size")
     if width * height > max_pixels:
         raise InputError(f"{field}: image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413)
-    return ImageUpload(data, field, (width, height))
+    return ImageUpload(data, field)
 
 
 def load_image(path: Path | bytes | None, field: str, max_bytes: int | None = None,

@@ -790,4 +790,3 @@ def test_transparent_pixels_become_white(backbones):
     batch = backbone.preprocess([clear, palette, white], ["a", "a", "a"])
     assert torch.equal(batch.pixel_values[0], batch.pixel_values[2])
     assert torch.equal(batch.pixel_values[1], batch.pixel_values[2])
-

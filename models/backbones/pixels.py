@@ -18,12 +18,15 @@ import torch
 
 
 def plain_steps(processor, *steps: str) -> bool:
-    """Whether the processor runs exactly ``steps`` (do_* flags) besides rescale and normalise, with
-    PIL resampling and a mean and std of 1 or 3 values: the setups these fast paths reproduce."""
-    optional = {"do_resize", "do_center_crop", "do_pad"}
-    wanted = {"do_rescale", "do_normalize", *steps}
+    """Whether the processor runs exactly ``steps`` (do_* flags) besides resize, rescale and
+    normalise, resizing by ``size["shortest_edge"]`` with PIL resampling, with a mean and std of 1
+    or 3 values: the setups these fast paths reproduce."""
+    optional = {"do_center_crop", "do_pad"}
+    wanted = {"do_resize", "do_rescale", "do_normalize", *steps}
+    size = getattr(processor, "size", None)
     return (
         all(bool(getattr(processor, flag, False)) for flag in wanted)
+        and isinstance(size and size.get("shortest_edge"), int)
         and not any(bool(getattr(processor, flag, False)) for flag in optional - wanted)
         and isinstance(getattr(processor, "resample", None), int)
         and np.atleast_1d(processor.image_mean).size in (1, 3)

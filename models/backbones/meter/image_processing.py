@@ -33,9 +33,8 @@ def resized_and_cropped(processor, image: Image.Image) -> np.ndarray | None:
 
 def meter_pixels(processor, images: Sequence[Image.Image]) -> torch.Tensor:
     """(B, 3, H, W) float32 pixel values for RGB ``images``, as ``processor(images)["pixel_values"]``."""
-    size, crop = getattr(processor, "size", None), getattr(processor, "crop_size", None)
-    if (plain_steps(processor, "do_resize", "do_center_crop") and isinstance(size and size.get("shortest_edge"), int)
-            and crop is not None and crop.height and crop.width):
+    crop = getattr(processor, "crop_size", None)
+    if plain_steps(processor, "do_center_crop") and crop is not None and crop.height and crop.width:
         cropped = [resized_and_cropped(processor, image) for image in images]
         if all(image is not None for image in cropped):
             return pixel_batch(processor, cropped)[0]

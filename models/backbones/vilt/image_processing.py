@@ -37,8 +37,7 @@ def resized(processor, image: Image.Image) -> Image.Image:
 def vilt_pixels(processor, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
     """``pixel_values`` (B, 3, H, W) float32 and ``pixel_mask`` (B, H, W) int64 for RGB ``images``,
     padded bottom/right with zeros to the largest in the batch, as ``processor(images)`` returns."""
-    size = getattr(processor, "size", None)
-    if not (plain_steps(processor, "do_resize", "do_pad") and isinstance(size and size.get("shortest_edge"), int)):
+    if not plain_steps(processor, "do_pad"):
         return dict(processor(list(images), return_tensors="pt"))
     pixels, mask = pixel_batch(processor, [np.array(resized(processor, image)) for image in images])
     return {"pixel_values": pixels, "pixel_mask": mask}
