@@ -190,6 +190,8 @@ def test_the_shipped_tiny_meter_and_its_plans():
         spec = validate_plan(plan_dir, backbone)
         assert plan_dir.name in state["loaded"][spec.task]
         if spec.skipped_layers:
-            assert len(spec.skipped_layers) == 4 and spec.metrics["flops_reduced"] < spec.metrics["flops_full"]
+            # plans are named for how many arms they skip (skipN)
+            assert plan_dir.name == f"skip{len(spec.skipped_layers)}"
+            assert spec.metrics["flops_reduced"] < spec.metrics["flops_full"]
     for task, name in state["active"].items():
         assert name in state["loaded"][task]
