@@ -123,6 +123,25 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
     assert len(pretrain["curve"]["step"]) == len(pretrain["curve"]["mlm_loss"]) >= 2
 
 
+def test_pipeline_image_patch_and_precision_options_reach_the_backbone(tmp_path, capsys):
+    """`das pipeline --image-size 32 --patch-size 8 --precision bf16`: the data, the pre-trained backbone
+    (a 4 x 4 patch grid) and every training follow them; a patch size that does not divide is refused."""
+    out, work = tmp_path / "plans", tmp_path / "work"
+    assert main(["pipeline", "--quick", "--quiet", "--image-size", "32", "--patch-size", "8", "--precision", "bf16",
+                 "--out", str(out), "--work", str(work)]) == 0
+    backbone = load_backbone(out / "backbone", device="cpu")
+    assert (backbone.config.image_size, backbone.config.patch_size) == (32, 8)
+    assert json.loads((work / "data" / "vqa" / "synth.json").read_text())["image_size"] == 32
+    pretrained = torch.load(work / "pretrain.ckpt" / "last.pt", map_location="cpu", weights_only=False)
+    assert pretrained["run"]["precision"] == "bf16"
+    for task in ("vqa", "nlvr2", "retrieval"):
+        validate_plan(out / task / "adapters", backbone)
+    capsys.readouterr()
+    assert main(["pipeline", "--quick", "--quiet", "--patch-size", "12", "--out", str(tmp_path / "bad"),
+                 "--work", str(work)]) == 2
+    assert "does not divide" in capsys.readouterr().err
+
+
 def test_quick_meter_pipeline_pretrains_and_writes_a_servable_store(tmp_path, capsys):
     """`das pipeline --arch meter`: a METER pre-trained from scratch (ITM + MLM), searched with its own
     arms (both streams' fusion layers), plans that validate against it and not against a ViLT."""

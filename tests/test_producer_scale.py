@@ -344,6 +344,27 @@ def test_pretrain_under_torchrun_matches_one_process_and_resumes(world, tmp_path
     assert max((one[k] - resumed[k]).abs().max().item() for k in one) <= 1e-6
 
 
+def test_das_pretrain_goes_on_from_a_backbone_with_patch_shapes(world, tmp_path, capsys):
+    """`das pretrain --init-from DIR --patch-shape-weight W`: starts from DIR's weights and vocabulary (not
+    random ones) and learns patch shapes from the synthetic scenes; a backbone of other sizes is refused."""
+    root, _, _ = world
+    base = ["pretrain", "--data", str(root / "retrieval"), *PRETRAIN]
+    assert main([*base, "--out", str(tmp_path / "first")]) == 0
+    capsys.readouterr()
+    assert main([*base, "--epochs", "0.5", "--init-from", str(tmp_path / "first"), "--patch-shape-weight", "1",
+                 "--out", str(tmp_path / "second")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0 <= summary["patch_accuracy"] <= 1 and summary["patch_loss"] > 0
+    first, second = load_backbone(tmp_path / "first", device="cpu"), load_backbone(tmp_path / "second", device="cpu")
+    assert first.processor.tokenizer.get_vocab() == second.processor.tokenizer.get_vocab()
+    # one short stage from the first backbone moves its weights a little, unlike a fresh random start
+    a, b = _weights(tmp_path / "first"), _weights(tmp_path / "second")
+    drift = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert 0 < drift < 0.2
+    assert main([*base, "--hidden-size", "64", "--init-from", str(tmp_path / "first"), "--out", str(tmp_path / "bad")]) == 2
+    assert "init_from" in capsys.readouterr().err and not (tmp_path / "bad" / "config.json").exists()
+
+
 def test_a_killed_das_train_resumes_to_the_uninterrupted_plan(world, tmp_path):
     """A real SIGKILL of `das train` after its first checkpoint, then `--resume`: the same plan weights
     as a run never interrupted."""

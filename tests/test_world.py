@@ -221,6 +221,30 @@ def test_rendering_is_deterministic_and_shows_the_scene():
             assert np.abs(corner - np.array(scene.background)).max() <= 8
 
 
+def test_patch_shape_labels_follow_the_drawn_pixels():
+    """Each patch is labelled with the shape whose drawn pixels cover the larger part of it (1 + its index
+    in SHAPES), 0 for background: checked against the noiseless rendering itself."""
+    grid, patch = 8, 16
+    for seed in range(20):
+        scene = scenes.sample_scene(random.Random(seed))
+        labels = scenes.patch_shape_labels(scene, grid, patch)
+        assert labels.shape == (grid * grid,) and labels.dtype == np.int64
+        pixels = np.asarray(scenes.render_scene(scene, grid * patch, noise=0), dtype=int)
+        drawn = np.abs(pixels - np.array(scene.background)).max(axis=-1) > 30
+        cover = drawn.reshape(grid, patch, grid, patch).mean(axis=(1, 3)).reshape(-1)
+        assert (labels[cover < 0.2] == 0).all()  # nearly empty patches are background
+        # half covered: by one object, or at least a quarter by one of two
+        assert (labels[cover >= 0.5] > 0).all()
+        for obj in scene.objects:  # the patch under each object's centre carries its shape
+            centre = int(obj.y * grid) * grid + int(obj.x * grid)
+            if labels[centre]:
+                assert scenes.SHAPES[labels[centre] - 1] == obj.shape
+        assert set(labels.tolist()) - {0} <= {1 + scenes.SHAPES.index(o.shape) for o in scene.objects}
+    square = Scene((SceneObject("square", "red", "large", 0.5, 0.5),), (100, 100, 100), 0)
+    labels = scenes.patch_shape_labels(square, 4, 16).reshape(4, 4)  # half-side 0.117 of 64 px: the centre
+    assert labels[1:3, 1:3].tolist() == [[2, 2], [2, 2]] and labels[0].tolist() == [0, 0, 0, 0]
+
+
 def test_generators_are_deterministic():
     assert language.generate_vqa(40, seed=3) == language.generate_vqa(40, seed=3)
     assert language.generate_nlvr2(40, seed=3) == language.generate_nlvr2(40, seed=3)

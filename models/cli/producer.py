@@ -9,6 +9,7 @@ Light at import (argparse and paths only): the producer is imported when a comma
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -84,7 +85,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                             num_heads=args.heads, intermediate_size=4 * args.hidden_size, image_size=args.image_size,
                             batch_size=args.batch_size, device=args.device, precision=args.precision,
                             workers=args.workers, checkpoint_every=args.checkpoint_every,
-                            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=args.resume)
+                            checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=args.resume,
+                            patch_shape_weight=args.patch_shape_weight,
+                            init_from=str(args.init_from) if args.init_from else None)
     extra = {task: Path(d) for task, d in (("vqa", args.vqa_data), ("nlvr2", args.nlvr2_data)) if d}
     try:
         summary = pretrain_backbone(args.data, args.out, config, extra_text_dirs=extra)
@@ -173,6 +176,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         settings = PipelineSettings.meter(quick=args.quick)
     else:
         settings = PipelineSettings.quick() if args.quick else PipelineSettings()
+    overrides = {key: getattr(args, key) for key in ("image_size", "patch_size", "precision") if getattr(args, key) is not None}
+    settings = dataclasses.replace(settings, **overrides)
+    if settings.image_size % settings.patch_size:
+        print(f"error: --patch-size {settings.patch_size} does not divide the image size {settings.image_size}",
+              file=sys.stderr)
+        return 2
     default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
     out, work = Path(args.out or default_out), Path(args.work or REPO_ROOT / "build" / default_work)
     if (args.compare_objectives or args.remeasure) and not (out / "store.json").is_file():
@@ -264,6 +273,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pretrain.add_argument("--batch-size", type=positive_int, default=48,
                           help="batch size (default 48; under torchrun the global batch)")
+    pretrain.add_argument("--patch-shape-weight", type=float, default=0.0,
+                          help="weight of patch shape classification: every image patch an object covers predicts "
+                               "that object's shape, where the data set records its scenes (synthetic data); "
+                               "0 = off (default)")
+    pretrain.add_argument("--init-from", type=Path,
+                          help="ViLT backbone directory to go on pre-training from (its weights, vocabulary and ITM "
+                               "head; sizes must match); default: random weights")
     _run_options(pretrain)
     _checkpoint_options(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
@@ -347,4 +363,12 @@ def register(commands: argparse._SubParsersAction) -> None:
                                "short baseline training, and print their val scores (--work/objectives.json)")
     pipeline.add_argument("--quiet", action="store_true", help="no progress bars")
     pipeline.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    pipeline.add_argument("--image-size", type=positive_int,
+                          help="images of the synthetic data and the backbone, in px (default: the recipe's; 128 for "
+                               "both embedded backbones)")
+    pipeline.add_argument("--patch-size", type=positive_int,
+                          help="the backbone's patch size in px; must divide the image size (default: the recipe's, 16)")
+    pipeline.add_argument("--precision", choices=["fp32", "bf16"],
+                          help="fp32, or bf16 autocast for pre-training, training and evaluation (default: the "
+                               "recipe's, fp32)")
     pipeline.set_defaults(func=cmd_pipeline)

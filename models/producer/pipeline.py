@@ -41,6 +41,9 @@ class PipelineSettings:
     n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
     # 128 px in 16 px patches (an 8 x 8 grid): a small object is ~20 px across (at 96 px: 15 px, one patch)
     image_size: int = 128
+    patch_size: int = 16
+    # fp32, or bf16 autocast for pre-training and every training and evaluation (models/producer/engine.py)
+    precision: str = "fp32"
     # fresh scenes for pre-training only (work/data/pretrain), captioned 5 times each with hard negatives
     pretrain_images: int = 20000
     pretrain_epochs: float = 1.6  # over every caption pair: retrieval captions + captioned train scenes of all tasks
@@ -112,6 +115,7 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
             PretrainConfig(arch=settings.arch, hidden_size=settings.hidden_size, num_layers=settings.layers,
                            vision_layers=settings.vision_layers, text_layers=settings.text_layers, num_heads=settings.heads,
                            intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
+                           patch_size=settings.patch_size, precision=settings.precision,
                            epochs=settings.pretrain_epochs, seed=seed,
                            # resumable: an interrupted pre-training goes on from its last checkpoint
                            checkpoint_every=200, checkpoint_dir=str(work / "pretrain.ckpt"), resume=True),
@@ -134,6 +138,7 @@ def task_train_config(settings: PipelineSettings, task: str, seed: int) -> Train
     """How the pipeline trains a task's plans (the search and the baselines change only the epochs)."""
     return TrainConfig(epochs=settings.train_epochs_by_task.get(task, settings.train_epochs),
                        batch_size=settings.batch_size, seed=seed, max_eval_examples=settings.max_eval,
+                       precision=settings.precision,
                        skip_bottleneck=max(8, settings.hidden_size // 2),
                        # hidden/16: parallel adapters cost ~2% FLOPs, so skipping 2 of 8 layers saves > 20%
                        parallel_bottleneck=max(4, settings.hidden_size // 16))

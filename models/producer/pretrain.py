@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
-from transformers import ViltConfig, ViltForImageAndTextRetrieval
+from transformers import ViltConfig, ViltForImageAndTextRetrieval, ViltProcessor
 from transformers.models.vilt.modeling_vilt import ViltMLMHead
 
 from models.backbones.meter.configuration import MeterConfig
@@ -61,7 +61,7 @@ from models.producer.runs import TrainingStopped
 from models.producer.train import one_cycle
 from models.producer.world.export import load_scenes
 from models.producer.world.language import hard_negative_captions, scene_captions
-from models.producer.world.scenes import Scene
+from models.producer.world.scenes import SHAPES, Scene, patch_shape_labels
 
 ARCHS = ("vilt", "meter")
 
@@ -84,6 +84,13 @@ class PretrainConfig:
     weight_decay: float = 0.01
     mlm_probability: float = 0.3  # of the content tokens (see content_token_mask)
     hard_negative_fraction: float = 0.5  # of the ITM negatives, where the image's scene is known
+    # patch shape classification, weight in the loss; 0 = off. Each image patch token of the MLM pass that
+    # an object covers predicts that object's shape, where the image's scene is known: the analogue of
+    # LXMERT's and UNITER's masked region classification, with labels drawn from the scene (background
+    # patches, ~90% of them, are left out: they would teach object-vs-background, not shapes)
+    patch_shape_weight: float = 0.0
+    # a backbone directory (ViLT) to go on from, with its vocabulary and ITM head; None: random weights
+    init_from: str | None = None
     captions_per_scene: int = 5  # for images of other tasks' data sets, captioned from their scenes
     seed: int = 0
     # how to run (models/producer/engine.py), as TrainConfig's
@@ -222,12 +229,18 @@ class PairDataset(Dataset):
             hard = (hard_negative_captions(pair.scene, k=1, rng=rng)
                     if pair.scene is not None and rng.random() < self.config.hard_negative_fraction else [])
             caption = hard[0] if hard else self.pairs[rng.randrange(len(self.pairs))].caption
-        return Item(index, [(open_rgb(pair.image_path), caption)], (float(caption == pair.caption), epoch))
+        labels = None
+        if self.config.patch_shape_weight and pair.scene is not None:
+            grid = self.config.image_size // self.config.patch_size
+            labels = patch_shape_labels(pair.scene, grid, self.config.patch_size)
+        return Item(index, [(open_rgb(pair.image_path), caption)], (float(caption == pair.caption), epoch, labels))
 
 
 class PairCollate:
-    """Items -> (batch, masked input ids, MLM labels, ITM targets). Each row's masking is drawn from its
-    own (seed, epoch, index) generator over its unpadded tokens, so it is the same in any batch."""
+    """Items -> (batch, masked input ids, MLM labels, ITM targets, patch shape labels: (B, patches), the
+    index in SHAPES of the object covering each patch, -100 for background or an unknown scene). Each
+    row's masking is drawn from its own (seed, epoch, index) generator over its
+    unpadded tokens, so it is the same in any batch."""
 
     def __init__(self, preprocess, tokenizer, config: PretrainConfig, maskable: torch.Tensor) -> None:
         self.preprocess, self.tokenizer, self.config, self.maskable = preprocess, tokenizer, config, maskable
@@ -244,23 +257,35 @@ class PairCollate:
                                                  self.maskable)
             masked[row, :length], labels[row, :length] = row_masked[0], row_labels[0]
         targets = torch.tensor([i.target[0] for i in items], dtype=torch.float32)
-        return batch, masked, labels, targets
+        patches = max((rows * cols for rows, cols in batch.patch_grids), default=0)
+        shape_labels = torch.full((len(items), patches), -100, dtype=torch.long)
+        for row, item in enumerate(items):
+            known = item.target[2]
+            if known is not None and len(known) == patches:
+                known = torch.from_numpy(known) - 1  # patch_shape_labels: 0 is background, 1 + i shape i
+                shape_labels[row] = torch.where(known >= 0, known, -100)
+        return batch, masked, labels, targets, shape_labels
 
 
 class PretrainModel(nn.Module):
-    """Backbone + MLM head + ITM head as one module (what DDP wraps): ITM on the unmasked text, MLM on
-    the masked one (as ViLT computes them in separate passes)."""
+    """Backbone + MLM head + ITM head (+ patch shape head) as one module (what DDP wraps): ITM on the
+    unmasked text, MLM and patch shapes on the masked one (as ViLT computes them in separate passes)."""
 
-    def __init__(self, backbone, mlm_head: nn.Module, itm_head: nn.Module) -> None:
+    def __init__(self, backbone, mlm_head: nn.Module, itm_head: nn.Module, patch_head: nn.Module | None = None) -> None:
         super().__init__()
-        self.backbone, self.mlm_head, self.itm_head = backbone, mlm_head, itm_head
+        self.backbone, self.mlm_head, self.itm_head, self.patch_head = backbone, mlm_head, itm_head, patch_head
 
-    def forward(self, batch, masked_ids: torch.Tensor):
+    def forward(self, batch, masked_ids: torch.Tensor, patches: int = 0):
         empty_plan = PlanModules()
         itm_logits = self.itm_head(self.backbone.encode(batch, empty_plan))[:, 0]
         masked_batch = dataclasses.replace(batch, input_ids=masked_ids)
-        sequence = self.backbone.sequence_output(masked_batch, empty_plan)[:, : masked_ids.shape[1]]
-        return itm_logits.float(), self.mlm_head(sequence).float()
+        sequence = self.backbone.sequence_output(masked_batch, empty_plan)
+        text_len = masked_ids.shape[1]
+        patch_logits = None
+        if self.patch_head is not None and patches:
+            # ViLT's image tokens follow the text: the image [CLS], then the patches in raster order
+            patch_logits = self.patch_head(sequence[:, text_len + 1: text_len + 1 + patches]).float()
+        return itm_logits.float(), self.mlm_head(sequence[:, :text_len]).float(), patch_logits
 
 
 def pretrain_backbone(
@@ -291,14 +316,20 @@ def pretrain_backbone(
     # every rank builds the same tokenizer; rank 0 alone writes it into out_dir
     scratch = tempfile.TemporaryDirectory(prefix="das-pretrain-") if not world.is_main else None
     target = out_dir if world.is_main else Path(scratch.name)
-    backbone, new_itm_head, save = (_new_vilt if config.arch == "vilt" else _new_meter)(config, words_in(texts), target)
+    if config.init_from and config.arch != "vilt":
+        raise RunError(f"init_from: going on from a checkpoint is implemented for ViLT, not {config.arch}")
+    if config.init_from:
+        backbone, new_itm_head, save = _continued(config, target)
+    else:
+        backbone, new_itm_head, save = (_new_vilt if config.arch == "vilt" else _new_meter)(config, words_in(texts), target)
     tokenizer = backbone.tokenizer if config.arch == "meter" else backbone.processor.tokenizer
     backbone.requires_grad_(True).train()
     # ViLT's MLM head (dense, GELU, LayerNorm, decoder) reads only these four settings
     mlm_head = ViltMLMHead(ViltConfig(hidden_size=config.hidden_size, vocab_size=len(tokenizer), hidden_act="gelu",
                                       layer_norm_eps=1e-12))
     itm_head = new_itm_head()
-    model = PretrainModel(backbone, mlm_head, itm_head).to(device)
+    patch_head = nn.Linear(config.hidden_size, len(SHAPES)) if config.patch_shape_weight else None
+    model = PretrainModel(backbone, mlm_head, itm_head, patch_head).to(device)
     parameters = list(model.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     pairs = pretraining_pairs(retrieval_data, scene_dirs, config.captions_per_scene, config.seed)
@@ -307,8 +338,11 @@ def pretrain_backbone(
     schedule = one_cycle(optimizer, config.lr, steps)
     scaler = grad_scaler(device, config.precision)
     history = {"itm_loss": [], "mlm_loss": [], "itm_accuracy": []}
+    if patch_head is not None:
+        history.update(patch_loss=[], patch_accuracy=[])
     run = {"task": "pretrain", "arch": config.arch, "examples": len(pairs), "batch_size": config.batch_size,
-           "total_steps": steps, "seed": config.seed, "lr": config.lr, "precision": config.precision}
+           "total_steps": steps, "seed": config.seed, "lr": config.lr, "precision": config.precision,
+           "patch_shape_weight": config.patch_shape_weight, "init_from": config.init_from}
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if (config.checkpoint_every or config.resume) and checkpoint_dir is None:
         raise RunError("checkpoints need a checkpoint directory (checkpoint_dir)")
@@ -330,17 +364,27 @@ def pretrain_backbone(
     ddp = wrap_ddp(model, world)
     global_batch = order.global_batch
     bar = tqdm(total=steps, initial=start, desc="pretrain", disable=not progress or not world.is_main)
-    for step, (batch, masked_ids, mlm_labels, itm_target) in enumerate(batches, start):
+    for step, (batch, masked_ids, mlm_labels, itm_target, shape_labels) in enumerate(batches, start):
         batch = batch.to(device, torch.float32)
         masked_ids, mlm_labels, itm_target = masked_ids.to(device), mlm_labels.to(device), itm_target.to(device)
-        # the MLM loss is a mean over the global batch's masked tokens: count them over every rank first
-        masked_count = all_reduce_sum((mlm_labels != -100).sum().float().reshape(1), world).clamp(min=1)
+        shape_labels = shape_labels.to(device)
+        # the MLM and patch losses are means over the global batch's labelled tokens: count them over every
+        # rank first
+        counts = all_reduce_sum(torch.stack([(mlm_labels != -100).sum(), (shape_labels != -100).sum()]).float(), world)
+        masked_count, patch_count = counts[0].clamp(min=1), counts[1].clamp(min=1)
         with autocast(device, config.precision):
-            itm_logits, mlm_logits = ddp(batch, masked_ids)
+            itm_logits, mlm_logits, patch_logits = ddp(batch, masked_ids, shape_labels.shape[1])
         itm_sum = F.binary_cross_entropy_with_logits(itm_logits, itm_target, reduction="sum")
         mlm_sum = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), mlm_labels.reshape(-1),
                                   ignore_index=-100, reduction="sum")
-        loss = (itm_sum / global_batch + mlm_sum / masked_count[0]) * world.world_size
+        loss = itm_sum / global_batch + mlm_sum / masked_count
+        patch_sum = patch_correct = torch.zeros((), device=device)
+        if patch_logits is not None:
+            patch_sum = F.cross_entropy(patch_logits.reshape(-1, patch_logits.shape[-1]), shape_labels.reshape(-1),
+                                        ignore_index=-100, reduction="sum")
+            patch_correct = ((patch_logits.argmax(-1) == shape_labels) & (shape_labels != -100)).sum().float()
+            loss = loss + config.patch_shape_weight * patch_sum / patch_count
+        loss = loss * world.world_size
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -349,12 +393,17 @@ def pretrain_backbone(
         scaler.update()
         schedule.step()
         correct = ((itm_logits > 0).float() == itm_target).float().sum()
-        totals = all_reduce_sum(torch.stack([itm_sum.detach(), mlm_sum.detach(), correct]), world)
+        totals = all_reduce_sum(torch.stack([itm_sum.detach(), mlm_sum.detach(), correct, patch_sum.detach(),
+                                             patch_correct]), world)
         history["itm_loss"].append(totals[0].item() / global_batch)
         history["mlm_loss"].append(totals[1].item() / masked_count.item())
         history["itm_accuracy"].append(totals[2].item() / global_batch)
+        if patch_logits is not None:
+            history["patch_loss"].append(totals[3].item() / patch_count.item())
+            history["patch_accuracy"].append(totals[4].item() / patch_count.item())
         bar.update(1)
-        bar.set_postfix(itm=f"{history['itm_loss'][-1]:.3f}", mlm=f"{history['mlm_loss'][-1]:.3f}")
+        bar.set_postfix(itm=f"{history['itm_loss'][-1]:.3f}", mlm=f"{history['mlm_loss'][-1]:.3f}",
+                        **({"patch_acc": f"{history['patch_accuracy'][-1]:.2f}"} if patch_logits is not None else {}))
         done = step + 1
         if checkpoint_dir is not None and config.checkpoint_every and (done % config.checkpoint_every == 0 or done == steps):
             save_checkpoint(checkpoint_dir, {
@@ -386,6 +435,36 @@ def learning_curve(history: dict[str, list[float]], points: int = 50) -> dict[st
         starts = [0] + bounds[:-1]
         curve[key] = [round(sum(values[a:b]) / max(1, b - a), 4) for a, b in zip(starts, bounds)]
     return curve
+
+
+def _continued(config: PretrainConfig, out_dir: Path):
+    """The ViLT backbone in ``config.init_from`` (its processor saved into ``out_dir``), a factory of a copy
+    of its ITM head (``rank_output``; freshly initialised where the checkpoint has none), and how to save
+    both: pre-training goes on from there. The MLM head starts afresh: a checkpoint directory keeps none."""
+    start = ViltForImageAndTextRetrieval.from_pretrained(config.init_from, local_files_only=True)
+    processor = ViltProcessor.from_pretrained(config.init_from, local_files_only=True)
+    vilt_config = start.config
+    wanted = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+              "image_size": config.image_size, "patch_size": config.patch_size}
+    found = {key: getattr(vilt_config, key) for key in wanted}
+    if found != wanted:
+        raise RunError(f"init_from {config.init_from} is a ViLT of {found}, not the {wanted} asked for")
+    processor.save_pretrained(str(out_dir))
+    backbone = ViltBackbone(vilt_config, processor)
+    backbone.vilt.load_state_dict(start.vilt.state_dict())
+
+    def itm_head() -> nn.Module:
+        head = nn.Linear(config.hidden_size, 1)
+        head.load_state_dict(start.rank_output.state_dict())
+        return head
+
+    def save(trained: ViltBackbone, head: nn.Module) -> None:
+        model = ViltForImageAndTextRetrieval(vilt_config)
+        model.vilt.load_state_dict(trained.vilt.state_dict())
+        model.rank_output.load_state_dict(head.state_dict())
+        model.save_pretrained(str(out_dir))
+
+    return backbone, itm_head, save
 
 
 def _new_vilt(config: PretrainConfig, words: list[str], out_dir: Path):

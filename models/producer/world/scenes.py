@@ -135,6 +135,17 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     raise ValueError(shape)
 
 
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, image_size: int, fill) -> None:
+    cx, cy, r = obj.x * image_size, obj.y * image_size, obj.radius * image_size
+    if obj.shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif obj.shape == "square":
+        s = r * 0.9
+        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+    else:
+        draw.polygon(_shape_points(obj.shape, cx, cy, r), fill=fill)
+
+
 def render_scene(scene: Scene, image_size: int = 96, noise: int = 8) -> Image.Image:
     """The scene as an RGB image of ``image_size`` x ``image_size`` pixels; deterministic."""
     image = Image.new("RGB", (image_size, image_size), tuple(scene.background))
@@ -143,14 +154,7 @@ def render_scene(scene: Scene, image_size: int = 96, noise: int = 8) -> Image.Im
     for obj in scene.objects:
         jitter = noise_rng.integers(-12, 13, size=3)
         fill = tuple(int(min(255, max(0, c + j))) for c, j in zip(COLORS[obj.color], jitter))
-        cx, cy, r = obj.x * image_size, obj.y * image_size, obj.radius * image_size
-        if obj.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif obj.shape == "square":
-            s = r * 0.9
-            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-        else:
-            draw.polygon(_shape_points(obj.shape, cx, cy, r), fill=fill)
+        _draw_object(draw, obj, image_size, fill)
     if noise:
         pixels = np.asarray(image, dtype=np.int16) + noise_rng.integers(
             -noise, noise + 1, size=(image_size, image_size, 3), dtype=np.int16)
@@ -158,3 +162,19 @@ def render_scene(scene: Scene, image_size: int = 96, noise: int = 8) -> Image.Im
     return image
 
 
+
+
+def patch_shape_labels(scene: Scene, grid: int, patch_size: int, min_cover: float = 0.25) -> np.ndarray:
+    """(grid * grid,) int64 in raster order: 1 + the index in SHAPES of the object covering the larger
+    part of each patch of a ``grid`` x ``grid`` patching of the image, 0 where no object covers
+    ``min_cover`` of it (objects never overlap). What a patch-level shape objective predicts."""
+    side = grid * patch_size
+    best_cover = np.full((grid, grid), min_cover)
+    labels = np.zeros((grid, grid), dtype=np.int64)
+    for obj in scene.objects:
+        mask = Image.new("L", (side, side), 0)
+        _draw_object(ImageDraw.Draw(mask), obj, side, 255)
+        cover = (np.asarray(mask, dtype=np.float32) / 255).reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))
+        wins = cover >= best_cover
+        labels[wins], best_cover[wins] = 1 + SHAPES.index(obj.shape), cover[wins]
+    return labels.reshape(-1)
