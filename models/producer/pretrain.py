@@ -342,7 +342,9 @@ def pretrain_backbone(
         history.update(patch_loss=[], patch_accuracy=[])
     run = {"task": "pretrain", "arch": config.arch, "examples": len(pairs), "batch_size": config.batch_size,
            "total_steps": steps, "seed": config.seed, "lr": config.lr, "precision": config.precision,
-           "patch_shape_weight": config.patch_shape_weight, "init_from": config.init_from}
+           # only when set: checkpoints of runs without them stay resumable
+           **({"patch_shape_weight": config.patch_shape_weight} if config.patch_shape_weight else {}),
+           **({"init_from": config.init_from} if config.init_from else {})}
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if (config.checkpoint_every or config.resume) and checkpoint_dir is None:
         raise RunError("checkpoints need a checkpoint directory (checkpoint_dir)")
@@ -458,13 +460,20 @@ def _continued(config: PretrainConfig, out_dir: Path):
         head.load_state_dict(start.rank_output.state_dict())
         return head
 
-    def save(trained: ViltBackbone, head: nn.Module) -> None:
+    return backbone, itm_head, _vilt_saver(vilt_config, out_dir)
+
+
+def _vilt_saver(vilt_config: ViltConfig, out_dir: Path):
+    """How a pre-trained ViLT is saved: a ``ViltForImageAndTextRetrieval`` checkpoint whose retrieval
+    head (``rank_output``) is the ITM head."""
+
+    def save(trained: ViltBackbone, itm_head: nn.Module) -> None:
         model = ViltForImageAndTextRetrieval(vilt_config)
         model.vilt.load_state_dict(trained.vilt.state_dict())
-        model.rank_output.load_state_dict(head.state_dict())
+        model.rank_output.load_state_dict(itm_head.state_dict())
         model.save_pretrained(str(out_dir))
 
-    return backbone, itm_head, save
+    return save
 
 
 def _new_vilt(config: PretrainConfig, words: list[str], out_dir: Path):
@@ -482,13 +491,7 @@ def _new_vilt(config: PretrainConfig, words: list[str], out_dir: Path):
         nn.init.trunc_normal_(embeddings.position_embeddings, std=0.02)
         nn.init.trunc_normal_(embeddings.cls_token, std=0.02)
 
-    def save(trained: ViltBackbone, itm_head: nn.Module) -> None:
-        model = ViltForImageAndTextRetrieval(vilt_config)
-        model.vilt.load_state_dict(trained.vilt.state_dict())
-        model.rank_output.load_state_dict(itm_head.state_dict())  # the ITM head is ViLT's retrieval head
-        model.save_pretrained(str(out_dir))
-
-    return backbone, lambda: nn.Linear(config.hidden_size, 1), save
+    return backbone, lambda: nn.Linear(config.hidden_size, 1), _vilt_saver(vilt_config, out_dir)
 
 
 def _new_meter(config: PretrainConfig, words: list[str], out_dir: Path):
