@@ -116,7 +116,9 @@ def test_meter_arms_cost_unequally_and_the_cost_aware_search_meets_its_budget(wo
                                             max_train_examples=48, max_eval_examples=16))
     result = das_search(backbone, "vqa", world96 / "vqa", config, progress=False)
     assert result.objective == "reward-per-flop" and result.savings == pytest.approx(savings, abs=1e-6)
-    assert sum(result.savings[i] for i in result.skip_set) >= 2 * sum(savings) / len(savings) * (1 - 1e-6)
+    # against the unrounded savings (result.savings keeps 6 decimals): one text arm and one image arm
+    # save exactly two average arms, which the rounded values can miss by 1e-7
+    assert sum(savings[i] for i in result.skip_set) >= 2 * sum(savings) / len(savings) * (1 - 1e-9)
     assert result.to_json()["objective"] == "reward-per-flop"
     with pytest.raises(ValueError, match="objective"):
         das_search(backbone, "vqa", world96 / "vqa", SearchConfig(objective="fastest", train=config.train), progress=False)
