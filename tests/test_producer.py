@@ -124,8 +124,9 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
 
 
 def test_pipeline_image_patch_and_precision_options_reach_the_backbone(tmp_path, capsys):
-    """`das pipeline --image-size 32 --patch-size 8 --precision bf16`: the data, the pre-trained backbone
-    (a 4 x 4 patch grid) and every training follow them; a patch size that does not divide is refused."""
+    """`das pipeline --image-size 32 --patch-size 8 --precision bf16`: the data and the pre-trained backbone
+    (a 4 x 4 patch grid) follow them, the pre-training runs in bf16, the plans validate; a patch size that
+    does not divide is refused."""
     out, work = tmp_path / "plans", tmp_path / "work"
     assert main(["pipeline", "--quick", "--quiet", "--image-size", "32", "--patch-size", "8", "--precision", "bf16",
                  "--out", str(out), "--work", str(work)]) == 0

@@ -248,6 +248,8 @@ class PairCollate:
     def __call__(self, items: list[Item]):
         batch = self.preprocess([i.pairs[0][0] for i in items], [i.pairs[0][1] for i in items])
         masked, labels = batch.input_ids.clone(), torch.full_like(batch.input_ids, -100)
+        patches = max((rows * cols for rows, cols in batch.patch_grids), default=0)
+        shape_labels = torch.full((len(items), patches), -100, dtype=torch.long)
         for row, item in enumerate(items):
             length = int(batch.attention_mask[row].sum())
             generator = torch.Generator().manual_seed(
@@ -256,14 +258,11 @@ class PairCollate:
             row_masked, row_labels = mask_tokens(ids, mask, self.tokenizer, self.config.mlm_probability, generator,
                                                  self.maskable)
             masked[row, :length], labels[row, :length] = row_masked[0], row_labels[0]
-        targets = torch.tensor([i.target[0] for i in items], dtype=torch.float32)
-        patches = max((rows * cols for rows, cols in batch.patch_grids), default=0)
-        shape_labels = torch.full((len(items), patches), -100, dtype=torch.long)
-        for row, item in enumerate(items):
             known = item.target[2]
             if known is not None and len(known) == patches:
                 known = torch.from_numpy(known) - 1  # patch_shape_labels: 0 is background, 1 + i shape i
                 shape_labels[row] = torch.where(known >= 0, known, -100)
+        targets = torch.tensor([i.target[0] for i in items], dtype=torch.float32)
         return batch, masked, labels, targets, shape_labels
 
 
