@@ -162,8 +162,6 @@ def render_scene(scene: Scene, image_size: int = 96, noise: int = 8) -> Image.Im
     return image
 
 
-
-
 def patch_shape_labels(scene: Scene, grid: int, patch_size: int, min_cover: float = 0.25) -> np.ndarray:
     """(grid * grid,) int64 in raster order: 1 + the index in SHAPES of the object covering the larger
     part of each patch of a ``grid`` x ``grid`` patching of the image, 0 where no object covers
