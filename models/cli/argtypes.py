@@ -37,6 +37,14 @@ def positive_int_list(text: str) -> list[int]:
     return values
 
 
+def stem_channels(text: str) -> tuple[int, ...]:
+    """argparse type for a convolutional stem's widths, e.g. `--conv-stem 16,32,64,128`; `none` for the linear
+    patch embedding."""
+    if text.strip().lower() == "none":
+        return ()
+    return tuple(positive_int_list(text))
+
+
 def layer_list(text: str) -> list[int]:
     """argparse type for comma-separated layer indices, e.g. `--skip 0,3,5` (range checked by the command)."""
     if not text.strip():

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.cli.argtypes import layer_list, non_negative_int, positive_int
+from models.cli.argtypes import layer_list, non_negative_int, positive_int, stem_channels
 from models.paths import REPO_ROOT, SHIPPED_BACKBONE, SHIPPED_METER_PLANS, SHIPPED_PLANS
 from models.tasks import TASKS
 
@@ -79,6 +79,9 @@ def _close() -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from models.producer.pretrain import PretrainConfig, pretrain_backbone  # heavy: only when the command runs
 
+    if args.conv_stem and (problem := _stem_problem(args.conv_stem, args.patch_size, args.arch)):
+        print(f"error: --conv-stem: {problem}", file=sys.stderr)
+        return 2
     checkpoint_dir = _checkpoint_dir(args)
     config = PretrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, hidden_size=args.hidden_size,
                             num_layers=args.layers, vision_layers=args.vision_layers, text_layers=args.text_layers,
@@ -86,6 +89,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                             batch_size=args.batch_size, device=args.device, precision=args.precision,
                             workers=args.workers, checkpoint_every=args.checkpoint_every,
                             checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=args.resume,
+                            patch_size=args.patch_size, conv_stem_channels=args.conv_stem,
                             patch_shape_weight=args.patch_shape_weight,
                             init_from=str(args.init_from) if args.init_from else None)
     extra = {task: Path(d) for task, d in (("vqa", args.vqa_data), ("nlvr2", args.nlvr2_data)) if d}
@@ -97,6 +101,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps({"out": str(args.out), **summary}, indent=2))
     return 0
+
+
+def _stem_problem(channels: tuple[int, ...], patch_size: int, arch: str) -> str | None:
+    from models.backbones.conv_stem import check_conv_stem  # heavy (torch): only when the command runs
+
+    if arch != "vilt":
+        return f"a convolutional stem is implemented for ViLT, not {arch}"
+    try:
+        check_conv_stem(channels, patch_size)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -177,10 +193,17 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     else:
         settings = PipelineSettings.quick() if args.quick else PipelineSettings()
     overrides = {key: getattr(args, key) for key in ("image_size", "patch_size", "precision") if getattr(args, key) is not None}
+    if args.conv_stem is not None:
+        overrides["conv_stem_channels"] = args.conv_stem
+    if args.patch_shape_weight is not None:
+        overrides["patch_shape_weight"] = args.patch_shape_weight
     settings = dataclasses.replace(settings, **overrides)
     if settings.image_size % settings.patch_size:
         print(f"error: --patch-size {settings.patch_size} does not divide the image size {settings.image_size}",
               file=sys.stderr)
+        return 2
+    if settings.conv_stem_channels and (problem := _stem_problem(settings.conv_stem_channels, settings.patch_size, args.arch)):
+        print(f"error: --conv-stem: {problem}", file=sys.stderr)
         return 2
     default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
     out, work = Path(args.out or default_out), Path(args.work or REPO_ROOT / "build" / default_work)
@@ -270,6 +293,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--text-layers", type=int, default=2, help="METER: text encoder layers (default 2)")
     pretrain.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
     pretrain.add_argument("--image-size", type=int, default=64, help="image size (default 64)")
+    pretrain.add_argument("--patch-size", type=positive_int, default=16, help="ViLT patch size in px (default 16)")
+    pretrain.add_argument("--conv-stem", type=stem_channels, default=(), metavar="CHANNELS",
+                          help="ViLT: a convolutional stem of these widths (3x3 stride-2 convolutions, log2(patch size) "
+                               "of them, e.g. 16,32,64,128 for 16 px patches) in place of the linear patch embedding; "
+                               "'none' (default) keeps transformers' linear embedding")
     pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pretrain.add_argument("--batch-size", type=positive_int, default=48,
                           help="batch size (default 48; under torchrun the global batch)")
@@ -368,6 +396,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                                "both embedded backbones)")
     pipeline.add_argument("--patch-size", type=positive_int,
                           help="the backbone's patch size in px; must divide the image size (default: the recipe's, 16)")
+    pipeline.add_argument("--conv-stem", type=stem_channels, metavar="CHANNELS",
+                          help="ViLT: the backbone's convolutional stem widths (log2(patch size) 3x3 stride-2 "
+                               "convolutions, e.g. 16,32,64,128), or 'none' for the linear patch embedding (default: "
+                               "the recipe's)")
+    pipeline.add_argument("--patch-shape-weight", type=float, metavar="W",
+                          help="pre-training's patch shape classification weight (see das pretrain; 0 = off; "
+                               "default: the recipe's)")
     pipeline.add_argument("--precision", choices=["fp32", "bf16"],
                           help="fp32, or bf16 autocast for pre-training, training and evaluation (default: the "
                                "recipe's, fp32)")

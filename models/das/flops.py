@@ -73,6 +73,18 @@ def conv_patch_flops(num_patches: int, channels: int, patch_size: int, hidden: i
     return linear_flops(num_patches, channels * patch_size * patch_size, hidden)
 
 
+def conv_stem_flops(rows: int, cols: int, in_channels: int, channels: tuple[int, ...] | list[int], hidden: int) -> int:
+    """A convolutional stem (models/backbones/conv_stem.py) whose output grid is ``rows`` x ``cols``:
+    3x3 stride-2 convolutions, the k-th of n at (rows * 2^(n-1-k)) x (cols * 2^(n-1-k)) outputs, then a 1x1
+    projection to ``hidden`` at the grid."""
+    total, width, n = 0, in_channels, len(channels)
+    for k, out in enumerate(channels):
+        scale = 2 ** (n - 1 - k)
+        total += linear_flops(rows * scale * cols * scale, width * 9, out)
+        width = out
+    return total + linear_flops(rows * cols, width, hidden)
+
+
 @dataclass(frozen=True)
 class LayerFlops:
     """Cost of one backbone layer: as in the full model and as executed under a plan."""

@@ -42,6 +42,10 @@ class PipelineSettings:
     # 128 px in 16 px patches (an 8 x 8 grid): a small object is ~20 px across (at 96 px: 15 px, one patch)
     image_size: int = 128
     patch_size: int = 16
+    # ViLT: the convolutional stem's widths in place of the linear patch embedding (models/backbones/conv_stem.py)
+    conv_stem_channels: tuple[int, ...] = ()
+    # weight of pre-training's patch shape classification (PretrainConfig.patch_shape_weight); 0 = off
+    patch_shape_weight: float = 0.0
     # fp32, or bf16 autocast for pre-training and every training and evaluation (models/producer/engine.py)
     precision: str = "fp32"
     # fresh scenes for pre-training only (work/data/pretrain), captioned 5 times each with hard negatives
@@ -115,8 +119,9 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
             PretrainConfig(arch=settings.arch, hidden_size=settings.hidden_size, num_layers=settings.layers,
                            vision_layers=settings.vision_layers, text_layers=settings.text_layers, num_heads=settings.heads,
                            intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
-                           patch_size=settings.patch_size, precision=settings.precision,
-                           epochs=settings.pretrain_epochs, seed=seed,
+                           patch_size=settings.patch_size, conv_stem_channels=settings.conv_stem_channels,
+                           patch_shape_weight=settings.patch_shape_weight,
+                           precision=settings.precision, epochs=settings.pretrain_epochs, seed=seed,
                            # resumable: an interrupted pre-training goes on from its last checkpoint
                            checkpoint_every=200, checkpoint_dir=str(work / "pretrain.ckpt"), resume=True),
             extra_text_dirs={"vqa": data["vqa"], "nlvr2": data["nlvr2"]}, progress=progress,

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
-from transformers import ViltConfig, ViltForImageAndTextRetrieval, ViltProcessor
+from transformers import ViltConfig, ViltForImageAndTextRetrieval
 from transformers.models.vilt.modeling_vilt import ViltMLMHead
 
 from models.backbones.meter.configuration import MeterConfig
@@ -50,7 +50,7 @@ from models.backbones.meter.convert import build_roberta_tokenizer, write_meter_
 from models.backbones.meter.modeling import MeterBackbone
 from models.backbones.meter.modeling import retrieval_head as meter_retrieval_head
 from models.backbones.vilt.checkpoint import build_processor
-from models.backbones.vilt.modeling import ViltBackbone
+from models.backbones.vilt.modeling import ViltBackbone, conv_stem_channels, install_conv_stem
 from models.das.adapters import PlanModules
 from models.producer.datasets import read_task
 from models.producer.data import Item, StepBatches, item_rng, loader, open_rgb
@@ -77,6 +77,9 @@ class PretrainConfig:
     intermediate_size: int = 512
     image_size: int = 64
     patch_size: int = 16
+    # ViLT only: a convolutional stem of these widths in place of the linear patch embedding
+    # (models/backbones/conv_stem.py; log2(patch_size) of them); () = transformers' linear embedding
+    conv_stem_channels: tuple[int, ...] = ()
     max_text_len: int = 32
     epochs: float = 4.0
     batch_size: int = 48
@@ -315,6 +318,8 @@ def pretrain_backbone(
     # every rank builds the same tokenizer; rank 0 alone writes it into out_dir
     scratch = tempfile.TemporaryDirectory(prefix="das-pretrain-") if not world.is_main else None
     target = out_dir if world.is_main else Path(scratch.name)
+    if config.conv_stem_channels and config.arch != "vilt":
+        raise RunError(f"conv_stem_channels: a convolutional stem is implemented for ViLT, not {config.arch}")
     if config.init_from and config.arch != "vilt":
         raise RunError(f"init_from: going on from a checkpoint is implemented for ViLT, not {config.arch}")
     if config.init_from:
@@ -343,7 +348,8 @@ def pretrain_backbone(
            "total_steps": steps, "seed": config.seed, "lr": config.lr, "precision": config.precision,
            # only when set: checkpoints of runs without them stay resumable
            **({"patch_shape_weight": config.patch_shape_weight} if config.patch_shape_weight else {}),
-           **({"init_from": config.init_from} if config.init_from else {})}
+           **({"init_from": config.init_from} if config.init_from else {}),
+           **({"conv_stem_channels": list(config.conv_stem_channels)} if config.conv_stem_channels else {})}
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if (config.checkpoint_every or config.resume) and checkpoint_dir is None:
         raise RunError("checkpoints need a checkpoint directory (checkpoint_dir)")
@@ -442,21 +448,24 @@ def _continued(config: PretrainConfig, out_dir: Path):
     """The ViLT backbone in ``config.init_from`` (its processor saved into ``out_dir``), a factory of a copy
     of its ITM head (``rank_output``; freshly initialised where the checkpoint has none), and how to save
     both: pre-training goes on from there. The MLM head starts afresh: a checkpoint directory keeps none."""
-    start = ViltForImageAndTextRetrieval.from_pretrained(config.init_from, local_files_only=True)
-    processor = ViltProcessor.from_pretrained(config.init_from, local_files_only=True)
-    vilt_config = start.config
+    # the backbone's own loader: any ViLT checkpoint layout, with or without a convolutional stem
+    backbone = ViltBackbone.from_pretrained(config.init_from)
+    vilt_config = backbone.config
     wanted = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
-              "image_size": config.image_size, "patch_size": config.patch_size}
-    found = {key: getattr(vilt_config, key) for key in wanted}
+              "image_size": config.image_size, "patch_size": config.patch_size,
+              "conv_stem_channels": tuple(config.conv_stem_channels)}
+    found = {key: getattr(vilt_config, key) for key in wanted if key != "conv_stem_channels"}
+    found["conv_stem_channels"] = conv_stem_channels(vilt_config)
     if found != wanted:
         raise RunError(f"init_from {config.init_from} is a ViLT of {found}, not the {wanted} asked for")
-    processor.save_pretrained(str(out_dir))
-    backbone = ViltBackbone(vilt_config, processor)
-    backbone.vilt.load_state_dict(start.vilt.state_dict())
+    backbone.processor.save_pretrained(str(out_dir))
+    start_head = backbone.heads["retrieval"] if "retrieval" in backbone.heads else None
+    backbone.heads = nn.ModuleDict()  # pre-training trains the ITM head apart (saved as the retrieval head)
 
     def itm_head() -> nn.Module:
         head = nn.Linear(config.hidden_size, 1)
-        head.load_state_dict(start.rank_output.state_dict())
+        if start_head is not None:
+            head.load_state_dict(start_head.state_dict())
         return head
 
     return backbone, itm_head, _vilt_saver(vilt_config, out_dir)
@@ -468,6 +477,7 @@ def _vilt_saver(vilt_config: ViltConfig, out_dir: Path):
 
     def save(trained: ViltBackbone, itm_head: nn.Module) -> None:
         model = ViltForImageAndTextRetrieval(vilt_config)
+        install_conv_stem(model.vilt, vilt_config)
         model.vilt.load_state_dict(trained.vilt.state_dict())
         model.rank_output.load_state_dict(itm_head.state_dict())
         model.save_pretrained(str(out_dir))
@@ -483,6 +493,7 @@ def _new_vilt(config: PretrainConfig, words: list[str], out_dir: Path):
         intermediate_size=config.intermediate_size, image_size=config.image_size, patch_size=config.patch_size,
         max_position_embeddings=config.max_text_len, vocab_size=len(processor.tokenizer), max_image_length=-1,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        **({"conv_stem_channels": list(config.conv_stem_channels)} if config.conv_stem_channels else {}),
     )
     backbone = ViltBackbone(vilt_config, processor)
     with torch.no_grad():  # transformers leaves these at zero; ViLT initialises them like ViT

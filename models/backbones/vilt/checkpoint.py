@@ -24,6 +24,7 @@ from transformers import (
 from transformers.models.vilt.image_processing_pil_vilt import ViltImageProcessorPil
 
 from models.backbones.base import read_checkpoint_state
+from models.backbones.vilt.modeling import conv_stem_channels, install_conv_stem
 from models.das.plan import Plan
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -89,11 +90,13 @@ def save_vilt_checkpoint(
 ) -> PreTrainedModel:
     """Randomly initialised ViLT with the given head (``vqa``, ``nlvr2``, ``retrieval`` or None),
     saved with its processor. ``config.vocab_size`` is raised to fit the vocabulary if needed.
-    Returns the transformers model (eval mode) for comparisons."""
+    Returns the transformers model (eval mode) for comparisons; where ``config`` sets
+    ``conv_stem_channels`` its patch embedding is the convolutional stem (install_conv_stem)."""
     words = list(words)
     config.vocab_size = max(config.vocab_size, len(wordpiece_vocab(words)))
     torch.manual_seed(seed)
     model = HEAD_CLASSES[head](config).eval()
+    install_conv_stem(model if head is None else model.vilt, config)
     model.save_pretrained(str(directory), safe_serialization=safe_serialization)
     build_processor(directory, words, shortest_edge or config.image_size, config.max_position_embeddings)
     return model
@@ -110,6 +113,8 @@ def save_vqa_checkpoint_with_plan_parts(backbone_dir: str | os.PathLike, plan: P
     if plan.spec.skipped_layers or plan.modules.skip_adapters or plan.modules.parallel_adapters:
         raise ValueError(f"plan {plan.task}/{plan.name}: skips layers or has adapters; transformers cannot run it")
     config = ViltConfig.from_pretrained(str(backbone_dir))
+    if conv_stem_channels(config):
+        raise ValueError(f"{backbone_dir}: the backbone has a convolutional stem; transformers' ViLT has none")
     labels = list(plan.spec.labels)
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}

@@ -10,7 +10,10 @@ file adds what DAS needs on top of them:
 * the task heads as transformers defines them (so checkpoint heads load as-is),
 * patch embedding that keeps every valid patch in raster order (transformers samples the order
   at random; the result is the same up to float rounding, ours is deterministic),
-* the per-request FLOPs count for this architecture.
+* the per-request FLOPs count for this architecture,
+* optionally a convolutional stem in place of the linear patch embedding (``conv_stem_channels`` in
+  config.json; models/backbones/conv_stem.py). transformers' ViLT has none: a checkpoint with one
+  loads here, not in ``ViltModel.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from models.backbones.base import (
     check_own_parts,
     token_type_vocab, fingerprint, limit_aspect_ratio, read_checkpoint_state, read_config, to_rgb,
 )
+from models.backbones.conv_stem import ConvStemPatchEmbeddings
 from models.backbones.vilt.image_processing import vilt_pixels
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.flops import (
@@ -41,6 +45,7 @@ from models.das.flops import (
     LayerFlops,
     adapter_flops,
     conv_patch_flops,
+    conv_stem_flops,
     linear_flops,
     transformer_layer_flops,
 )
@@ -53,6 +58,25 @@ FINGERPRINT_CONFIG_KEYS = (
     "max_image_length", "vocab_size", "type_vocab_size", "modality_type_vocab_size",
     "max_position_embeddings", "num_images", "id2label",
 )
+# Fingerprinted only where config.json sets them, so that the fingerprints of checkpoints without them
+# (and the plans made for those) stay what they were.
+OPTIONAL_FINGERPRINT_CONFIG_KEYS = ("conv_stem_channels",)
+
+
+def conv_stem_channels(config: ViltConfig) -> tuple[int, ...]:
+    """The convolutional stem's widths; () for transformers' linear patch embedding."""
+    return tuple(int(c) for c in (getattr(config, "conv_stem_channels", None) or ()))
+
+
+def install_conv_stem(vilt: ViltModel, config: ViltConfig) -> ViltModel:
+    """Put the convolutional stem the config asks for (if any) in place of ``vilt``'s patch embedding,
+    before its weights are loaded: any ViltModel (a bare one or a task model's ``.vilt``) then holds and
+    saves the stem's parameters under ``embeddings.patch_embeddings.``."""
+    channels = conv_stem_channels(config)
+    if channels:
+        vilt.embeddings.patch_embeddings = ConvStemPatchEmbeddings(
+            config.num_channels, channels, config.hidden_size, config.patch_size)
+    return vilt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +203,7 @@ class ViltBackbone(nn.Module):
         super().__init__()
         self.config = config
         self.processor = processor
-        self.vilt = ViltModel(config, add_pooling_layer=True)
+        self.vilt = install_conv_stem(ViltModel(config, add_pooling_layer=True), config)
         self.heads = nn.ModuleDict(heads or {})
         self.fingerprint = fingerprint
 
@@ -245,6 +269,7 @@ class ViltBackbone(nn.Module):
             raise BackboneError(f"{directory}: checkpoint lacks backbone weights: {sorted(missing)[:8]}")
         backbone.ignored_keys = sorted(unexpected)
         config_items = {k: raw_config.get(k) for k in FINGERPRINT_CONFIG_KEYS}
+        config_items.update({k: raw_config[k] for k in OPTIONAL_FINGERPRINT_CONFIG_KEYS if k in raw_config})
         backbone.fingerprint = fingerprint(config_items, backbone.state_dict())
         backbone.to(device=device, dtype=dtype).eval().requires_grad_(False)
         return backbone
@@ -499,7 +524,11 @@ def vilt_request_flops(
             else:
                 executed = full + (2 * adapter_flops(seq, hidden, par_b) if par_b else 0)
             layers.append(LayerFlops(i, full, executed, i in skipped))
-        other = conv_patch_flops(rows * cols, config.num_channels, config.patch_size, hidden)
+        stem = conv_stem_channels(config)
+        if stem:
+            other = conv_stem_flops(rows, cols, config.num_channels, stem, hidden)
+        else:
+            other = conv_patch_flops(rows * cols, config.num_channels, config.patch_size, hidden)
         other += linear_flops(1, hidden, hidden)  # pooler
         one_pass = FlopsReport(per_layer=tuple(layers), other=other, seq_lens=(seq,))
         report = one_pass if report is None else report + one_pass
@@ -524,5 +553,5 @@ def config_from_dir(directory: str | os.PathLike) -> ViltConfig:
 
 __all__: list[Any] = [
     "ViltBackbone", "ViltBatch", "vilt_layer_forward", "vilt_request_flops", "vqa_head", "nlvr2_head",
-    "retrieval_head", "square_grid", "config_from_dir",
+    "retrieval_head", "square_grid", "config_from_dir", "conv_stem_channels", "install_conv_stem",
 ]
