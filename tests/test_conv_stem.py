@@ -1,4 +1,4 @@
-"""The convolutional stem in place of ViLT's linear patch embedding (models/backbones/conv_stem.py):
+"""The convolutional stem in place of ViLT's (and METER's vision encoder's) linear patch embedding (models/backbones/conv_stem.py):
 what it computes, what it costs, and that checkpoints carrying one save, load, fingerprint and
 pre-train as ViLT checkpoints do."""
 
@@ -15,7 +15,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import ViltProcessor
 
-from helpers import VQA_LABELS, make_checkpoint, random_image
+from helpers import VQA_LABELS, WORDS, make_checkpoint, random_image
+from models.backbones.meter.configuration import MeterConfig
+from models.backbones.meter.convert import save_meter_checkpoint
+from models.backbones.meter.modeling import MeterBackbone
 from models.backbones.base import BackboneError
 from models.backbones.conv_stem import ConvStemPatchEmbeddings, check_conv_stem
 from models.backbones.vilt.checkpoint import save_vqa_checkpoint_with_plan_parts
@@ -185,7 +188,7 @@ def test_pretraining_with_a_stem_saves_a_loadable_backbone_and_goes_on_from_it(t
 
 @pytest.mark.parametrize("argv, message", [
     (["pipeline", "--quick", "--conv-stem", "16,32"], "not the configured 16 px"),
-    (["pipeline", "--quick", "--arch", "meter", "--conv-stem", "8,8,8,8"], "implemented for ViLT"),
+    (["pipeline", "--quick", "--arch", "meter", "--conv-stem", "8,8,8,8,8"], "not the configured 16 px"),
     (["pretrain", "--data", "x", "--out", "y", "--conv-stem", "8,8,8"], "not the configured 16 px"),
     (["pretrain", "--data", "x", "--out", "y", "--conv-stem", "8,x"], "comma-separated positive integers"),
 ])
@@ -196,3 +199,56 @@ def test_cli_refuses_a_stem_it_cannot_build(argv, message, tmp_path):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def meter_stem_config(stem=STEM) -> MeterConfig:
+    """The tiny METER of test_meter_service.py (32 px images: 2 x 2 patches), its vision encoder with a stem."""
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16, num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    if stem is not None:
+        vision["conv_stem_channels"] = list(stem)
+    return MeterConfig(
+        vision=vision,
+        text=dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=24, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1,
+                  bos_token_id=0, eos_token_id=2),
+        hidden_size=32, num_fusion_layers=2, num_attention_heads=2, intermediate_size=64, max_text_len=12,
+        modality_type_vocab_size=3, id2label=dict(enumerate(VQA_LABELS)))
+
+
+def test_meter_vision_stem_saves_loads_and_counts_its_flops(tmp_path):
+    saved = save_meter_checkpoint(tmp_path / "stem", meter_stem_config(), ["vqa"], WORDS, seed=0)
+    backbone = MeterBackbone.from_pretrained(tmp_path / "stem")
+    assert isinstance(backbone.vision.embeddings.patch_embedding, ConvStemPatchEmbeddings)
+    assert not backbone.ignored_keys
+    assert all(torch.equal(saved.state_dict()[k], v) for k, v in backbone.state_dict().items())
+    linear = save_meter_checkpoint(tmp_path / "linear", meter_stem_config(stem=None), ["vqa"], WORDS, seed=0)
+    assert not isinstance(linear.vision.embeddings.patch_embedding, ConvStemPatchEmbeddings)
+    assert MeterBackbone.from_pretrained(tmp_path / "linear").fingerprint != backbone.fingerprint
+    batch = backbone.preprocess([random_image(40, 50, seed=1)], ["what color is the circle"])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        logits = DASRuntime(backbone).vqa_logits(builtin_full_plan(backbone, "vqa"), batch)
+    assert logits.shape == (1, len(VQA_LABELS))
+    assert backbone.flops("vqa", None, batch.text_lengths[0], batch.patch_grids).executed == counter.get_total_flops()
+
+
+def test_meter_config_refuses_a_stem_that_cannot_make_its_patches(tmp_path):
+    save_meter_checkpoint(tmp_path / "m", meter_stem_config(), ["vqa"], WORDS, seed=0)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["vision"]["conv_stem_channels"] = [8, 8, 8]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match="conv_stem_channels"):
+        MeterBackbone.from_pretrained(tmp_path / "m")
+
+
+def test_vilt_config_refuses_a_stem_that_cannot_make_its_patches(stem_checkpoint, tmp_path):
+    directory, _ = stem_checkpoint
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in directory.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    config = json.loads((broken / "config.json").read_text())
+    config["conv_stem_channels"] = [8, "wide", 16, 16]
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BackboneError, match="conv_stem_channels"):
+        ViltBackbone.from_pretrained(broken)

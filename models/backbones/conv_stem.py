@@ -51,6 +51,11 @@ class ConvStemPatchEmbeddings(nn.Module):
         self.stem = nn.Sequential(*layers)
         self.projection = nn.Conv2d(width, hidden_size, kernel_size=1)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The projection's weight: transformers' CLIP embeddings read ``patch_embedding.weight.dtype``."""
+        return self.projection.weight
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
         x = self.projection(self.stem(pixel_values.to(self.projection.weight.dtype)))

@@ -79,7 +79,7 @@ def _close() -> None:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from models.producer.pretrain import PretrainConfig, pretrain_backbone  # heavy: only when the command runs
 
-    if args.conv_stem and (problem := _stem_problem(args.conv_stem, args.patch_size, args.arch)):
+    if args.conv_stem and (problem := _stem_problem(args.conv_stem, args.patch_size)):
         print(f"error: --conv-stem: {problem}", file=sys.stderr)
         return 2
     checkpoint_dir = _checkpoint_dir(args)
@@ -103,11 +103,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stem_problem(channels: tuple[int, ...], patch_size: int, arch: str) -> str | None:
+def _stem_problem(channels: tuple[int, ...], patch_size: int) -> str | None:
     from models.backbones.conv_stem import check_conv_stem  # heavy (torch): only when the command runs
 
-    if arch != "vilt":
-        return f"a convolutional stem is implemented for ViLT, not {arch}"
     try:
         check_conv_stem(channels, patch_size)
     except ValueError as exc:
@@ -202,7 +200,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         print(f"error: --patch-size {settings.patch_size} does not divide the image size {settings.image_size}",
               file=sys.stderr)
         return 2
-    if settings.conv_stem_channels and (problem := _stem_problem(settings.conv_stem_channels, settings.patch_size, args.arch)):
+    if settings.conv_stem_channels and (problem := _stem_problem(settings.conv_stem_channels, settings.patch_size)):
         print(f"error: --conv-stem: {problem}", file=sys.stderr)
         return 2
     default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
@@ -295,9 +293,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--image-size", type=int, default=64, help="image size (default 64)")
     pretrain.add_argument("--patch-size", type=positive_int, default=16, help="ViLT patch size in px (default 16)")
     pretrain.add_argument("--conv-stem", type=stem_channels, default=(), metavar="CHANNELS",
-                          help="ViLT: a convolutional stem of these widths (3x3 stride-2 convolutions, log2(patch size) "
-                               "of them, e.g. 16,32,64,128 for 16 px patches) in place of the linear patch embedding; "
-                               "'none' (default) keeps transformers' linear embedding")
+                          help="a convolutional stem of these widths (3x3 stride-2 convolutions, log2(patch size) of "
+                               "them, e.g. 16,32,64,128 for 16 px patches) in place of the linear patch embedding (ViLT's, "
+                               "or METER's vision encoder's); 'none' (default) keeps the linear embedding")
     pretrain.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     pretrain.add_argument("--batch-size", type=positive_int, default=48,
                           help="batch size (default 48; under torchrun the global batch)")
@@ -397,7 +395,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--patch-size", type=positive_int,
                           help="the backbone's patch size in px; must divide the image size (default: the recipe's, 16)")
     pipeline.add_argument("--conv-stem", type=stem_channels, metavar="CHANNELS",
-                          help="ViLT: the backbone's convolutional stem widths (log2(patch size) 3x3 stride-2 "
+                          help="the backbone's convolutional stem widths (ViLT, or METER's vision encoder; log2(patch size) 3x3 stride-2 "
                                "convolutions, e.g. 16,32,64,128), or 'none' for the linear patch embedding (default: "
                                "the recipe's)")
     pipeline.add_argument("--patch-shape-weight", type=float, metavar="W",

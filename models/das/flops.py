@@ -85,6 +85,15 @@ def conv_stem_flops(rows: int, cols: int, in_channels: int, channels: tuple[int,
     return total + linear_flops(rows * cols, width, hidden)
 
 
+def patch_embedding_flops(rows: int, cols: int, in_channels: int, patch_size: int, hidden: int,
+                          stem_channels: tuple[int, ...] | list[int] = ()) -> int:
+    """The image's patch embedding at a ``rows`` x ``cols`` grid: the linear one (a patch-sized convolution),
+    or the convolutional stem of ``stem_channels`` where there is one."""
+    if stem_channels:
+        return conv_stem_flops(rows, cols, in_channels, stem_channels, hidden)
+    return conv_patch_flops(rows * cols, in_channels, patch_size, hidden)
+
+
 @dataclass(frozen=True)
 class LayerFlops:
     """Cost of one backbone layer: as in the full model and as executed under a plan."""

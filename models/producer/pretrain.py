@@ -77,8 +77,8 @@ class PretrainConfig:
     intermediate_size: int = 512
     image_size: int = 64
     patch_size: int = 16
-    # ViLT only: a convolutional stem of these widths in place of the linear patch embedding
-    # (models/backbones/conv_stem.py; log2(patch_size) of them); () = transformers' linear embedding
+    # a convolutional stem of these widths in place of the linear patch embedding (ViLT's, or METER's vision
+    # encoder's; models/backbones/conv_stem.py; log2(patch_size) of them); () = the linear embedding
     conv_stem_channels: tuple[int, ...] = ()
     max_text_len: int = 32
     epochs: float = 4.0
@@ -318,8 +318,6 @@ def pretrain_backbone(
     # every rank builds the same tokenizer; rank 0 alone writes it into out_dir
     scratch = tempfile.TemporaryDirectory(prefix="das-pretrain-") if not world.is_main else None
     target = out_dir if world.is_main else Path(scratch.name)
-    if config.conv_stem_channels and config.arch != "vilt":
-        raise RunError(f"conv_stem_channels: a convolutional stem is implemented for ViLT, not {config.arch}")
     if config.init_from and config.arch != "vilt":
         raise RunError(f"init_from: going on from a checkpoint is implemented for ViLT, not {config.arch}")
     if config.init_from:
@@ -512,7 +510,8 @@ def _new_meter(config: PretrainConfig, words: list[str], out_dir: Path):
     meter_config = MeterConfig(
         vision=dict(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=config.vision_layers,
                     num_attention_heads=heads, image_size=config.image_size, patch_size=config.patch_size,
-                    num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+                    num_channels=3, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                    **({"conv_stem_channels": list(config.conv_stem_channels)} if config.conv_stem_channels else {})),
         # RoBERTa numbers positions from pad_token_id + 1, hence the two extra position embeddings
         text=dict(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=config.text_layers,
                   num_attention_heads=heads, intermediate_size=intermediate, hidden_act="gelu",

@@ -61,6 +61,7 @@ from models.backbones.base import (
     to_rgb,
     token_type_vocab,
 )
+from models.backbones.conv_stem import ConvStemPatchEmbeddings
 from models.backbones.meter.configuration import MODEL_TYPE, MeterConfig, arm_names
 from models.backbones.meter.image_processing import meter_pixels
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
@@ -68,7 +69,7 @@ from models.das.flops import (
     FlopsReport,
     LayerFlops,
     adapter_flops,
-    conv_patch_flops,
+    patch_embedding_flops,
     cross_attention_flops,
     linear_flops,
     mlp_flops,
@@ -277,6 +278,9 @@ class MeterBackbone(nn.Module):
         self.image_processor = image_processor or default_image_processor(config.image_size)
         vision_config, text_config, fusion_config = config.vision_config(), config.text_config(), config.fusion_config()
         self.vision = CLIPVisionModel(vision_config)
+        if config.vision_stem_channels:  # in place of CLIP's linear patch embedding (models/backbones/conv_stem.py)
+            self.vision.embeddings.patch_embedding = ConvStemPatchEmbeddings(
+                vision_config.num_channels, config.vision_stem_channels, vision_config.hidden_size, config.patch_size)
         self.text = RobertaModel(text_config, add_pooling_layer=False)
         self.text_projection = nn.Linear(text_config.hidden_size, config.hidden_size)
         self.image_projection = nn.Linear(vision_config.hidden_size, config.hidden_size)
@@ -557,7 +561,8 @@ def meter_request_flops(
     report: FlopsReport | None = None
     for rows, cols in patch_grids:
         image_len = rows * cols + 1  # patches + CLIP's class token
-        other = conv_patch_flops(rows * cols, vision.get("num_channels", 3), config.patch_size, vision["hidden_size"])
+        other = patch_embedding_flops(rows, cols, vision.get("num_channels", 3), config.patch_size, vision["hidden_size"],
+                                      config.vision_stem_channels)
         other += vision["num_hidden_layers"] * transformer_layer_flops(
             image_len, vision["hidden_size"], vision["intermediate_size"])
         other += text["num_hidden_layers"] * transformer_layer_flops(text_len, text["hidden_size"], text["intermediate_size"])

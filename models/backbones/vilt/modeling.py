@@ -37,15 +37,14 @@ from models.backbones.base import (
     check_own_parts,
     token_type_vocab, fingerprint, limit_aspect_ratio, read_checkpoint_state, read_config, to_rgb,
 )
-from models.backbones.conv_stem import ConvStemPatchEmbeddings
+from models.backbones.conv_stem import ConvStemPatchEmbeddings, check_conv_stem
 from models.backbones.vilt.image_processing import vilt_pixels
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.flops import (
     FlopsReport,
     LayerFlops,
     adapter_flops,
-    conv_patch_flops,
-    conv_stem_flops,
+    patch_embedding_flops,
     linear_flops,
     transformer_layer_flops,
 )
@@ -240,6 +239,11 @@ class ViltBackbone(nn.Module):
         directory = Path(directory)
         raw_config = read_config(directory)
         config = ViltConfig.from_dict(raw_config)
+        if "conv_stem_channels" in raw_config:
+            try:
+                check_conv_stem(conv_stem_channels(config), config.patch_size)
+            except (TypeError, ValueError) as exc:
+                raise BackboneError(f"{directory}: config.json conv_stem_channels: {exc}") from None
         state = read_checkpoint_state(directory)
         # Task checkpoints prefix the encoder with "vilt."; a bare ViltModel does not.
         encoder_state = {k[len("vilt."):]: v for k, v in state.items() if k.startswith("vilt.")}
@@ -524,11 +528,8 @@ def vilt_request_flops(
             else:
                 executed = full + (2 * adapter_flops(seq, hidden, par_b) if par_b else 0)
             layers.append(LayerFlops(i, full, executed, i in skipped))
-        stem = conv_stem_channels(config)
-        if stem:
-            other = conv_stem_flops(rows, cols, config.num_channels, stem, hidden)
-        else:
-            other = conv_patch_flops(rows * cols, config.num_channels, config.patch_size, hidden)
+        other = patch_embedding_flops(rows, cols, config.num_channels, config.patch_size, hidden,
+                                      conv_stem_channels(config))
         other += linear_flops(1, hidden, hidden)  # pooler
         one_pass = FlopsReport(per_layer=tuple(layers), other=other, seq_lens=(seq,))
         report = one_pass if report is None else report + one_pass
