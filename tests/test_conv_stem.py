@@ -49,6 +49,14 @@ def stem_checkpoint(tmp_path_factory):
     return directory, model
 
 
+def copied(directory: Path, to: Path) -> Path:
+    """A copy of a checkpoint directory, to damage."""
+    to.mkdir()
+    for item in directory.iterdir():
+        (to / item.name).write_bytes(item.read_bytes())
+    return to
+
+
 def test_stem_output_grid_is_the_patch_grid_and_flops_are_counted():
     stem = ConvStemPatchEmbeddings(3, (8, 16, 16, 32), hidden_size=24, patch_size=16).eval()
     for height, width in ((64, 96), (128, 32), (80, 48)):
@@ -138,10 +146,7 @@ def test_stem_checkpoint_without_stem_weights_is_refused(stem_checkpoint, tmp_pa
     """config.json asks for a stem the weights do not hold (e.g. a linear checkpoint with the key added)."""
     from safetensors.torch import load_file, save_file
     directory, _ = stem_checkpoint
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for item in directory.iterdir():
-        (broken / item.name).write_bytes(item.read_bytes())
+    broken = copied(directory, tmp_path / "broken")
     state = load_file(str(broken / "model.safetensors"))
     save_file({k: v for k, v in state.items() if ".patch_embeddings.stem." not in k}, str(broken / "model.safetensors"))
     with pytest.raises(BackboneError, match="patch_embeddings.stem"):
@@ -243,10 +248,7 @@ def test_meter_config_refuses_a_stem_that_cannot_make_its_patches(tmp_path):
 
 def test_vilt_config_refuses_a_stem_that_cannot_make_its_patches(stem_checkpoint, tmp_path):
     directory, _ = stem_checkpoint
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for item in directory.iterdir():
-        (broken / item.name).write_bytes(item.read_bytes())
+    broken = copied(directory, tmp_path / "broken")
     config = json.loads((broken / "config.json").read_text())
     config["conv_stem_channels"] = [8, "wide", 16, 16]
     (broken / "config.json").write_text(json.dumps(config))
