@@ -4,7 +4,8 @@
 A linear patch embedding trained from scratch at the embedded default's scale does not learn to tell
 the synthetic world's shapes apart (docs/plans.md, "What limits the embedded model"), where a few 3x3
 convolutions learn them within a few hundred steps. The stem is ``len(channels)`` 3x3 convolutions of
-stride 2, each followed by GroupNorm and ReLU, then a 1x1 convolution to the hidden width: an image of
+stride 2, each followed by GroupNorm and ReLU, then a 1x1 convolution to the hidden width, plus the linear
+patch embedding beside it (its output added, for colour; see ``ConvStemPatchEmbeddings``): an image of
 H x W pixels becomes an (H / 2^n) x (W / 2^n) grid of tokens, the grid of a patch size of 2^n, so the
 position embeddings, pixel masks and image-token counts stay those of the linear embedding.
 
@@ -50,6 +51,10 @@ class ConvStemPatchEmbeddings(nn.Module):
             width = out
         self.stem = nn.Sequential(*layers)
         self.projection = nn.Conv2d(width, hidden_size, kernel_size=1)
+        # The linear patch embedding beside the stem, its output added: GroupNorm scores each response
+        # against the whole image's, so the stem alone loses absolute colour (a linear probe of its output
+        # tells an object's colour 24% right, of the patch's mean RGB 98%); this keeps it.
+        self.patches = nn.Conv2d(num_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -58,7 +63,8 @@ class ConvStemPatchEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
-        x = self.projection(self.stem(pixel_values.to(self.projection.weight.dtype)))
-        # a side that is not a multiple of the patch size rounds up in the convolutions; the linear
+        pixel_values = pixel_values.to(self.projection.weight.dtype)
+        rows, cols = height // self.patch_size, width // self.patch_size
+        # a side that is not a multiple of the patch size rounds up in the stride-2 convolutions; the linear
         # embedding rounds down, and so does the pixel mask's grid
-        return x[:, :, : height // self.patch_size, : width // self.patch_size]
+        return self.projection(self.stem(pixel_values))[:, :, :rows, :cols] + self.patches(pixel_values)

@@ -76,13 +76,14 @@ def conv_patch_flops(num_patches: int, channels: int, patch_size: int, hidden: i
 def conv_stem_flops(rows: int, cols: int, in_channels: int, channels: tuple[int, ...] | list[int], hidden: int) -> int:
     """A convolutional stem (models/backbones/conv_stem.py) whose output grid is ``rows`` x ``cols``:
     3x3 stride-2 convolutions, the k-th of n at (rows * 2^(n-1-k)) x (cols * 2^(n-1-k)) outputs, then a 1x1
-    projection to ``hidden`` at the grid."""
+    projection to ``hidden`` at the grid, plus the linear patch embedding beside it."""
     total, width, n = 0, in_channels, len(channels)
     for k, out in enumerate(channels):
         scale = 2 ** (n - 1 - k)
         total += linear_flops(rows * scale * cols * scale, width * 9, out)
         width = out
-    return total + linear_flops(rows * cols, width, hidden)
+    patch_size = 2 ** n
+    return total + linear_flops(rows * cols, width, hidden) + conv_patch_flops(rows * cols, in_channels, patch_size, hidden)
 
 
 def patch_embedding_flops(rows: int, cols: int, in_channels: int, patch_size: int, hidden: int,
