@@ -64,7 +64,7 @@ def test_hotswap_under_load_keeps_plan_versions_in_their_window(tmp_path):
     responses = summary["responses"]
     assert responses["checked"] == summary["aggregated"]["requests"] and responses["outside_window"] == []
     assert responses["served_by_swapped_versions"] > 0  # the swaps reached live traffic
-    assert summary["rss"]["start_bytes"] > 0 and abs(summary["rss"]["change"]) <= 0.05
+    assert summary["rss"]["start_bytes"] > 0 and abs(summary["rss"]["change"]) <= 0.10  # the --rss-tolerance above
     # it ran on a copy: the repository's store never saw the swapped plan
     assert plan_name not in (REPO / "plans" / "store.json").read_text()
     assert not list((REPO / "plans").glob(f"*/{plan_name}"))
