@@ -345,16 +345,20 @@ def test_pretrain_under_torchrun_matches_one_process_and_resumes(world, tmp_path
 
 
 def test_das_pretrain_goes_on_from_a_backbone_with_patch_shapes(world, tmp_path, capsys):
-    """`das pretrain --init-from DIR --patch-shape-weight W`: starts from DIR's weights and vocabulary (not
-    random ones) and learns patch shapes from the synthetic scenes; a backbone of other sizes is refused."""
+    """`das pretrain --init-from DIR --patch-shape-weight W --patch-color-weight W`: starts from DIR's weights
+    and vocabulary (not random ones) and learns patch shapes and colours from the synthetic scenes; a
+    backbone of other sizes is refused."""
     root, _, _ = world
     base = ["pretrain", "--data", str(root / "retrieval"), *PRETRAIN]
     assert main([*base, "--out", str(tmp_path / "first")]) == 0
     capsys.readouterr()
     assert main([*base, "--epochs", "0.5", "--init-from", str(tmp_path / "first"), "--patch-shape-weight", "1",
-                 "--out", str(tmp_path / "second")]) == 0
+                 "--patch-color-weight", "0.5", "--out", str(tmp_path / "second")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert 0 <= summary["patch_accuracy"] <= 1 and summary["patch_loss"] > 0
+    # six colours: a fresh head starts near log(6) = 1.79 and a short run does not leave that range
+    assert 0 <= summary["patch_color_accuracy"] <= 1 and 0.3 < summary["patch_color_loss"] < 3
+    assert len(summary["curve"]["patch_color_accuracy"]) == len(summary["curve"]["step"])
     first, second = load_backbone(tmp_path / "first", device="cpu"), load_backbone(tmp_path / "second", device="cpu")
     assert first.processor.tokenizer.get_vocab() == second.processor.tokenizer.get_vocab()
     # one short stage from the first backbone moves its weights a little, unlike a fresh random start
@@ -363,6 +367,14 @@ def test_das_pretrain_goes_on_from_a_backbone_with_patch_shapes(world, tmp_path,
     assert 0 < drift < 0.2
     assert main([*base, "--hidden-size", "64", "--init-from", str(tmp_path / "first"), "--out", str(tmp_path / "bad")]) == 2
     assert "init_from" in capsys.readouterr().err and not (tmp_path / "bad" / "config.json").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "x"])
+def test_das_pipeline_refuses_pretrain_epochs_that_are_no_amount(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["pipeline", "--quick", "--pretrain-epochs", value, "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "expected a positive number" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
 def test_a_killed_das_train_resumes_to_the_uninterrupted_plan(world, tmp_path):

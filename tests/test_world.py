@@ -221,13 +221,16 @@ def test_rendering_is_deterministic_and_shows_the_scene():
             assert np.abs(corner - np.array(scene.background)).max() <= 8
 
 
-def test_patch_shape_labels_follow_the_drawn_pixels():
-    """Each patch is labelled with the shape whose drawn pixels cover the larger part of it (1 + its index
-    in SHAPES), 0 for background: checked against the noiseless rendering itself."""
+def test_patch_labels_follow_the_drawn_pixels():
+    """Each patch is labelled with the shape (and colour) of the object whose drawn pixels cover the larger
+    part of it (1 + its index in SHAPES, COLOR_NAMES), 0 for background: checked against the noiseless
+    rendering itself."""
     grid, patch = 8, 16
     for seed in range(20):
         scene = scenes.sample_scene(random.Random(seed))
-        labels = scenes.patch_shape_labels(scene, grid, patch)
+        objects = scenes.patch_objects(scene, grid, patch)
+        labels, colors = scenes.patch_labels(scene, objects, "shape"), scenes.patch_labels(scene, objects, "color")
+        assert ((labels == 0) == (colors == 0)).all() and ((objects == 0) == (labels == 0)).all()
         assert labels.shape == (grid * grid,) and labels.dtype == np.int64
         pixels = np.asarray(scenes.render_scene(scene, grid * patch, noise=0), dtype=int)
         drawn = np.abs(pixels - np.array(scene.background)).max(axis=-1) > 30
@@ -239,9 +242,11 @@ def test_patch_shape_labels_follow_the_drawn_pixels():
             centre = int(obj.y * grid) * grid + int(obj.x * grid)
             if labels[centre]:
                 assert scenes.SHAPES[labels[centre] - 1] == obj.shape
+                assert scenes.COLOR_NAMES[colors[centre] - 1] == obj.color
         assert set(labels.tolist()) - {0} <= {1 + scenes.SHAPES.index(o.shape) for o in scene.objects}
+        assert set(colors.tolist()) - {0} <= {1 + scenes.COLOR_NAMES.index(o.color) for o in scene.objects}
     square = Scene((SceneObject("square", "red", "large", 0.5, 0.5),), (100, 100, 100), 0)
-    labels = scenes.patch_shape_labels(square, 4, 16).reshape(4, 4)  # half-side 0.117 of 64 px: the centre
+    labels = scenes.patch_labels(square, scenes.patch_objects(square, 4, 16), "shape").reshape(4, 4)  # half-side 0.117 of 64 px: the centre
     assert labels[1:3, 1:3].tolist() == [[2, 2], [2, 2]] and labels[0].tolist() == [0, 0, 0, 0]
 
 

@@ -26,6 +26,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type for amounts such as epochs: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def positive_int_list(text: str) -> list[int]:
     """argparse type for comma-separated positive integers, e.g. `--batch-sizes 1,32`."""
     try:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.cli.argtypes import layer_list, non_negative_int, positive_int, stem_channels
+from models.cli.argtypes import layer_list, non_negative_int, positive_float, positive_int, stem_channels
 from models.paths import REPO_ROOT, SHIPPED_BACKBONE, SHIPPED_METER_PLANS, SHIPPED_PLANS
 from models.tasks import TASKS
 
@@ -90,7 +90,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                             workers=args.workers, checkpoint_every=args.checkpoint_every,
                             checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=args.resume,
                             patch_size=args.patch_size, conv_stem_channels=args.conv_stem,
-                            patch_shape_weight=args.patch_shape_weight,
+                            patch_shape_weight=args.patch_shape_weight, patch_color_weight=args.patch_color_weight,
                             init_from=str(args.init_from) if args.init_from else None)
     extra = {task: Path(d) for task, d in (("vqa", args.vqa_data), ("nlvr2", args.nlvr2_data)) if d}
     try:
@@ -193,8 +193,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     overrides = {key: getattr(args, key) for key in ("image_size", "patch_size", "precision") if getattr(args, key) is not None}
     if args.conv_stem is not None:
         overrides["conv_stem_channels"] = args.conv_stem
-    if args.patch_shape_weight is not None:
-        overrides["patch_shape_weight"] = args.patch_shape_weight
+    for key in ("patch_shape_weight", "patch_color_weight", "pretrain_epochs"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
     settings = dataclasses.replace(settings, **overrides)
     if settings.image_size % settings.patch_size:
         print(f"error: --patch-size {settings.patch_size} does not divide the image size {settings.image_size}",
@@ -303,6 +304,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="weight of patch shape classification: every image patch an object covers predicts "
                                "that object's shape, where the data set records its scenes (synthetic data); "
                                "0 = off (default)")
+    pretrain.add_argument("--patch-color-weight", type=float, default=0.0,
+                          help="weight of patch colour classification, the same way: every image patch an object "
+                               "covers predicts that object's colour; 0 = off (default)")
     pretrain.add_argument("--init-from", type=Path,
                           help="ViLT backbone directory to go on pre-training from (its weights, vocabulary and ITM "
                                "head; sizes must match); default: random weights")
@@ -401,6 +405,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--patch-shape-weight", type=float, metavar="W",
                           help="pre-training's patch shape classification weight (see das pretrain; 0 = off; "
                                "default: the recipe's)")
+    pipeline.add_argument("--patch-color-weight", type=float, metavar="W",
+                          help="pre-training's patch colour classification weight (see das pretrain; 0 = off; "
+                               "default: the recipe's)")
+    pipeline.add_argument("--pretrain-epochs", type=positive_float, metavar="E",
+                          help="pre-training epochs over the caption pairs (default: the recipe's, 1.6 for the ViLT)")
     pipeline.add_argument("--precision", choices=["fp32", "bf16"],
                           help="fp32, or bf16 autocast for pre-training, training and evaluation (default: the "
                                "recipe's, fp32)")

@@ -46,6 +46,7 @@ class PipelineSettings:
     conv_stem_channels: tuple[int, ...] = ()
     # weight of pre-training's patch shape classification (PretrainConfig.patch_shape_weight); 0 = off
     patch_shape_weight: float = 0.0
+    patch_color_weight: float = 0.0  # and of its patch colour classification (PretrainConfig.patch_color_weight)
     # fp32, or bf16 autocast for pre-training and every training and evaluation (models/producer/engine.py)
     precision: str = "fp32"
     # fresh scenes for pre-training only (work/data/pretrain), captioned 5 times each with hard negatives
@@ -120,7 +121,7 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
                            vision_layers=settings.vision_layers, text_layers=settings.text_layers, num_heads=settings.heads,
                            intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
                            patch_size=settings.patch_size, conv_stem_channels=settings.conv_stem_channels,
-                           patch_shape_weight=settings.patch_shape_weight,
+                           patch_shape_weight=settings.patch_shape_weight, patch_color_weight=settings.patch_color_weight,
                            precision=settings.precision, epochs=settings.pretrain_epochs, seed=seed,
                            # resumable: an interrupted pre-training goes on from its last checkpoint
                            checkpoint_every=200, checkpoint_dir=str(work / "pretrain.ckpt"), resume=True),

@@ -61,7 +61,7 @@ from models.producer.runs import TrainingStopped
 from models.producer.train import one_cycle
 from models.producer.world.export import load_scenes
 from models.producer.world.language import hard_negative_captions, scene_captions
-from models.producer.world.scenes import SHAPES, Scene, patch_shape_labels
+from models.producer.world.scenes import PATCH_ATTRIBUTES, Scene, patch_labels, patch_objects
 
 ARCHS = ("vilt", "meter")
 
@@ -92,6 +92,9 @@ class PretrainConfig:
     # LXMERT's and UNITER's masked region classification, with labels drawn from the scene (background
     # patches, ~90% of them, are left out: they would teach object-vs-background, not shapes)
     patch_shape_weight: float = 0.0
+    # patch colour classification, the same way: each object patch predicts its object's colour. The linear
+    # part of a convolutional stem keeps colour, but nothing asks the encoder's patch tokens for it
+    patch_color_weight: float = 0.0
     # a backbone directory (ViLT) to go on from, with its vocabulary and ITM head; None: random weights
     init_from: str | None = None
     captions_per_scene: int = 5  # for images of other tasks' data sets, captioned from their scenes
@@ -233,15 +236,23 @@ class PairDataset(Dataset):
                     if pair.scene is not None and rng.random() < self.config.hard_negative_fraction else [])
             caption = hard[0] if hard else self.pairs[rng.randrange(len(self.pairs))].caption
         labels = None
-        if self.config.patch_shape_weight and pair.scene is not None:
+        if patch_weights(self.config) and pair.scene is not None:
             grid = self.config.image_size // self.config.patch_size
-            labels = patch_shape_labels(pair.scene, grid, self.config.patch_size)
+            objects = patch_objects(pair.scene, grid, self.config.patch_size)
+            labels = {attribute: patch_labels(pair.scene, objects, attribute) for attribute in patch_weights(self.config)}
         return Item(index, [(open_rgb(pair.image_path), caption)], (float(caption == pair.caption), epoch, labels))
 
 
+def patch_weights(config: PretrainConfig) -> dict[str, float]:
+    """The patch objectives that are on ({attribute in PATCH_ATTRIBUTES: loss weight})."""
+    weights = {"shape": config.patch_shape_weight, "color": config.patch_color_weight}
+    return {attribute: weight for attribute, weight in weights.items() if weight}
+
+
 class PairCollate:
-    """Items -> (batch, masked input ids, MLM labels, ITM targets, patch shape labels: (B, patches), the
-    index in SHAPES of the object covering each patch, -100 for background or an unknown scene). Each
+    """Items -> (batch, masked input ids, MLM labels, ITM targets, patch labels: {attribute: (B, patches)},
+    per patch the index in PATCH_ATTRIBUTES[attribute] of the covering object's value, -100 for background
+    or an unknown scene; one entry per objective that is on). Each
     row's masking is drawn from its own (seed, epoch, index) generator over its
     unpadded tokens, so it is the same in any batch."""
 
@@ -252,7 +263,8 @@ class PairCollate:
         batch = self.preprocess([i.pairs[0][0] for i in items], [i.pairs[0][1] for i in items])
         masked, labels = batch.input_ids.clone(), torch.full_like(batch.input_ids, -100)
         patches = max((rows * cols for rows, cols in batch.patch_grids), default=0)
-        shape_labels = torch.full((len(items), patches), -100, dtype=torch.long)
+        attribute_labels = {attribute: torch.full((len(items), patches), -100, dtype=torch.long)
+                            for attribute in patch_weights(self.config)}
         for row, item in enumerate(items):
             length = int(batch.attention_mask[row].sum())
             generator = torch.Generator().manual_seed(
@@ -261,32 +273,34 @@ class PairCollate:
             row_masked, row_labels = mask_tokens(ids, mask, self.tokenizer, self.config.mlm_probability, generator,
                                                  self.maskable)
             masked[row, :length], labels[row, :length] = row_masked[0], row_labels[0]
-            known = item.target[2]
-            if known is not None and len(known) == patches:
-                known = torch.from_numpy(known) - 1  # patch_shape_labels: 0 is background, 1 + i shape i
-                shape_labels[row] = torch.where(known >= 0, known, -100)
+            for attribute, known in (item.target[2] or {}).items():
+                if len(known) == patches:
+                    known = torch.from_numpy(known) - 1  # patch_labels: 0 is background, 1 + i value i
+                    attribute_labels[attribute][row] = torch.where(known >= 0, known, -100)
         targets = torch.tensor([i.target[0] for i in items], dtype=torch.float32)
-        return batch, masked, labels, targets, shape_labels
+        return batch, masked, labels, targets, attribute_labels
 
 
 class PretrainModel(nn.Module):
-    """Backbone + MLM head + ITM head (+ patch shape head) as one module (what DDP wraps): ITM on the
-    unmasked text, MLM and patch shapes on the masked one (as ViLT computes them in separate passes)."""
+    """Backbone + MLM head + ITM head (+ patch attribute heads) as one module (what DDP wraps): ITM on the
+    unmasked text, MLM and patch attributes on the masked one (as ViLT computes them in separate passes)."""
 
-    def __init__(self, backbone, mlm_head: nn.Module, itm_head: nn.Module, patch_head: nn.Module | None = None) -> None:
+    def __init__(self, backbone, mlm_head: nn.Module, itm_head: nn.Module,
+                 patch_heads: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
-        self.backbone, self.mlm_head, self.itm_head, self.patch_head = backbone, mlm_head, itm_head, patch_head
+        self.backbone, self.mlm_head, self.itm_head = backbone, mlm_head, itm_head
+        self.patch_heads = nn.ModuleDict(patch_heads or {})
 
     def forward(self, batch, masked_ids: torch.Tensor, patches: int = 0):
+        """(ITM logits (B,), MLM logits (B, text, vocab), {attribute: patch logits (B, patches, values)})."""
         empty_plan = PlanModules()
         itm_logits = self.itm_head(self.backbone.encode(batch, empty_plan))[:, 0]
         masked_batch = dataclasses.replace(batch, input_ids=masked_ids)
         sequence = self.backbone.sequence_output(masked_batch, empty_plan)
         text_len = masked_ids.shape[1]
-        patch_logits = None
-        if self.patch_head is not None and patches:
-            # ViLT's image tokens follow the text: the image [CLS], then the patches in raster order
-            patch_logits = self.patch_head(sequence[:, text_len + 1: text_len + 1 + patches]).float()
+        # ViLT's image tokens follow the text: the image [CLS], then the patches in raster order
+        patch_tokens = sequence[:, text_len + 1: text_len + 1 + patches]
+        patch_logits = {attribute: head(patch_tokens).float() for attribute, head in self.patch_heads.items()} if patches else {}
         return itm_logits.float(), self.mlm_head(sequence[:, :text_len]).float(), patch_logits
 
 
@@ -330,8 +344,9 @@ def pretrain_backbone(
     mlm_head = ViltMLMHead(ViltConfig(hidden_size=config.hidden_size, vocab_size=len(tokenizer), hidden_act="gelu",
                                       layer_norm_eps=1e-12))
     itm_head = new_itm_head()
-    patch_head = nn.Linear(config.hidden_size, len(SHAPES)) if config.patch_shape_weight else None
-    model = PretrainModel(backbone, mlm_head, itm_head, patch_head).to(device)
+    weights = patch_weights(config)
+    patch_heads = {attribute: nn.Linear(config.hidden_size, len(PATCH_ATTRIBUTES[attribute])) for attribute in weights}
+    model = PretrainModel(backbone, mlm_head, itm_head, patch_heads).to(device)
     parameters = list(model.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     pairs = pretraining_pairs(retrieval_data, scene_dirs, config.captions_per_scene, config.seed)
@@ -340,12 +355,13 @@ def pretrain_backbone(
     schedule = one_cycle(optimizer, config.lr, steps)
     scaler = grad_scaler(device, config.precision)
     history = {"itm_loss": [], "mlm_loss": [], "itm_accuracy": []}
-    if patch_head is not None:
-        history.update(patch_loss=[], patch_accuracy=[])
+    for attribute in weights:  # the shape objective's keys stay patch_loss / patch_accuracy
+        history.update({f"{_patch_key(attribute)}_loss": [], f"{_patch_key(attribute)}_accuracy": []})
     run = {"task": "pretrain", "arch": config.arch, "examples": len(pairs), "batch_size": config.batch_size,
            "total_steps": steps, "seed": config.seed, "lr": config.lr, "precision": config.precision,
            # only when set: checkpoints of runs without them stay resumable
            **({"patch_shape_weight": config.patch_shape_weight} if config.patch_shape_weight else {}),
+           **({"patch_color_weight": config.patch_color_weight} if config.patch_color_weight else {}),
            **({"init_from": config.init_from} if config.init_from else {}),
            **({"conv_stem_channels": list(config.conv_stem_channels)} if config.conv_stem_channels else {})}
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
@@ -369,26 +385,29 @@ def pretrain_backbone(
     ddp = wrap_ddp(model, world)
     global_batch = order.global_batch
     bar = tqdm(total=steps, initial=start, desc="pretrain", disable=not progress or not world.is_main)
-    for step, (batch, masked_ids, mlm_labels, itm_target, shape_labels) in enumerate(batches, start):
+    for step, (batch, masked_ids, mlm_labels, itm_target, attribute_labels) in enumerate(batches, start):
         batch = batch.to(device, torch.float32)
         masked_ids, mlm_labels, itm_target = masked_ids.to(device), mlm_labels.to(device), itm_target.to(device)
-        shape_labels = shape_labels.to(device)
+        attribute_labels = {attribute: labels.to(device) for attribute, labels in attribute_labels.items()}
+        patches = next(iter(attribute_labels.values())).shape[1] if attribute_labels else 0
         # the MLM and patch losses are means over the global batch's labelled tokens: count them over every
         # rank first
-        counts = all_reduce_sum(torch.stack([(mlm_labels != -100).sum(), (shape_labels != -100).sum()]).float(), world)
-        masked_count, patch_count = counts[0].clamp(min=1), counts[1].clamp(min=1)
+        counts = all_reduce_sum(torch.stack([(mlm_labels != -100).sum()] + [
+            (labels != -100).sum() for labels in attribute_labels.values()]).float(), world).clamp(min=1)
+        masked_count, patch_counts = counts[0], dict(zip(attribute_labels, counts[1:]))
         with autocast(device, config.precision):
-            itm_logits, mlm_logits, patch_logits = ddp(batch, masked_ids, shape_labels.shape[1])
+            itm_logits, mlm_logits, patch_logits = ddp(batch, masked_ids, patches)
         itm_sum = F.binary_cross_entropy_with_logits(itm_logits, itm_target, reduction="sum")
         mlm_sum = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), mlm_labels.reshape(-1),
                                   ignore_index=-100, reduction="sum")
         loss = itm_sum / global_batch + mlm_sum / masked_count
-        patch_sum = patch_correct = torch.zeros((), device=device)
-        if patch_logits is not None:
-            patch_sum = F.cross_entropy(patch_logits.reshape(-1, patch_logits.shape[-1]), shape_labels.reshape(-1),
-                                        ignore_index=-100, reduction="sum")
-            patch_correct = ((patch_logits.argmax(-1) == shape_labels) & (shape_labels != -100)).sum().float()
-            loss = loss + config.patch_shape_weight * patch_sum / patch_count
+        patch_totals = []  # per attribute: loss sum, correct patches
+        for attribute, logits in patch_logits.items():
+            labels = attribute_labels[attribute]
+            patch_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                        reduction="sum")
+            patch_totals += [patch_sum.detach(), ((logits.argmax(-1) == labels) & (labels != -100)).sum().float()]
+            loss = loss + weights[attribute] * patch_sum / patch_counts[attribute]
         loss = loss * world.world_size
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -398,17 +417,17 @@ def pretrain_backbone(
         scaler.update()
         schedule.step()
         correct = ((itm_logits > 0).float() == itm_target).float().sum()
-        totals = all_reduce_sum(torch.stack([itm_sum.detach(), mlm_sum.detach(), correct, patch_sum.detach(),
-                                             patch_correct]), world)
+        totals = all_reduce_sum(torch.stack([itm_sum.detach(), mlm_sum.detach(), correct, *patch_totals]), world)
         history["itm_loss"].append(totals[0].item() / global_batch)
         history["mlm_loss"].append(totals[1].item() / masked_count.item())
         history["itm_accuracy"].append(totals[2].item() / global_batch)
-        if patch_logits is not None:
-            history["patch_loss"].append(totals[3].item() / patch_count.item())
-            history["patch_accuracy"].append(totals[4].item() / patch_count.item())
+        for i, attribute in enumerate(patch_logits):
+            history[f"{_patch_key(attribute)}_loss"].append(totals[3 + 2 * i].item() / patch_counts[attribute].item())
+            history[f"{_patch_key(attribute)}_accuracy"].append(totals[4 + 2 * i].item() / patch_counts[attribute].item())
         bar.update(1)
         bar.set_postfix(itm=f"{history['itm_loss'][-1]:.3f}", mlm=f"{history['mlm_loss'][-1]:.3f}",
-                        **({"patch_acc": f"{history['patch_accuracy'][-1]:.2f}"} if patch_logits is not None else {}))
+                        **{f"{attribute}_acc": f"{history[_patch_key(attribute) + '_accuracy'][-1]:.2f}"
+                           for attribute in patch_logits})
         done = step + 1
         if checkpoint_dir is not None and config.checkpoint_every and (done % config.checkpoint_every == 0 or done == steps):
             save_checkpoint(checkpoint_dir, {
@@ -428,6 +447,11 @@ def pretrain_backbone(
     summary["steps"], summary["examples"] = steps, len(pairs)
     summary["curve"] = learning_curve(history)
     return summary
+
+
+def _patch_key(attribute: str) -> str:
+    """History key prefix of a patch objective: ``patch`` for shapes (as before colours were added)."""
+    return "patch" if attribute == "shape" else f"patch_{attribute}"
 
 
 def learning_curve(history: dict[str, list[float]], points: int = 50) -> dict[str, list[float]]:

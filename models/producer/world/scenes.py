@@ -162,17 +162,29 @@ def render_scene(scene: Scene, image_size: int = 96, noise: int = 8) -> Image.Im
     return image
 
 
-def patch_shape_labels(scene: Scene, grid: int, patch_size: int, min_cover: float = 0.25) -> np.ndarray:
-    """(grid * grid,) int64 in raster order: 1 + the index in SHAPES of the object covering the larger
-    part of each patch of a ``grid`` x ``grid`` patching of the image, 0 where no object covers
-    ``min_cover`` of it (objects never overlap). What a patch-level shape objective predicts."""
+# what patch-level pre-training objectives predict: the value, among these, of the object under a patch
+PATCH_ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLOR_NAMES}
+
+
+def patch_objects(scene: Scene, grid: int, patch_size: int, min_cover: float = 0.25) -> np.ndarray:
+    """(grid * grid,) int64 in raster order: 1 + the index in ``scene.objects`` of the object covering the
+    larger part of each patch of a ``grid`` x ``grid`` patching of the image, 0 where no object covers
+    ``min_cover`` of it (objects never overlap)."""
     side = grid * patch_size
     best_cover = np.full((grid, grid), min_cover)
     labels = np.zeros((grid, grid), dtype=np.int64)
-    for obj in scene.objects:
+    for index, obj in enumerate(scene.objects):
         mask = Image.new("L", (side, side), 0)
         _draw_object(ImageDraw.Draw(mask), obj, side, 255)
         cover = (np.asarray(mask, dtype=np.float32) / 255).reshape(grid, patch_size, grid, patch_size).mean(axis=(1, 3))
         wins = cover >= best_cover
-        labels[wins], best_cover[wins] = 1 + SHAPES.index(obj.shape), cover[wins]
+        labels[wins], best_cover[wins] = 1 + index, cover[wins]
     return labels.reshape(-1)
+
+
+def patch_labels(scene: Scene, objects: np.ndarray, attribute: str) -> np.ndarray:
+    """Per patch, 1 + the index in ``PATCH_ATTRIBUTES[attribute]`` of the value of the object
+    :func:`patch_objects` put there (``objects``), 0 for background: what a patch-level objective predicts."""
+    values = PATCH_ATTRIBUTES[attribute]
+    table = np.array([0] + [1 + values.index(getattr(o, attribute)) for o in scene.objects], dtype=np.int64)
+    return table[objects]
