@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -124,23 +125,34 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
 
 
 def test_pipeline_image_patch_and_precision_options_reach_the_backbone(tmp_path, capsys):
-    """`das pipeline --image-size 32 --patch-size 8 --precision bf16`: the data and the pre-trained backbone
-    (a 4 x 4 patch grid) follow them, the pre-training runs in bf16, the plans validate; a patch size that
-    does not divide is refused."""
+    """`das pipeline --image-size 32 --patch-size 8 --precision bf16 --pretrain-epochs 2 --patch-color-weight 1`:
+    the data and the pre-trained backbone (a 4 x 4 patch grid) follow them, the pre-training runs in bf16
+    for 2 epochs with patch colours, the plans validate; a patch size that does not divide is refused, and
+    so is resuming into this store with another pre-training recipe."""
     out, work = tmp_path / "plans", tmp_path / "work"
-    assert main(["pipeline", "--quick", "--quiet", "--image-size", "32", "--patch-size", "8", "--precision", "bf16",
+    options = ["--image-size", "32", "--patch-size", "8", "--precision", "bf16"]
+    assert main(["pipeline", "--quick", "--quiet", *options, "--pretrain-epochs", "2", "--patch-color-weight", "1",
                  "--out", str(out), "--work", str(work)]) == 0
     backbone = load_backbone(out / "backbone", device="cpu")
     assert (backbone.config.image_size, backbone.config.patch_size) == (32, 8)
     assert json.loads((work / "data" / "vqa" / "synth.json").read_text())["image_size"] == 32
     pretrained = torch.load(work / "pretrain.ckpt" / "last.pt", map_location="cpu", weights_only=False)
-    assert pretrained["run"]["precision"] == "bf16"
+    run = pretrained["run"]
+    assert run["precision"] == "bf16" and run["patch_color_weight"] == 1
+    assert run["total_steps"] == math.ceil(2 * run["examples"] / run["batch_size"])
+    assert len(pretrained["extra"]["history"]["patch_color_accuracy"]) == run["total_steps"]
     for task in ("vqa", "nlvr2", "retrieval"):
         validate_plan(out / task / "adapters", backbone)
     capsys.readouterr()
     assert main(["pipeline", "--quick", "--quiet", "--patch-size", "12", "--out", str(tmp_path / "bad"),
                  "--work", str(work)]) == 2
     assert "does not divide" in capsys.readouterr().err
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(["pipeline", "--quick", "--quiet", *options, "--conv-stem", "8,8,8", "--resume",
+                 "--out", str(out), "--work", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert "pre-trained with other settings" in err and "conv_stem_channels" in err and "--force" in err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
 
 
 def test_quick_meter_pipeline_pretrains_and_writes_a_servable_store(tmp_path, capsys):

@@ -20,6 +20,7 @@ from typing import Any
 from models.backbones.base import Backbone, load_backbone
 from models.das.plan import PLAN_FILE, PlanError, PlanSpec, validate_plan
 from models.paths import STORE_BACKBONE_DIR, STORE_STATE_FILE
+from models.producer.engine import RunError
 from models.producer.evaluate import evaluate_plan_dir
 from models.producer.pretrain import PretrainConfig, pretrain_backbone
 from models.producer.search import (OBJECTIVES, SearchConfig, das_search, select_within_budget, skip_set_for,
@@ -110,24 +111,35 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
     data = _synthesize(work, settings, seed, progress, log)
     backbone_dir = out / STORE_BACKBONE_DIR
     pretrain_file = work / "pretrain.json"
+    pretrain_config = PretrainConfig(
+        arch=settings.arch, hidden_size=settings.hidden_size, num_layers=settings.layers,
+        vision_layers=settings.vision_layers, text_layers=settings.text_layers, num_heads=settings.heads,
+        intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
+        patch_size=settings.patch_size, conv_stem_channels=settings.conv_stem_channels,
+        patch_shape_weight=settings.patch_shape_weight, patch_color_weight=settings.patch_color_weight,
+        precision=settings.precision, epochs=settings.pretrain_epochs, seed=seed,
+        # resumable: an interrupted pre-training goes on from its last checkpoint
+        checkpoint_every=200, checkpoint_dir=str(work / "pretrain.ckpt"), resume=True)
+    recipe = pretrain_recipe(pretrain_config)
     if (backbone_dir / "config.json").is_file() and pretrain_file.is_file():
-        log("[resume] pretrain: reusing the backbone already in the output")
         pretrain_summary = json.loads(pretrain_file.read_text())
+        # a backbone of another recipe (say --resume --conv-stem after a run with the linear embedding) is
+        # not silently reused; summaries written before recipes were recorded carry none
+        made_with = pretrain_summary.get("recipe", recipe)
+        if made_with != recipe:
+            changed = sorted(key for key in recipe.keys() | made_with.keys() if recipe.get(key) != made_with.get(key))
+            raise RunError(f"{backbone_dir} was pre-trained with other settings ({', '.join(changed)}: "
+                           f"{ {k: made_with.get(k) for k in changed} }, asked for { {k: recipe.get(k) for k in changed} }); "
+                           "use --force to regenerate the store, or another --out")
+        log("[resume] pretrain: reusing the backbone already in the output")
     else:
         log(f"[pretrain] {settings.arch}: ITM + MLM on the synthetic image-caption pairs")
         pretrain_summary = pretrain_backbone(
-            data["retrieval"], backbone_dir,
-            PretrainConfig(arch=settings.arch, hidden_size=settings.hidden_size, num_layers=settings.layers,
-                           vision_layers=settings.vision_layers, text_layers=settings.text_layers, num_heads=settings.heads,
-                           intermediate_size=4 * settings.hidden_size, image_size=settings.image_size,
-                           patch_size=settings.patch_size, conv_stem_channels=settings.conv_stem_channels,
-                           patch_shape_weight=settings.patch_shape_weight, patch_color_weight=settings.patch_color_weight,
-                           precision=settings.precision, epochs=settings.pretrain_epochs, seed=seed,
-                           # resumable: an interrupted pre-training goes on from its last checkpoint
-                           checkpoint_every=200, checkpoint_dir=str(work / "pretrain.ckpt"), resume=True),
+            data["retrieval"], backbone_dir, pretrain_config,
             extra_text_dirs={"vqa": data["vqa"], "nlvr2": data["nlvr2"]}, progress=progress,
             scene_dirs=[data["vqa"], data["nlvr2"]] + ([data[PRETRAIN_CORPUS]] if settings.pretrain_images else []),
         )
+        pretrain_summary["recipe"] = recipe
         pretrain_file.write_text(json.dumps(pretrain_summary, indent=2) + "\n")
     backbone = load_backbone(backbone_dir, device="cpu")
     report: dict[str, Any] = {"pretrain": pretrain_summary, "tasks": {}}
@@ -138,6 +150,13 @@ def run_pipeline(out: Path, work: Path, settings: PipelineSettings, seed: int = 
     report["minutes"] = round((time.time() - started) / 60, 1)
     report["reused_steps"] = len(reused)
     return report
+
+
+def pretrain_recipe(config: PretrainConfig) -> dict[str, Any]:
+    """What makes a pre-trained backbone what it is (not how the run was executed: device, checkpoints),
+    as JSON: recorded beside the backbone so a resumed pipeline does not reuse one of another recipe."""
+    how_run = {"device", "workers", "checkpoint_every", "checkpoint_dir", "resume", "stop_after"}
+    return json.loads(json.dumps({key: value for key, value in asdict(config).items() if key not in how_run}))
 
 
 def task_train_config(settings: PipelineSettings, task: str, seed: int) -> TrainConfig:

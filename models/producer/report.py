@@ -134,9 +134,13 @@ def learning_curve_plot(pretrain: dict[str, Any], path: Path, title: str) -> boo
     loss_ax.set_ylabel("loss")
     loss_ax.legend()
     loss_ax.grid(alpha=0.3)
-    acc_ax.plot(curve["step"], curve["itm_accuracy"], color="tab:green")
+    acc_ax.plot(curve["step"], curve["itm_accuracy"], color="tab:green", label="ITM (half the negatives hard)")
+    for key, label in (("patch_accuracy", "patch shape"), ("patch_color_accuracy", "patch colour")):
+        if key in curve:  # the patch objectives, where pre-training had them
+            acc_ax.plot(curve["step"], curve[key], label=label)
     acc_ax.set_xlabel("step")
-    acc_ax.set_ylabel("ITM accuracy (half the negatives hard)")
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.legend()
     acc_ax.grid(alpha=0.3)
     fig.suptitle(f"Pre-training ({title}): {pretrain.get('steps', '?')} steps over {pretrain.get('examples', '?')} caption pairs")
     fig.tight_layout()
