@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from models.backbones.base import BackboneError
+
 STEM_GROUPS = 8  # GroupNorm groups of every stem convolution
 
 
@@ -34,6 +36,23 @@ def check_conv_stem(channels: Sequence[int], patch_size: int) -> None:
         )
     if any(c <= 0 or c % STEM_GROUPS for c in channels):
         raise ValueError(f"stem channels {list(channels)}: each must be a positive multiple of {STEM_GROUPS}")
+
+
+def stem_widths(value: object) -> tuple[int, ...]:
+    """Stem widths as a config.json stores them (a list of ints; absent or null: the linear embedding)."""
+    return tuple(int(c) for c in (value or ()))
+
+
+def checked_stem_widths(value: object, patch_size: int, where: str) -> tuple[int, ...]:
+    """:func:`stem_widths` of a checkpoint's config value, refused (BackboneError naming ``where``) when
+    they are no widths or cannot make the patch grid."""
+    try:
+        widths = stem_widths(value)
+        if value is not None:
+            check_conv_stem(widths, patch_size)
+    except (TypeError, ValueError) as exc:
+        raise BackboneError(f"{where} conv_stem_channels: {exc}") from None
+    return widths
 
 
 class ConvStemPatchEmbeddings(nn.Module):

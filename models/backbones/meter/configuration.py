@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from transformers import BertConfig, CLIPVisionConfig, RobertaConfig
 
 from models.backbones.base import BackboneError, read_config
-from models.backbones.conv_stem import check_conv_stem
+from models.backbones.conv_stem import checked_stem_widths, stem_widths
 
 MODEL_TYPE = "meter"
 
@@ -82,7 +82,7 @@ class MeterConfig:
     def vision_stem_channels(self) -> tuple[int, ...]:
         """The vision encoder's convolutional stem widths (``vision["conv_stem_channels"]``,
         models/backbones/conv_stem.py); () for CLIP's linear patch embedding."""
-        return tuple(int(c) for c in (self.vision.get("conv_stem_channels") or ()))
+        return stem_widths(self.vision.get("conv_stem_channels"))
 
     @property
     def num_arms(self) -> int:
@@ -131,11 +131,7 @@ class MeterConfig:
         if config.image_size % config.patch_size:
             raise BackboneError(f"{where}: vision image_size {config.image_size} is not a multiple of "
                                 f"patch_size {config.patch_size}")
-        if config.vision.get("conv_stem_channels") is not None:
-            try:
-                check_conv_stem(config.vision_stem_channels, config.patch_size)
-            except (TypeError, ValueError) as exc:
-                raise BackboneError(f"{where}: vision conv_stem_channels: {exc}") from None
+        checked_stem_widths(config.vision.get("conv_stem_channels"), config.patch_size, f"{where}: vision")
         return config
 
     @classmethod

@@ -37,7 +37,7 @@ from models.backbones.base import (
     check_own_parts,
     token_type_vocab, fingerprint, limit_aspect_ratio, read_checkpoint_state, read_config, to_rgb,
 )
-from models.backbones.conv_stem import ConvStemPatchEmbeddings, check_conv_stem
+from models.backbones.conv_stem import ConvStemPatchEmbeddings, checked_stem_widths, stem_widths
 from models.backbones.vilt.image_processing import vilt_pixels
 from models.das.adapters import ParallelAdapters, PlanModules, SkipAdapter
 from models.das.flops import (
@@ -64,7 +64,7 @@ OPTIONAL_FINGERPRINT_CONFIG_KEYS = ("conv_stem_channels",)
 
 def conv_stem_channels(config: ViltConfig) -> tuple[int, ...]:
     """The convolutional stem's widths; () for transformers' linear patch embedding."""
-    return tuple(int(c) for c in (getattr(config, "conv_stem_channels", None) or ()))
+    return stem_widths(getattr(config, "conv_stem_channels", None))
 
 
 def install_conv_stem(vilt: ViltModel, config: ViltConfig) -> ViltModel:
@@ -239,11 +239,7 @@ class ViltBackbone(nn.Module):
         directory = Path(directory)
         raw_config = read_config(directory)
         config = ViltConfig.from_dict(raw_config)
-        if "conv_stem_channels" in raw_config:
-            try:
-                check_conv_stem(conv_stem_channels(config), config.patch_size)
-            except (TypeError, ValueError) as exc:
-                raise BackboneError(f"{directory}: config.json conv_stem_channels: {exc}") from None
+        checked_stem_widths(raw_config.get("conv_stem_channels"), config.patch_size, f"{directory}: config.json")
         state = read_checkpoint_state(directory)
         # Task checkpoints prefix the encoder with "vilt."; a bare ViltModel does not.
         encoder_state = {k[len("vilt."):]: v for k, v in state.items() if k.startswith("vilt.")}
