@@ -125,16 +125,20 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
 
 
 def test_pipeline_image_patch_and_precision_options_reach_the_backbone(tmp_path, capsys):
-    """`das pipeline --image-size 32 --patch-size 8 --precision bf16 --pretrain-epochs 2 --patch-color-weight 1`:
-    the data and the pre-trained backbone (a 4 x 4 patch grid) follow them, the pre-training runs in bf16
+    """`das pipeline --image-size 32 --patch-size 8 --conv-stem 8,8,8 --precision bf16 --pretrain-epochs 2
+    --patch-color-weight 1`: the data and the pre-trained backbone (a 4 x 4 patch grid) follow them, the pre-training runs in bf16
     for 2 epochs with patch colours, the plans validate; a patch size that does not divide is refused, and
     so is resuming into this store with another pre-training recipe."""
     out, work = tmp_path / "plans", tmp_path / "work"
     options = ["--image-size", "32", "--patch-size", "8", "--precision", "bf16"]
+    assert main(["pipeline", "--quick", "--quiet", *options, "--out", str(out), "--work", str(work)]) == 2
+    assert "give --conv-stem widths for this patch size" in capsys.readouterr().err  # the recipe's makes 16 px
+    options += ["--conv-stem", "8,8,8"]
     assert main(["pipeline", "--quick", "--quiet", *options, "--pretrain-epochs", "2", "--patch-color-weight", "1",
                  "--out", str(out), "--work", str(work)]) == 0
     backbone = load_backbone(out / "backbone", device="cpu")
     assert (backbone.config.image_size, backbone.config.patch_size) == (32, 8)
+    assert backbone.config.conv_stem_channels == [8, 8, 8]
     assert json.loads((work / "data" / "vqa" / "synth.json").read_text())["image_size"] == 32
     pretrained = torch.load(work / "pretrain.ckpt" / "last.pt", map_location="cpu", weights_only=False)
     run = pretrained["run"]
@@ -148,7 +152,7 @@ def test_pipeline_image_patch_and_precision_options_reach_the_backbone(tmp_path,
                  "--work", str(work)]) == 2
     assert "does not divide" in capsys.readouterr().err
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    assert main(["pipeline", "--quick", "--quiet", *options, "--conv-stem", "8,8,8", "--resume",
+    assert main(["pipeline", "--quick", "--quiet", *options, "--conv-stem", "none", "--resume",
                  "--out", str(out), "--work", str(work)]) == 2
     err = capsys.readouterr().err
     assert "pre-trained with other settings" in err and "conv_stem_channels" in err and "--force" in err

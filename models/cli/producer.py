@@ -80,7 +80,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from models.producer.pretrain import PretrainConfig, pretrain_backbone  # heavy: only when the command runs
 
     if args.conv_stem and (problem := _stem_problem(args.conv_stem, args.patch_size)):
-        print(f"error: --conv-stem: {problem}", file=sys.stderr)
+        hint = "" if args.conv_stem is not None else " (the recipe's stem: give --conv-stem widths for this patch size, or none)"
+        print(f"error: --conv-stem: {problem}{hint}", file=sys.stderr)
         return 2
     checkpoint_dir = _checkpoint_dir(args)
     config = PretrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed, hidden_size=args.hidden_size,
@@ -202,7 +203,8 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if settings.conv_stem_channels and (problem := _stem_problem(settings.conv_stem_channels, settings.patch_size)):
-        print(f"error: --conv-stem: {problem}", file=sys.stderr)
+        hint = "" if args.conv_stem is not None else " (the recipe's stem: give --conv-stem widths for this patch size, or none)"
+        print(f"error: --conv-stem: {problem}{hint}", file=sys.stderr)
         return 2
     default_out, default_work = {"vilt": (SHIPPED_PLANS, "pipeline"), "meter": (SHIPPED_METER_PLANS, "pipeline-meter")}[args.arch]
     out, work = Path(args.out or default_out), Path(args.work or REPO_ROOT / "build" / default_work)

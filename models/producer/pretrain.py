@@ -332,6 +332,8 @@ def pretrain_backbone(
     # every rank builds the same tokenizer; rank 0 alone writes it into out_dir
     scratch = tempfile.TemporaryDirectory(prefix="das-pretrain-") if not world.is_main else None
     target = out_dir if world.is_main else Path(scratch.name)
+    if patch_weights(config) and config.arch != "vilt":  # the patch heads read ViLT's token layout
+        raise RunError(f"patch objectives (patch_shape_weight, patch_color_weight) are implemented for ViLT, not {config.arch}")
     if config.init_from and config.arch != "vilt":
         raise RunError(f"init_from: going on from a checkpoint is implemented for ViLT, not {config.arch}")
     if config.init_from:
