@@ -69,10 +69,11 @@ class PipelineSettings:
     search_epochs: float = 1.0
     search_update_every: int = 10
     baseline_epochs: float = 0.5
-    skip_levels: tuple[int, ...] = (2, 4)
+    # skip3 is the >= 25% rung: the stem's fixed cost makes skip2 save ~19%, skip3 ~29%
+    skip_levels: tuple[int, ...] = (2, 3, 4)
     # VQA gets a deeper ladder: load-adaptive serving (service/adaptive.py) steps down to skip6 when skip4's
     # capacity (at most ~1.8x the adapters plan's) cannot absorb an overload
-    skip_levels_by_task: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"vqa": (2, 4, 6)})
+    skip_levels_by_task: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"vqa": (2, 3, 4, 6)})
     search_k: int | None = None  # skip_num of the search (default: the first skip level)
     # models.producer.search.OBJECTIVES, or "compare": both, compared at equal FLOPs on val; the better one's
     # search makes the plans (compare_objectives)

@@ -245,7 +245,8 @@ class PairDataset(Dataset):
 
 def patch_weights(config: PretrainConfig) -> dict[str, float]:
     """The patch objectives that are on ({attribute in PATCH_ATTRIBUTES: loss weight})."""
-    weights = {"shape": config.patch_shape_weight, "color": config.patch_color_weight}
+    # PretrainConfig names each objective's weight patch_<attribute>_weight
+    weights = {attribute: getattr(config, f"patch_{attribute}_weight") for attribute in PATCH_ATTRIBUTES}
     return {attribute: weight for attribute, weight in weights.items() if weight}
 
 
