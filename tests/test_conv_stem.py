@@ -191,6 +191,34 @@ def test_pretraining_with_a_stem_saves_a_loadable_backbone_and_goes_on_from_it(t
         pretrain_backbone(data, tmp_path / "mismatch", mismatch, progress=False)
 
 
+def test_meter_pretrains_with_a_stem_and_its_patch_heads_read_the_image_patches(tmp_path):
+    """Pre-training's patch objectives on the tiny METER: the tokens the patch heads read are the image
+    stream's patches after its [CLS] (as ViLT's follow the text and the image [CLS]), one per patch, and
+    a METER with a stem pre-trains with both objectives into a loadable checkpoint."""
+    from models.das.adapters import PlanModules
+    from models.producer.pretrain import PretrainConfig, PretrainModel, pretrain_backbone
+    from models.producer.world.export import synthesize
+
+    data = tmp_path / "retrieval"
+    synthesize("retrieval", data, n=24, seed=5, image_size=64, progress=False)
+    config = PretrainConfig(arch="meter", hidden_size=32, num_layers=2, vision_layers=1, text_layers=1, num_heads=2,
+                            intermediate_size=64, image_size=64, conv_stem_channels=tuple(STEM), epochs=1.0,
+                            batch_size=8, patch_shape_weight=1.0, patch_color_weight=1.0)
+    summary = pretrain_backbone(data, tmp_path / "meter", config, progress=False)
+    for key in ("patch", "patch_color"):
+        assert 0 <= summary[f"{key}_accuracy"] <= 1 and summary[f"{key}_loss"] > 0
+    backbone = MeterBackbone.from_pretrained(tmp_path / "meter")
+    assert isinstance(backbone.vision.embeddings.patch_embedding, ConvStemPatchEmbeddings)
+    batch = backbone.preprocess([random_image(64, 64, seed=s) for s in range(2)], ["a red circle", "two squares"])
+    patches = 4 * 4  # 64 px in 16 px patches
+    reader = PretrainModel(backbone, torch.nn.Identity(), torch.nn.Linear(64, 1), {"shape": torch.nn.Identity()})
+    with torch.no_grad():
+        _, _, read = reader(batch, batch.input_ids, patches)
+        _, image_stream = backbone.streams(batch, PlanModules())
+    assert image_stream.shape[1] == 1 + patches
+    torch.testing.assert_close(read["shape"], image_stream[:, 1:])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["pipeline", "--quick", "--conv-stem", "16,32"], "not the configured 16 px"),
     (["pipeline", "--quick", "--arch", "meter", "--conv-stem", "8,8,8,8,8"], "not the configured 16 px"),

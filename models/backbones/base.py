@@ -86,7 +86,8 @@ class Backbone(PlanBackbone, Protocol):
         """Pooled vectors of the reduced network ``plan`` describes."""
 
     def sequence_output(self, batch: BackboneBatch, plan: PlanModules, image_token_type_idx: int = 1) -> torch.Tensor:
-        """Final hidden states, text tokens first."""
+        """Final hidden states (B, text_len + 1 + patches, h): the text tokens, then the image [CLS] and
+        the image's patches in raster order (pre-training's patch objectives read them by position)."""
 
     def flops(self, task: str, spec: PlanSpec | None, text_len: int, patch_grids: Sequence[tuple[int, int]]) -> FlopsReport:
         """FLOPs of one request: one pass per image plus the task head."""

@@ -82,8 +82,8 @@ class PipelineSettings:
     batch_size: int = 32
     max_eval: int | None = None  # whole val/test splits (retrieval: its gallery of RETRIEVAL_EVAL_IMAGES)
 
-    # the shipped METER's recipe: CLIP's linear patch embedding, no patch objectives (the patch heads read
-    # ViLT's token layout)
+    # the shipped METER's recipe: CLIP's linear patch embedding, no patch objectives (the stem recipe is
+    # not yet measured on METER: `das pipeline --arch meter --conv-stem ... --patch-shape-weight ...` runs it)
     METER_EMBEDDING: ClassVar[dict[str, Any]] = {"conv_stem_channels": (), "patch_shape_weight": 0.0,
                                                  "patch_color_weight": 0.0}
 

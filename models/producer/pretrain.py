@@ -299,7 +299,7 @@ class PretrainModel(nn.Module):
         masked_batch = dataclasses.replace(batch, input_ids=masked_ids)
         sequence = self.backbone.sequence_output(masked_batch, empty_plan)
         text_len = masked_ids.shape[1]
-        # ViLT's image tokens follow the text: the image [CLS], then the patches in raster order
+        # every backbone's sequence_output puts the image [CLS] after the text, then the patches in raster order
         patch_tokens = sequence[:, text_len + 1: text_len + 1 + patches]
         patch_logits = {attribute: head(patch_tokens).float() for attribute, head in self.patch_heads.items()} if patches else {}
         return itm_logits.float(), self.mlm_head(sequence[:, :text_len]).float(), patch_logits
@@ -333,8 +333,6 @@ def pretrain_backbone(
     # every rank builds the same tokenizer; rank 0 alone writes it into out_dir
     scratch = tempfile.TemporaryDirectory(prefix="das-pretrain-") if not world.is_main else None
     target = out_dir if world.is_main else Path(scratch.name)
-    if patch_weights(config) and config.arch != "vilt":  # the patch heads read ViLT's token layout
-        raise RunError(f"patch objectives (patch_shape_weight, patch_color_weight) are implemented for ViLT, not {config.arch}")
     if config.init_from and config.arch != "vilt":
         raise RunError(f"init_from: going on from a checkpoint is implemented for ViLT, not {config.arch}")
     if config.init_from:
