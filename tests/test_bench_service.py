@@ -111,3 +111,28 @@ def test_service_benchmark_micro_run_writes_every_row(tmp_path):
     summary = json.loads((combined / "bench.json").read_text())
     assert [t["name"] for t in summary["targets"]] == [t["name"] for t in result["targets"]] * 2
     assert summary["files"][0] == str(out / "bench-service.json")
+
+
+def test_service_benchmark_on_a_stem_backbone_runs_the_das_services_only(tmp_path):
+    """transformers' ViLT cannot load a convolutional stem (the embedded default has one): the benchmark
+    then runs no plain service, says so, and lets das-full's p50 at concurrency 1 set the budget."""
+    checkpoint, out = tmp_path / "checkpoint", tmp_path / "out"
+    checkpoint.mkdir()
+    make_checkpoint(checkpoint, "vqa", conv_stem_channels=[8, 8, 8, 8])
+    bench_service = _bench_service()
+    assert bench_service.main([
+        "--checkpoint", str(checkpoint), "--skip-layers", "1", "--concurrency", "1,2", "--rounds", "2",
+        "--duration", "0.5", "--warmup", "0.2", "--min-requests", "2", "--overhead-requests", "2",
+        "--no-zero-wait-overhead", "--device", "cpu", "--out", str(out),
+    ]) == 0
+    result = json.loads((out / "bench-service.json").read_text())
+    services = {row["service"]: row for row in result["services"]}
+    assert list(services) == ["das-full", "das-skip1"]
+    assert result["answers_agree"] is None and result["baselines_agree"] is None
+    assert result["budget_ms"] == result["settings"]["budget_factor"] * services["das-full"]["p50_ms_at_1"]
+    assert "das-full p50 at concurrency 1" in result["budget_rule"]
+    assert not [t for t in result["targets"] if "plain service" in t["name"]]
+    assert {row["comparison"] for row in result["paired"]} == {"das-skip1 vs das-full"}
+    assert "convolutional stem" in result["settings"]["weights"]
+    assert "No plain service ran" in (out / "bench-service.md").read_text()
+    assert {p.name for p in (out / "service-logs").iterdir()} == {"das-full.log", "das-skip1.log", "bentoml-floor.log"}
