@@ -524,10 +524,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         das_env["DAS_BACKBONE"] = str(setup.das_backbone)
         full_store = store_with_active(setup, workdir / "plans-full", setup.full_plan)
         baseline_checkpoint = {**baseline_env, "BASELINE_CHECKPOINT": str(setup.baseline_checkpoint)}
-        services = [  # name, bentoml target, working directory, env, plan, role
+        plain_services = [
             ("baseline", BASELINE_SERVICE, BASELINE_DIR, baseline_checkpoint, None, "baseline"),
             ("baseline-batched", BATCHED_BASELINE_SERVICE, BASELINE_DIR, baseline_checkpoint, None, "baseline"),
-        ] * (setup.baseline_checkpoint is not None) + [
+        ] if setup.baseline_checkpoint is not None else []
+        services = plain_services + [  # name, bentoml target, working directory, env, plan, role
             ("das-full", DAS_SERVICE, REPO, {**das_env, "DAS_PLANS": str(full_store)}, setup.full_plan, "full"),
         ] + [
             (f"das-{plan}", DAS_SERVICE, REPO,
@@ -630,11 +631,12 @@ def paired_ratios(result: dict[str, Any]) -> list[dict[str, Any]]:
     paired = []
     for concurrency in [c for c in result["settings"]["concurrency"] if c > 1]:
         f = _level(full, concurrency)
-        plain = [max(_level(b, concurrency)["round_throughputs"][r] for b in baselines)
-                 for r in range(len(f["round_throughputs"]))] if baselines else []
-        paired.extend([{"concurrency": concurrency, "comparison": f"{full['service']} vs the better plain service",
-                       "measure": "throughput ratio", "flops_saved": 0.0,
-                       **_spread([t / p if p else None for t, p in zip(f["round_throughputs"], plain)])}] * bool(baselines))
+        if baselines:
+            plain = [max(_level(b, concurrency)["round_throughputs"][r] for b in baselines)
+                     for r in range(len(f["round_throughputs"]))]
+            paired.append({"concurrency": concurrency, "comparison": f"{full['service']} vs the better plain service",
+                           "measure": "throughput ratio", "flops_saved": 0.0,
+                           **_spread([t / p if p else None for t, p in zip(f["round_throughputs"], plain)])})
         for skip in (row for row in rows if row["role"] == "skip"):
             k = _level(skip, concurrency)
             gains = [t / u - 1 if u else None for t, u in zip(k["round_throughputs"], f["round_throughputs"])]

@@ -36,7 +36,7 @@ METRIC_KEYS = ("vqa_score", "accuracy", "ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr
 
 @dataclass
 class PipelineSettings:
-    """Sizes for a full regeneration (~90 min on 2 CPU cores) or a --quick smoke run."""
+    """Sizes for a full regeneration (about 2.5 h on 2 CPU cores) or a --quick smoke run."""
 
     arch: str = "vilt"  # models.producer.pretrain.ARCHS
     n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
