@@ -51,7 +51,7 @@ bento: $(STAMP)  ## build the Bento (das-serve) with torch pinned to the venv's 
 	  $(if $(filter 0,$(BENTO_LOCK)),--no-lock) --out build/bentofile.yaml
 	HF_HUB_OFFLINE=1 BENTOML_DO_NOT_TRACK=true $(VENV)/bin/bentoml build -f build/bentofile.yaml .
 
-plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, plans; about 3 h on 2 cores, resumable)
+plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, plans; about 3.3 h on 2 cores, resumable)
 	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force
 
 plans-meter: $(STAMP)  ## regenerate the tiny METER and its plans in plans/meter/ (about 2 h on 2 cores, resumable)

@@ -373,7 +373,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "pipeline", help="regenerate the embedded default: data, backbone, search, plans, table, plot",
         description="Synthesise data, pre-train the backbone, search and train plans for every task at several "
                     "skip levels, compare the search with random skip sets, evaluate, and write RESULTS.md, "
-                    "pareto.png and store.json. Deterministic given --seed. About 3 h on 2 CPU cores (resumable); "
+                    "pareto.png and store.json. Deterministic given --seed. About 3.3 h on 2 CPU cores (resumable); "
                     "--quick runs a micro version in a minute or two.")
     pipeline.add_argument("--arch", choices=["vilt", "meter"], default="vilt",
                           help="backbone architecture: vilt (the embedded default) or meter (the tiny METER: 2-layer "

@@ -36,7 +36,7 @@ METRIC_KEYS = ("vqa_score", "accuracy", "ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr
 
 @dataclass
 class PipelineSettings:
-    """Sizes for a full regeneration (about 3 h on 2 CPU cores) or a --quick smoke run."""
+    """Sizes for a full regeneration (about 3.3 h on 2 CPU cores) or a --quick smoke run."""
 
     arch: str = "vilt"  # models.producer.pretrain.ARCHS
     n: dict[str, int] = field(default_factory=lambda: {"vqa": 12000, "nlvr2": 6000, "retrieval": 3000})
@@ -63,11 +63,12 @@ class PipelineSettings:
     text_layers: int = 2
     heads: int = 4
     # VQA (the others: train_epochs_by_task). The adapters-only plan under-fits at 3 epochs: val 0.726 at 3,
-    # 0.774 at 6, 0.804 at 10 on the shipped backbone (docs/plans.md, "Longer VQA training")
+    # 0.774 at 6, 0.804 at 10 on the shipped backbone (docs/plans.md, "Longer training")
     train_epochs: float = 10.0
-    # fewer training examples: at 1.5 epochs NLVR2 stayed near chance and retrieval's skip adapters
-    # lost 60% of the adapters-only R@1 (a run of 2026-11-23)
-    train_epochs_by_task: dict[str, float] = field(default_factory=lambda: {"nlvr2": 5.0, "retrieval": 6.0})
+    # at 1.5 epochs NLVR2 stayed near chance and retrieval's skip adapters lost 60% of the adapters-only R@1
+    # (2026-11-23); NLVR2's adapters-only plan: val 0.682 at 5 epochs, 0.772 at 10; retrieval's gains nothing
+    # from 6 to 10 (docs/plans.md, "Longer training")
+    train_epochs_by_task: dict[str, float] = field(default_factory=lambda: {"nlvr2": 10.0, "retrieval": 6.0})
     search_epochs: float = 1.0
     search_update_every: int = 10
     baseline_epochs: float = 0.5
