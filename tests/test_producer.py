@@ -117,6 +117,10 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
         assert abs(row["flops_saved"] - vs_random["searched_flops_saved"]) <= 0.05 * vs_random["searched_flops_saved"] + 1e-4
     results = (out / "RESULTS.md").read_text()
     assert "VQA score per question type" in results and "| adapters |" in results
+    ceiling = report["tasks"]["retrieval"]["ceiling"]  # what a perfect model could score on the galleries
+    assert set(ceiling) == {"val", "test"}
+    assert all(0 < c["ir_r1"] <= 1 and 0 < c["tr_r1"] <= 1 and 0 <= c["ambiguous_captions"] <= 1 for c in ceiling.values())
+    assert f"val IR {ceiling['val']['ir_r1']:.3f}" in results
     assert set(report["tasks"]["vqa"]["plans"]["adapters"]["by_question_type"]) <= {"color", "shape", "count", "exist", "relation"}
     for figure in ("gates.png", "pretrain.png"):
         assert (out / figure).stat().st_size > 1000 and f"]({figure})" in results

@@ -416,6 +416,35 @@ def test_hard_negatives_change_exactly_one_attribute_and_are_false(retrieval_ite
     assert all(not caption_true(scene, c) for c in sampled)
 
 
+def test_caption_variants_are_the_captions_true_of_a_scene(retrieval_items):
+    # caption_true (above) reads a caption; caption_variants enumerates what the world writes: they must agree
+    for a, b in zip(retrieval_items[:60], retrieval_items[1:61]):
+        own, other = language.caption_variants(a.scene), language.caption_variants(b.scene)
+        assert set(a.captions) <= own
+        for seed in range(5):  # every family, order and prefix the sampler draws
+            assert set(language.scene_captions(a.scene, random.Random(seed))) <= own
+        for caption in a.captions:
+            assert (caption in other) == caption_true(b.scene, caption), (caption, b.scene)
+        assert not own & set(language.hard_negative_captions(a.scene))
+
+
+def test_retrieval_ceiling_counts_captions_true_of_several_images():
+    red = Scene((SceneObject("circle", "red", "large", 0.5, 0.5),), (0, 0, 0), 0)
+    blue = Scene((SceneObject("square", "blue", "small", 0.5, 0.5),), (0, 0, 0), 1)
+    same_as_red = Scene(red.objects, (9, 9, 9), 2)  # another picture of the same scene
+    assert language.retrieval_ceiling(["a large red circle", "a small blue square"], [red, blue]) == {
+        "ir_r1": 1.0, "tr_r1": 1.0, "ambiguous_captions": 0.0}
+    # both red captions are true of both red images: each finds its own first half the time
+    ceiling = language.retrieval_ceiling(["a large red circle", "a red circle", "a small blue square"],
+                                         [red, same_as_red, blue])
+    assert ceiling["ir_r1"] == pytest.approx((0.5 + 0.5 + 1) / 3) and ceiling["tr_r1"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert ceiling["ambiguous_captions"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="not true of its own scene"):
+        language.retrieval_ceiling(["a small blue square"], [red])
+    with pytest.raises(ValueError, match="one caption per scene"):
+        language.retrieval_ceiling(["a large red circle"], [red, blue])
+
+
 # ---------------------------------------------------------------------------------------------
 # vocabulary
 # ---------------------------------------------------------------------------------------------

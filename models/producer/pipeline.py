@@ -26,8 +26,11 @@ from models.producer.pretrain import PretrainConfig, pretrain_backbone
 from models.producer.search import (OBJECTIVES, SearchConfig, das_search, select_within_budget, skip_set_for,
                                     write_search_outputs)
 from models.producer.runs import TrainConfig
-from models.producer.train import train_plan
+from models.producer.data import scenes_of
+from models.producer.datasets import read_task
+from models.producer.train import retrieval_gallery_size, train_plan
 from models.producer.world.export import synthesize
+from models.producer.world.language import retrieval_ceiling
 from models.tasks import TASKS, primary_score
 
 # every task's metric keys (plain numbers in plan.json's metrics)
@@ -244,7 +247,23 @@ def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Pa
         task_report["plans"][name] = plan_report(spec, evaluation)
     task_report["search_vs_random"] = _search_vs_random(task, backbone, data_dir, work, settings, train_config,
                                                         searched, seed, progress, log)
+    if task == "retrieval" and (ceiling := retrieval_gallery_ceiling(data_dir, settings.max_eval)):
+        task_report["ceiling"] = ceiling
     return task_report
+
+
+def retrieval_gallery_ceiling(data_dir: Path, max_eval: int | None) -> dict[str, dict[str, float]] | None:
+    """Per split, the R@1 of a model that scores every true pair of the evaluation's gallery alike
+    (``retrieval_ceiling``): synthetic captions can be true of several images. None for real data."""
+    scenes = scenes_of(data_dir)
+    if not scenes:
+        return None
+    out = {}
+    for split in ("val", "test"):
+        gallery = read_task("retrieval", data_dir, split).examples[:retrieval_gallery_size(max_eval)]
+        if gallery:
+            out[split] = retrieval_ceiling([e.captions[0] for e in gallery], [scenes[e.image_path.resolve()] for e in gallery])
+    return out or None
 
 
 def _searches(task: str, backbone: Backbone, data_dir: Path, work: Path, settings: PipelineSettings,

@@ -55,12 +55,24 @@ def results_table(report: dict[str, Any]) -> str:
                 f"{r['flops_reduced'] / 1e9:.4f} | {r['flops_saved_ratio']:.1%} | {r.get('trainable_params', '')} | {active} |"
             )
     lines += ["", SELECTION_NOTE, ""]
+    ceiling = report["tasks"].get("retrieval", {}).get("ceiling")
+    if ceiling:
+        lines += [ceiling_note(ceiling), ""]
     lines += search_vs_random_table(report), ""
     comparison = {task: r["objectives"] for task, r in report["tasks"].items() if r.get("objectives")}
     if comparison:
         lines += objectives_table(comparison), ""
     lines += question_type_table(report)
     return "\n".join(lines)
+
+
+def ceiling_note(ceiling: dict[str, dict[str, float]]) -> str:
+    """What a perfect retrieval model could score on the galleries (see ``retrieval_ceiling``)."""
+    parts = [f"{split} IR {c['ir_r1']:.3f}, TR {c['tr_r1']:.3f} ({c['ambiguous_captions']:.0%} of its captions true of "
+             f"more than one image)" for split, c in ceiling.items()]
+    return ("Retrieval's R@1 cannot reach 1 on these galleries: a caption can be true of several scenes, and the "
+            "evaluation counts only the image it was written for. A model that scores every true image-caption pair "
+            "alike (ties broken at random) expects R@1 " + "; ".join(parts) + ".")
 
 
 def _cell(score: float, interval: list[float] | None) -> str:

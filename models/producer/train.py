@@ -40,6 +40,11 @@ REFERENCE_TEXT_LEN = 16
 RETRIEVAL_EVAL_IMAGES = 100
 
 
+def retrieval_gallery_size(limit: int | None) -> int:
+    """How many of a split's first images (with their first captions) a retrieval evaluation ranks."""
+    return min(limit or RETRIEVAL_EVAL_IMAGES, RETRIEVAL_EVAL_IMAGES)
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-task data, loss and metrics
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +203,7 @@ class RetrievalTaskData(TaskData):
     def evaluate(self, plan, split, limit=None, progress=False):
         """Recall@1/5/10 over the first N images of the split (N <= RETRIEVAL_EVAL_IMAGES, since every
         image is scored against every caption) and their first captions; ``n`` is the gallery size."""
-        examples = self.examples(split, min(limit or RETRIEVAL_EVAL_IMAGES, RETRIEVAL_EVAL_IMAGES))
+        examples = self.examples(split, retrieval_gallery_size(limit))
         n = len(examples)
         scores = torch.empty(n, n)  # [image, caption]
         flops_full, flops_exec, pairs = 0, 0, 0

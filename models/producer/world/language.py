@@ -314,6 +314,47 @@ def scene_captions(scene: Scene, rng: random.Random, k: int = 5) -> list[str]:
     return captions
 
 
+def caption_variants(scene: Scene) -> frozenset[str]:
+    """Every caption ``scene_captions`` can write for ``scene``: each family with every order, prefix,
+    size choice and visible relation. A caption is true of a scene exactly when it is among them."""
+    objects = list(scene.objects)
+    out: set[str] = set()
+    for order in itertools.permutations(objects):
+        for with_size in (True, False):
+            out.update(prefix + _join([_object_phrase(o, with_size) for o in order]) for prefix in _LISTING_PREFIXES)
+    ordered = sorted(objects, key=lambda o: o.x)
+    if len(ordered) >= 2 and all(b.x - a.x >= RELATION_MARGIN for a, b in zip(ordered, ordered[1:])):
+        out.update("from left to right: " + _join([_object_phrase(o, with_size) for o in ordered])
+                   for with_size in (True, False))
+    for family in ("shape_count", "color_count"):
+        counts = Counter(o.shape if family == "shape_count" else o.color for o in objects).items()
+        for order in itertools.permutations(counts):
+            phrases = [_count_phrase(c, None, v) if family == "shape_count" else _count_phrase(c, v, None)
+                       for v, c in order]
+            out.update(prefix + _join(phrases) for prefix in _COUNT_PREFIXES)
+    out.update(f"{_object_phrase(a, False)} {RELATION_TEXT[rel]} {_object_phrase(b, False)}"
+               for a, b in itertools.permutations(objects, 2) for rel in RELATIONS
+               if relation_visible(a, rel, b) and relation_holds(a, rel, b))
+    return frozenset(out)
+
+
+def retrieval_ceiling(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, float]:
+    """The Recall@1 a model expects that scores every true image-caption pair alike (ties broken at random),
+    on a gallery where caption i belongs to scene i: a caption true of k gallery scenes finds its own first
+    with probability 1/k (IR), an image of which m gallery captions are true finds its own with 1/m (TR).
+    Also the share of captions true of more than one scene."""
+    if len(captions) != len(scenes) or not scenes:
+        raise ValueError(f"need one caption per scene and at least one, got {len(captions)} and {len(scenes)}")
+    truth = [caption_variants(scene) for scene in scenes]
+    images_per_caption = [sum(caption in true for true in truth) for caption in captions]
+    captions_per_image = [sum(caption in true for caption in captions) for true in truth]
+    if any(k == 0 for k in images_per_caption):
+        raise ValueError("a caption is not true of its own scene")
+    n = len(scenes)
+    return {"ir_r1": sum(1 / k for k in images_per_caption) / n, "tr_r1": sum(1 / m for m in captions_per_image) / n,
+            "ambiguous_captions": sum(k > 1 for k in images_per_caption) / n}
+
+
 @dataclass(frozen=True)
 class HardNegative:
     caption: str
