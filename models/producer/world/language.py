@@ -266,6 +266,29 @@ _LISTING_PREFIXES = ("", "an image of ", "a picture of ")
 _COUNT_PREFIXES = ("", "an image with ")
 
 
+def _true_relations(objects: Sequence[SceneObject]) -> list[tuple[int, str, int]]:
+    """(subject index, relation, object index) of every visible relation that holds, in a fixed order."""
+    return [(i, rel, j) for (i, a), (j, b) in itertools.permutations(enumerate(objects), 2) for rel in RELATIONS
+            if relation_visible(a, rel, b) and relation_holds(a, rel, b)]
+
+
+def _relation_caption(a: SceneObject, relation: str, b: SceneObject) -> str:
+    return f"{_object_phrase(a, False)} {RELATION_TEXT[relation]} {_object_phrase(b, False)}"
+
+
+def _left_to_right(objects: Sequence[SceneObject]) -> list[SceneObject] | None:
+    """The objects from left to right, or None when two neighbours are too close to tell apart."""
+    ordered = sorted(objects, key=lambda o: o.x)
+    if len(ordered) < 2 or any(b.x - a.x < RELATION_MARGIN for a, b in zip(ordered, ordered[1:])):
+        return None
+    return ordered
+
+
+def _count_phrases(family: str, counts: Sequence[tuple[str, int]]) -> list[str]:
+    """"two circles" (shape_count) or "two red shapes" (color_count) for each (value, count)."""
+    return [_count_phrase(c, None, v) if family == "shape_count" else _count_phrase(c, v, None) for v, c in counts]
+
+
 def _caption(family: str, scene: Scene, rng: random.Random) -> str | None:
     objects = list(scene.objects)
     if family == "listing":
@@ -273,8 +296,8 @@ def _caption(family: str, scene: Scene, rng: random.Random) -> str | None:
         with_size = rng.random() < 0.6
         return rng.choice(_LISTING_PREFIXES) + _join([_object_phrase(o, with_size) for o in objects])
     if family == "left_to_right":
-        ordered = sorted(objects, key=lambda o: o.x)
-        if len(ordered) < 2 or any(b.x - a.x < RELATION_MARGIN for a, b in zip(ordered, ordered[1:])):
+        ordered = _left_to_right(objects)
+        if ordered is None:
             return None
         with_size = rng.random() < 0.5
         return "from left to right: " + _join([_object_phrase(o, with_size) for o in ordered])
@@ -282,16 +305,13 @@ def _caption(family: str, scene: Scene, rng: random.Random) -> str | None:
         key = (lambda o: o.shape) if family == "shape_count" else (lambda o: o.color)
         counts = list(Counter(key(o) for o in objects).items())
         rng.shuffle(counts)
-        phrases = [_count_phrase(c, None, v) if family == "shape_count" else _count_phrase(c, v, None)
-                   for v, c in counts]
-        return rng.choice(_COUNT_PREFIXES) + _join(phrases)
+        return rng.choice(_COUNT_PREFIXES) + _join(_count_phrases(family, counts))
     if family == "relation":
-        options = [(a, rel, b) for a, b in itertools.permutations(objects, 2) for rel in RELATIONS
-                   if relation_visible(a, rel, b) and relation_holds(a, rel, b)]
+        options = _true_relations(objects)
         if not options:
             return None
-        a, rel, b = rng.choice(options)
-        return f"{_object_phrase(a, False)} {RELATION_TEXT[rel]} {_object_phrase(b, False)}"
+        i, rel, j = rng.choice(options)
+        return _relation_caption(objects[i], rel, objects[j])
     raise ValueError(f"unknown caption family {family!r}")
 
 
@@ -322,19 +342,14 @@ def caption_variants(scene: Scene) -> frozenset[str]:
     for order in itertools.permutations(objects):
         for with_size in (True, False):
             out.update(prefix + _join([_object_phrase(o, with_size) for o in order]) for prefix in _LISTING_PREFIXES)
-    ordered = sorted(objects, key=lambda o: o.x)
-    if len(ordered) >= 2 and all(b.x - a.x >= RELATION_MARGIN for a, b in zip(ordered, ordered[1:])):
+    if (ordered := _left_to_right(objects)) is not None:
         out.update("from left to right: " + _join([_object_phrase(o, with_size) for o in ordered])
                    for with_size in (True, False))
     for family in ("shape_count", "color_count"):
         counts = Counter(o.shape if family == "shape_count" else o.color for o in objects).items()
         for order in itertools.permutations(counts):
-            phrases = [_count_phrase(c, None, v) if family == "shape_count" else _count_phrase(c, v, None)
-                       for v, c in order]
-            out.update(prefix + _join(phrases) for prefix in _COUNT_PREFIXES)
-    out.update(f"{_object_phrase(a, False)} {RELATION_TEXT[rel]} {_object_phrase(b, False)}"
-               for a, b in itertools.permutations(objects, 2) for rel in RELATIONS
-               if relation_visible(a, rel, b) and relation_holds(a, rel, b))
+            out.update(prefix + _join(_count_phrases(family, order)) for prefix in _COUNT_PREFIXES)
+    out.update(_relation_caption(objects[i], rel, objects[j]) for i, rel, j in _true_relations(objects))
     return frozenset(out)
 
 
@@ -387,12 +402,9 @@ def hard_negatives(scene: Scene, rng: random.Random | None = None) -> list[HardN
                     prefix = rng.choice(_LISTING_PREFIXES)
                 caption = prefix + _join([_object_phrase(o) for o in objects])
                 out.append(HardNegative(caption, i, attribute, getattr(obj, attribute), value))
-    for (i, a), (j, b) in itertools.permutations(enumerate(scene.objects), 2):
-        for rel in RELATIONS:
-            if relation_visible(a, rel, b) and relation_holds(a, rel, b):
-                wrong = RELATION_OPPOSITE[rel]
-                caption = f"{_object_phrase(a, False)} {RELATION_TEXT[wrong]} {_object_phrase(b, False)}"
-                out.append(HardNegative(caption, i, "relation", rel, wrong))
+    for i, rel, j in _true_relations(scene.objects):
+        wrong = RELATION_OPPOSITE[rel]
+        out.append(HardNegative(_relation_caption(scene.objects[i], wrong, scene.objects[j]), i, "relation", rel, wrong))
     return out
 
 
