@@ -15,7 +15,7 @@ from models.das.plan import load_plan, read_plan_spec, validate_plan
 from models.producer.pretrain import pretraining_pairs
 from models.producer.search import SearchConfig, das_search, write_search_outputs
 from models.producer.runs import TrainConfig
-from models.producer.train import train_plan
+from models.producer.train import train_plan, true_match_hits
 from models.producer.world.export import synthesize
 from models.producer.world.language import hard_negative_captions
 
@@ -77,9 +77,22 @@ def test_pretraining_pairs_take_only_train_images_of_every_task(world):
     assert [(p.image_path, p.caption) for p in again] == [(p.image_path, p.caption) for p in pairs]
 
 
+def test_true_match_hits_count_any_true_pair_at_the_top():
+    # images 0 and 1 show the same scene, so captions 0 and 1 are true of both; caption 2 only of image 2
+    truth = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    scores = torch.tensor([[0.1, 0.9, 0.0],   # [image, caption]
+                           [0.8, 0.2, 0.0],
+                           [0.7, 0.0, 0.5]])
+    ir, tr = true_match_hits(scores, truth)
+    # caption 0 ranks image 1 first (true, not its own), caption 1 image 0 (true), caption 2 image 2 (own)
+    assert ir.tolist() == [True, True, True]
+    # image 0 ranks caption 1 first (true), image 1 caption 0 (true), image 2 caption 0 (false)
+    assert tr.tolist() == [True, True, False]
+
+
 @pytest.mark.parametrize("task, keys", [
     ("nlvr2", {"accuracy"}),
-    ("retrieval", {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10"}),
+    ("retrieval", {"ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "ir_true_r1", "tr_true_r1"}),
 ])
 def test_train_and_eval_cli(world, tmp_path, capsys, task, keys):
     root, backbone, backbone_dir = world
@@ -94,6 +107,8 @@ def test_train_and_eval_cli(world, tmp_path, capsys, task, keys):
     assert keys <= set(result)
     assert all(0.0 <= result[k] <= 1.0 for k in keys)
     assert 0 < result["flops_reduced"] < result["flops_full"]
+    if task == "retrieval":  # the pair a caption was written for is one of its true pairs
+        assert result["ir_true_r1"] >= result["ir_r1"] and result["tr_true_r1"] >= result["tr_r1"]
 
 
 def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
@@ -121,6 +136,9 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
     assert set(ceiling) == {"val", "test"}
     assert all(0 < c["ir_r1"] <= 1 and 0 < c["tr_r1"] <= 1 and 0 <= c["ambiguous_captions"] <= 1 for c in ceiling.values())
     assert f"val IR {ceiling['val']['ir_r1']:.3f}" in results
+    retrieval_test = report["tasks"]["retrieval"]["plans"]["adapters"]
+    assert retrieval_test["ir_true_r1"] >= retrieval_test["ir_r1"] and "ir_true_r1" in retrieval_test["val"]
+    assert "Retrieval R@1 counting any true match" in results and f"{retrieval_test['ir_true_r1']:.3f}" in results
     assert set(report["tasks"]["vqa"]["plans"]["adapters"]["by_question_type"]) <= {"color", "shape", "count", "exist", "relation"}
     for figure in ("gates.png", "pretrain.png"):
         assert (out / figure).stat().st_size > 1000 and f"]({figure})" in results

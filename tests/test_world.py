@@ -439,6 +439,8 @@ def test_retrieval_ceiling_counts_captions_true_of_several_images():
                                          [red, same_as_red, blue])
     assert ceiling["ir_r1"] == pytest.approx((0.5 + 0.5 + 1) / 3) and ceiling["tr_r1"] == pytest.approx((0.5 + 0.5 + 1) / 3)
     assert ceiling["ambiguous_captions"] == pytest.approx(2 / 3)
+    assert language.true_pairs(["a large red circle", "a red circle", "a small blue square"], [red, same_as_red, blue]) == [
+        [True, True, False], [True, True, False], [False, False, True]]
     with pytest.raises(ValueError, match="not true of its own scene"):
         language.retrieval_ceiling(["a small blue square"], [red])
     with pytest.raises(ValueError, match="one caption per scene"):

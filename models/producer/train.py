@@ -34,6 +34,7 @@ from models.producer.engine import (RunError, World, all_reduce_sum, autocast, c
 from models.producer.runs import (Evaluation, TrainConfig, TrainingStopped, TrainResult, question_type_groups,
                                   total_steps)
 from models.producer.stats import bootstrap_interval
+from models.producer.world.language import true_pairs
 from models.runtime import DASRuntime
 
 REFERENCE_TEXT_LEN = 16
@@ -43,6 +44,13 @@ RETRIEVAL_EVAL_IMAGES = 100
 def retrieval_gallery_size(limit: int | None) -> int:
     """How many of a split's first images (with their first captions) a retrieval evaluation ranks."""
     return min(limit or RETRIEVAL_EVAL_IMAGES, RETRIEVAL_EVAL_IMAGES)
+
+
+def true_match_hits(scores: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per caption query (IR) and per image query (TR): is the top-scored match a true pair? ``scores`` and
+    ``truth`` are [image, caption]; ties go to the lower index."""
+    images, captions = torch.arange(truth.shape[0]), torch.arange(truth.shape[1])
+    return truth[scores.argmax(dim=0), captions], truth[images, scores.argmax(dim=1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +210,9 @@ class RetrievalTaskData(TaskData):
     @torch.no_grad()
     def evaluate(self, plan, split, limit=None, progress=False):
         """Recall@1/5/10 over the first N images of the split (N <= RETRIEVAL_EVAL_IMAGES, since every
-        image is scored against every caption) and their first captions; ``n`` is the gallery size."""
+        image is scored against every caption) and their first captions; ``n`` is the gallery size. Where the
+        data set records scenes, also ir_true_r1 and tr_true_r1: the top match is any true one, not only the
+        pair the caption was written for."""
         examples = self.examples(split, retrieval_gallery_size(limit))
         n = len(examples)
         scores = torch.empty(n, n)  # [image, caption]
@@ -225,6 +235,13 @@ class RetrievalTaskData(TaskData):
             for key, hits in ((f"ir_r{k}", ir_hits), (f"tr_r{k}", tr_hits)):
                 metrics[key] = hits.mean().item() if n else 0.0
                 intervals[key] = bootstrap_interval(hits.tolist())
+        gallery_scenes = [self.scenes().get(e.image_path.resolve()) for e in examples]
+        if n and all(gallery_scenes):
+            # synthetic captions can be true of several images: also count a top match that is any true one
+            truth = torch.tensor(true_pairs([e.captions[0] for e in examples], gallery_scenes))
+            for key, hits in zip(("ir_true_r1", "tr_true_r1"), true_match_hits(scores, truth)):
+                metrics[key] = hits.float().mean().item()
+                intervals[key] = bootstrap_interval(hits.float().tolist())
         return Evaluation(metrics, n, intervals, (flops_full / max(1, pairs), flops_exec / max(1, pairs)))
 
 

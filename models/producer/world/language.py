@@ -353,6 +353,12 @@ def caption_variants(scene: Scene) -> frozenset[str]:
     return frozenset(out)
 
 
+def true_pairs(captions: Sequence[str], scenes: Sequence[Scene]) -> list[list[bool]]:
+    """``[i][j]``: caption j is true of scene i (any caption ``scene_captions`` could write for it)."""
+    truth = [caption_variants(scene) for scene in scenes]
+    return [[caption in true for caption in captions] for true in truth]
+
+
 def retrieval_ceiling(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[str, float]:
     """The Recall@1 a model expects that scores every true image-caption pair alike (ties broken at random),
     on a gallery where caption i belongs to scene i: a caption true of k gallery scenes finds its own first
@@ -360,9 +366,9 @@ def retrieval_ceiling(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[
     Also the share of captions true of more than one scene."""
     if len(captions) != len(scenes) or not scenes:
         raise ValueError(f"need one caption per scene and at least one, got {len(captions)} and {len(scenes)}")
-    truth = [caption_variants(scene) for scene in scenes]
-    images_per_caption = [sum(caption in true for true in truth) for caption in captions]
-    captions_per_image = [sum(caption in true for caption in captions) for true in truth]
+    truth = true_pairs(captions, scenes)
+    images_per_caption = [sum(row[j] for row in truth) for j in range(len(captions))]
+    captions_per_image = [sum(row) for row in truth]
     if any(k == 0 for k in images_per_caption):
         raise ValueError("a caption is not true of its own scene")
     n = len(scenes)
