@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from models.backbones.base import load_backbone
 from models.cli.main import main
 from models.das.plan import load_plan, read_plan_spec, validate_plan
+from models.producer.pipeline import PipelineSettings, run_pipeline
 from models.producer.pretrain import pretraining_pairs
 from models.producer.search import SearchConfig, das_search, write_search_outputs
 from models.producer.runs import TrainConfig
@@ -122,6 +124,8 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
         for name in ("adapters", "skip1", "skip2"):
             spec = validate_plan(out / task / name, backbone)
             assert spec.metrics["trainable_params"] > 0
+            if name != "adapters":  # --quick narrows VQA's skip2 (skip_bottleneck_by_plan), nothing else
+                assert spec.adapters.skip_bottleneck == (8 if (task, name) == ("vqa", "skip2") else 16)
         assert state["active"][task] in state["loaded"][task]
     assert (out / "pareto.png").stat().st_size > 1000 and (out / "RESULTS.md").is_file()
     report = json.loads((out / "pipeline-report.json").read_text())
@@ -144,6 +148,18 @@ def test_quick_pipeline_writes_a_servable_store(tmp_path, capsys):
         assert (out / figure).stat().st_size > 1000 and f"]({figure})" in results
     pretrain = json.loads((work / "pretrain.json").read_text())
     assert len(pretrain["curve"]["step"]) == len(pretrain["curve"]["mlm_loss"]) >= 2
+
+    # resuming with another skip adapter width for one plan trains that plan again, and only it, and
+    # evaluates it again (the cached test evaluation is keyed by the weights' digest)
+    weights = {p: p.stat().st_mtime_ns for p in out.rglob("weights.safetensors")}
+    evaluations = {p: p.stat().st_mtime_ns for p in (work / "eval").rglob("*.json")}
+    settings = dataclasses.replace(PipelineSettings.quick(), skip_bottleneck_by_plan={"vqa": {"skip2": 4}})
+    run_pipeline(out, work, settings, progress=False, log=lambda *args: None)
+    assert {p for p, t in weights.items() if p.stat().st_mtime_ns != t} == {out / "vqa" / "skip2" / "weights.safetensors"}
+    assert {p for p, t in evaluations.items() if p.stat().st_mtime_ns != t} == {work / "eval" / "vqa" / "skip2.json"}
+    retrained = validate_plan(out / "vqa" / "skip2", backbone)
+    assert retrained.adapters.skip_bottleneck == 4
+    assert json.loads((work / "eval" / "vqa" / "skip2.json").read_text())["weights_sha256"] == retrained.weights_sha256
 
 
 def test_pipeline_image_patch_and_precision_options_reach_the_backbone(tmp_path, capsys):

@@ -356,7 +356,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser(
         "eval", help="a plan's task metrics and mean FLOPs on a dataset",
         description="Evaluate a plan directory (or TASK/full for a built-in plan) on a dataset split: VQA "
-                    "vqa_score, NLVR2 accuracy, retrieval ir_r1/5/10 and tr_r1/5/10 (fractions), plus mean "
+                    "vqa_score, NLVR2 accuracy, retrieval ir_r1/5/10 and tr_r1/5/10 (fractions; on synthetic data "
+                    "also ir_true_r1 and tr_true_r1, R@1 counting any true pair), plus mean "
                     "flops_full / flops_reduced per request.")
     evaluate.add_argument("plan", help="plan directory, or TASK/full")
     evaluate.add_argument("--data", required=True, help="dataset directory")

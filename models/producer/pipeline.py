@@ -80,6 +80,10 @@ class PipelineSettings:
     # VQA gets a deeper ladder: load-adaptive serving (service/adaptive.py) steps down to skip6 when skip4's
     # capacity (at most ~1.8x the adapters plan's) cannot absorb an overload
     skip_levels_by_task: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"vqa": (2, 3, 4, 6)})
+    # skip adapter widths for named plans (task -> plan -> bottleneck; the others: hidden/2). None by default:
+    # narrower ones on VQA's skip4 save up to 2 points more FLOPs but do not keep its score reliably
+    # (docs/plans.md, "Narrower skip adapters")
+    skip_bottleneck_by_plan: dict[str, dict[str, int]] = field(default_factory=dict)
     search_k: int | None = None  # skip_num of the search (default: the first skip level)
     # models.producer.search.OBJECTIVES, or "compare": both, compared at equal FLOPs on val; the better one's
     # search makes the plans (compare_objectives)
@@ -98,7 +102,7 @@ class PipelineSettings:
         return cls(n={"vqa": 96, "nlvr2": 64, "retrieval": 48}, image_size=64, pretrain_images=16, pretrain_epochs=1.0,
                    conv_stem_channels=(8, 8, 8, 8), hidden_size=32, layers=4,
                    heads=2, train_epochs=1.0, train_epochs_by_task={}, skip_levels_by_task={}, search_epochs=3.0, search_update_every=2, baseline_epochs=0.5,
-                   skip_levels=(1, 2),
+                   skip_levels=(1, 2), skip_bottleneck_by_plan={"vqa": {"skip2": 8}},
                    random_baselines=3, batch_size=8, max_eval=32)
 
     @classmethod
@@ -107,7 +111,8 @@ class PipelineSettings:
         with skip_num 4 as in the DAS reference. Its FLOPs per request are close to the tiny ViLT's."""
         if quick:
             return dataclasses.replace(cls.quick(), arch="meter", layers=2, vision_layers=1, text_layers=1,
-                                       skip_levels=(2,), search_k=2, search_objective="compare", **cls.METER_EMBEDDING)
+                                       skip_levels=(2,), search_k=2, search_objective="compare", skip_bottleneck_by_plan={},
+                                       **cls.METER_EMBEDDING)
         # one skip level; both search objectives, compared at equal FLOPs
         return cls(arch="meter", layers=6, vision_layers=2, text_layers=2, skip_levels=(4,), skip_levels_by_task={},
                    search_k=4, pretrain_epochs=1.0, search_objective="compare",
@@ -187,6 +192,12 @@ def task_train_config(settings: PipelineSettings, task: str, seed: int) -> Train
                        parallel_bottleneck=max(4, settings.hidden_size // 16))
 
 
+def plan_train_config(settings: PipelineSettings, train_config: TrainConfig, task: str, name: str) -> TrainConfig:
+    """The task's training config for one shipped plan (``settings.skip_bottleneck_by_plan`` applied)."""
+    width = settings.skip_bottleneck_by_plan.get(task, {}).get(name)
+    return train_config if width is None else dataclasses.replace(train_config, skip_bottleneck=width)
+
+
 def store_settings(settings: PipelineSettings, backbone: Backbone) -> PipelineSettings:
     """``settings`` for work on an existing store: its data drawn at the size its backbone was trained at
     (not necessarily today's recipe), and no pre-training corpus."""
@@ -232,18 +243,24 @@ def _run_task(task: str, backbone: Backbone, data_dir: Path, out: Path, work: Pa
         task_report["objectives"] = comparison
     for name, skipped in plans.items():
         plan_dir = out / task / name
+        plan_config = plan_train_config(settings, train_config, task, name)
         try:
             spec = validate_plan(plan_dir, backbone)
             if list(spec.skipped_layers) != skipped:
                 raise PlanError("different skip set")
+            if skipped and spec.adapters.skip_bottleneck != plan_config.skip_bottleneck:
+                raise PlanError("different skip adapter width")
             log(f"[resume] {task}/{name}: reusing the trained plan in {plan_dir}")
         except PlanError:
             log(f"[train] {task}/{name} skipping {skipped}")
-            spec = train_plan(backbone, task, data_dir, skipped, train_config, out_dir=plan_dir, name=name,
+            spec = train_plan(backbone, task, data_dir, skipped, plan_config, out_dir=plan_dir, name=name,
                               progress=progress).spec
+        # keyed by the weights' digest, so a plan trained again is evaluated again
         evaluation = _cached(work / "eval" / task / f"{name}.json",
-                             lambda: evaluate_plan_dir(plan_dir, data_dir, backbone, "test", settings.max_eval, progress),
-                             log, f"{task}/{name} test evaluation", valid=lambda r: "intervals" in r)
+                             lambda: {**evaluate_plan_dir(plan_dir, data_dir, backbone, "test", settings.max_eval, progress),
+                                      "weights_sha256": spec.weights_sha256},
+                             log, f"{task}/{name} test evaluation",
+                             valid=lambda r: "intervals" in r and r.get("weights_sha256") == spec.weights_sha256)
         task_report["plans"][name] = plan_report(spec, evaluation)
     task_report["search_vs_random"] = _search_vs_random(task, backbone, data_dir, work, settings, train_config,
                                                         searched, seed, progress, log)

@@ -93,8 +93,8 @@ def true_match_table(report: dict[str, Any]) -> str:
     if not rows:
         return ""
     return "\n".join(["Retrieval R@1 counting any true match: a hit when the top-ranked image (IR) or caption (TR) is "
-                      "one the query is true of, not only the pair it was written for (95% intervals; the val "
-                      "columns are those the plan recorded when trained):", "",
+                      "one the query is true of, not only the pair it was written for (95% intervals; val as plan.json "
+                      "records it):", "",
                       "| plan | IR R@1 (val) | IR any true (val) | TR R@1 (val) | TR any true (val) | IR R@1 (test) | "
                       "IR any true (test) | TR R@1 (test) | TR any true (test) |",
                       "|---|---|---|---|---|---|---|---|---|", *rows])
