@@ -28,7 +28,7 @@ from models.producer.search import (OBJECTIVES, SearchConfig, das_search, select
 from models.producer.runs import TrainConfig
 from models.producer.data import scenes_of
 from models.producer.datasets import read_task
-from models.producer.train import retrieval_gallery_size, train_plan
+from models.producer.train import retrieval_gallery_scenes, retrieval_gallery_size, train_plan
 from models.producer.world.export import synthesize
 from models.producer.world.language import retrieval_ceiling
 from models.tasks import TASKS, primary_score
@@ -278,8 +278,8 @@ def retrieval_gallery_ceiling(data_dir: Path, max_eval: int | None) -> dict[str,
     out = {}
     for split in ("val", "test"):
         gallery = read_task("retrieval", data_dir, split).examples[:retrieval_gallery_size(max_eval)]
-        if gallery:
-            out[split] = retrieval_ceiling([e.captions[0] for e in gallery], [scenes[e.image_path.resolve()] for e in gallery])
+        if gallery_scenes := retrieval_gallery_scenes(gallery, scenes):
+            out[split] = retrieval_ceiling([e.captions[0] for e in gallery], gallery_scenes)
     return out or None
 
 

@@ -86,8 +86,7 @@ def true_match_table(report: dict[str, Any]) -> str:
         cells = []
         for entry in (r.get("val") or {}, r):
             intervals = entry.get("intervals") or {}
-            cells += [f"{_cell(entry[k], intervals.get(k) if isinstance(intervals, dict) else None)}" if k in entry else "-"
-                      for k in ("ir_r1", "ir_true_r1", "tr_r1", "tr_true_r1")]
+            cells += [_cell(entry[k], intervals.get(k)) if k in entry else "-" for k in ("ir_r1", "ir_true_r1", "tr_r1", "tr_true_r1")]
         if any(c != "-" for c in cells[1::2]):
             rows.append(f"| {name} | " + " | ".join(cells) + " |")
     if not rows:

@@ -46,6 +46,12 @@ def retrieval_gallery_size(limit: int | None) -> int:
     return min(limit or RETRIEVAL_EVAL_IMAGES, RETRIEVAL_EVAL_IMAGES)
 
 
+def retrieval_gallery_scenes(examples: Sequence[Any], scenes: dict[Path, Any]) -> list[Any] | None:
+    """The recorded scene of each gallery image (``scenes_of``), or None unless every one is recorded."""
+    found = [scenes.get(e.image_path.resolve()) for e in examples]
+    return found if found and all(found) else None
+
+
 def true_match_hits(scores: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per caption query (IR) and per image query (TR): is the top-scored match a true pair? ``scores`` and
     ``truth`` are [image, caption]; ties go to the lower index."""
@@ -235,8 +241,7 @@ class RetrievalTaskData(TaskData):
             for key, hits in ((f"ir_r{k}", ir_hits), (f"tr_r{k}", tr_hits)):
                 metrics[key] = hits.mean().item() if n else 0.0
                 intervals[key] = bootstrap_interval(hits.tolist())
-        gallery_scenes = [self.scenes().get(e.image_path.resolve()) for e in examples]
-        if n and all(gallery_scenes):
+        if gallery_scenes := retrieval_gallery_scenes(examples, self.scenes()):
             # synthetic captions can be true of several images: also count a top match that is any true one
             truth = torch.tensor(true_pairs([e.captions[0] for e in examples], gallery_scenes))
             for key, hits in zip(("ir_true_r1", "tr_true_r1"), true_match_hits(scores, truth)):

@@ -367,11 +367,11 @@ def retrieval_ceiling(captions: Sequence[str], scenes: Sequence[Scene]) -> dict[
     if len(captions) != len(scenes) or not scenes:
         raise ValueError(f"need one caption per scene and at least one, got {len(captions)} and {len(scenes)}")
     truth = true_pairs(captions, scenes)
-    images_per_caption = [sum(row[j] for row in truth) for j in range(len(captions))]
-    captions_per_image = [sum(row) for row in truth]
-    if any(k == 0 for k in images_per_caption):
-        raise ValueError("a caption is not true of its own scene")
     n = len(scenes)
+    if not all(truth[i][i] for i in range(n)):  # 1/k below assumes the own scene is among the k
+        raise ValueError("a caption is not true of its own scene")
+    images_per_caption = [sum(row[j] for row in truth) for j in range(n)]
+    captions_per_image = [sum(row) for row in truth]
     return {"ir_r1": sum(1 / k for k in images_per_caption) / n, "tr_r1": sum(1 / m for m in captions_per_image) / n,
             "ambiguous_captions": sum(k > 1 for k in images_per_caption) / n}
 
