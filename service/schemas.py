@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from models.tasks import METRIC_KEYS
 from service.policy import reference_input
 
 
@@ -93,7 +94,6 @@ class AdminResponse(BaseModel):
 
 
 # -- GET /plans -------------------------------------------------------------------------------------
-SCORE_KEYS = ("vqa_score", "accuracy", "ir_r1", "tr_r1", "ir_r5", "tr_r5", "ir_r10", "tr_r10")
 COUNT_KEYS = ("trainable_params", "flops_full", "flops_reduced")
 MAX_SPLIT_CHARS = 64
 
@@ -109,6 +109,10 @@ class PlanMetrics(BaseModel):
     tr_r5: float | None = _omitted_if_none("Text retrieval recall@5.")
     ir_r10: float | None = _omitted_if_none("Image retrieval recall@10.")
     tr_r10: float | None = _omitted_if_none("Text retrieval recall@10.")
+    ir_true_r1: float | None = _omitted_if_none(
+        "Image retrieval: share of captions whose top image is any image the caption truly describes.")
+    tr_true_r1: float | None = _omitted_if_none(
+        "Text retrieval: share of images whose top caption is any caption that truly describes them.")
     eval_split: str | None = _omitted_if_none("The split the numbers come from.", max_length=MAX_SPLIT_CHARS)
     trainable_params: int | None = _omitted_if_none("Parameters the plan trained.")
     flops_full: int | None = _omitted_if_none("Full-backbone FLOPs at the reference input, when trained.")
@@ -118,7 +122,7 @@ class PlanMetrics(BaseModel):
     def from_plan_json(cls, metrics: dict[str, Any]) -> PlanMetrics:
         """Only the known keys, and only values of the right type (plan.json is not trusted to be tidy)."""
         kept: dict[str, Any] = {}
-        for key in SCORE_KEYS:
+        for key in METRIC_KEYS:
             value = metrics.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 kept[key] = float(value)

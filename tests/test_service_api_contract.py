@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from models.tasks import METRIC_KEYS
 from service.errors import BENTOML_ERROR_LOGGER, ClientErrorLogFilter, reshape
 from service.schemas import PlanEntry, PlanMetrics, PlansOverview
 from helpers import save_random_plan as _save_plan
@@ -61,6 +62,12 @@ def test_plan_metrics_keep_only_known_keys_of_the_right_type():
     metrics = PlanMetrics.from_plan_json({**SKIP1_METRICS, "accuracy": "high", "ir_r1": float("nan"),
                                           "eval_split": "x" * 1000, "trainable_params": 12})
     assert metrics.model_dump() == {"vqa_score": 0.6, "trainable_params": 12}
+
+
+def test_plan_metrics_list_every_metric_the_producer_writes():
+    # one list of metric keys (models.tasks); a metric the producer adds is listed by GET /plans too
+    values = {key: 0.25 + i / 100 for i, key in enumerate(METRIC_KEYS)}
+    assert PlanMetrics.from_plan_json(values).model_dump() == values
 
 
 # -- against a server ----------------------------------------------------------------------------------

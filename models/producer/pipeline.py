@@ -31,10 +31,7 @@ from models.producer.datasets import read_task
 from models.producer.train import retrieval_gallery_scenes, retrieval_gallery_size, train_plan
 from models.producer.world.export import synthesize
 from models.producer.world.language import retrieval_ceiling
-from models.tasks import TASKS, primary_score
-
-# every task's metric keys (plain numbers in plan.json's metrics)
-METRIC_KEYS = ("vqa_score", "accuracy", "ir_r1", "ir_r5", "ir_r10", "tr_r1", "tr_r5", "tr_r10", "ir_true_r1", "tr_true_r1")
+from models.tasks import METRIC_KEYS, TASKS, primary_score
 
 
 @dataclass
