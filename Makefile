@@ -54,7 +54,7 @@ bento: $(STAMP)  ## build the Bento (das-serve) with torch pinned to the venv's 
 plans: $(STAMP)  ## regenerate the embedded default (data, backbone, search, plans; about 3.3 h on 2 cores, resumable)
 	$(VENV)/bin/das pipeline --out plans --work build/pipeline --force
 
-plans-meter: $(STAMP)  ## regenerate the tiny METER and its plans in plans/meter/ (about 2 h on 2 cores, resumable)
+plans-meter: $(STAMP)  ## regenerate the tiny METER and its plans in plans/meter/ (about 2.2 h on 2 cores, resumable)
 	$(VENV)/bin/das pipeline --arch meter --out plans/meter --work build/pipeline-meter --force
 
 # resumable: every step's result stays in build/llava and is reused (LLAVA_FRESH=1 starts over)

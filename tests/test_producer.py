@@ -209,6 +209,9 @@ def test_quick_meter_pipeline_pretrains_and_writes_a_servable_store(tmp_path, ca
     assert "retrieval" in backbone.task_heads(), "the ITM head must be saved as METER's retrieval head"
     pretrain = json.loads((work / "pretrain.json").read_text())
     assert {"itm_loss", "mlm_loss", "itm_accuracy"} <= set(pretrain)
+    # the ViLT's recipe: a convolutional stem in the vision encoder, patch shape and colour objectives
+    assert backbone.config.vision_stem_channels == (8, 8, 8, 8)
+    assert {"patch_accuracy", "patch_color_accuracy"} <= set(pretrain)
     vilt = load_backbone(SHIPPED / "backbone", device="cpu")
     for task in ("vqa", "nlvr2", "retrieval"):
         for name in ("adapters", "skip2"):

@@ -412,8 +412,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="pre-training's patch colour classification weight (see das pretrain; 0 = off; "
                                "default: the recipe's)")
     pipeline.add_argument("--pretrain-epochs", type=positive_float, metavar="E",
-                          help="pre-training epochs over the caption pairs (default: the recipe's, 0.7 for the ViLT, "
-                               "1 for the METER)")
+                          help="pre-training epochs over the caption pairs (default: the recipe's, 0.7)")
     pipeline.add_argument("--precision", choices=["fp32", "bf16"],
                           help="fp32, or bf16 autocast for pre-training, training and evaluation (default: the "
                                "recipe's, fp32)")
